@@ -1,0 +1,37 @@
+//! The statistics document of one NVDIMM, as the control socket serves it.
+//!
+//! The field names are the JSON keys: server, client and tests share this type.
+
+use serde::{Deserialize, Serialize};
+
+/// Counters of one device since pmvm started. They only grow; readers compute deltas.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PmemStats {
+    /// Guest flushes: writes of the right width to a flush hint.
+    pub flushes: u64,
+    /// Pages written back to the file, by guest and host flushes.
+    pub pages_written: u64,
+    pub bytes_written: u64,
+    /// Contiguous runs of pages written back.
+    pub runs: u64,
+    /// Guest flushes that found nothing dirty.
+    pub empty_flushes: u64,
+    /// Writebacks requested from the host (the API), counted apart from guest flushes.
+    pub host_flushes: u64,
+    /// Flush-hint writes of a width other than 8 bytes: ignored.
+    pub bad_width_writes: u64,
+    /// Dirty pages found by the most recent harvest.
+    pub last_harvest_pages: u64,
+    /// Writeback latency of guest flushes.
+    pub latency_us: LatencySummary,
+}
+
+/// A latency distribution in microseconds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LatencySummary {
+    pub p50: u64,
+    pub p99: u64,
+    pub max: u64,
+    /// `histogram[i]` counts samples in [2^i, 2^(i+1)) µs; bucket 0 also holds 0 µs.
+    pub histogram: Vec<u64>,
+}
