@@ -35,3 +35,15 @@ pub struct LatencySummary {
     /// `histogram[i]` counts samples in [2^i, 2^(i+1)) µs; bucket 0 also holds 0 µs.
     pub histogram: Vec<u64>,
 }
+
+/// What one writeback made durable.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlushReport {
+    /// Dirty pages harvested and written back.
+    pub pages: u64,
+    pub bytes: u64,
+    /// Contiguous runs they formed.
+    pub runs: u64,
+    /// Time from harvest to durable, in microseconds.
+    pub latency_us: u64,
+}
