@@ -1,4 +1,45 @@
 //! pmvm's NVDIMM: a host file mapped into the guest as persistent memory, whose flush hints
 //! trap into a synchronous writeback of exactly the pages the guest dirtied.
+//!
+//! The flush path is [`handler`] (decode the MMIO write) → [`dirty`] (harvest the KVM dirty log)
+//! → [`writeback`] (make exactly those file pages durable). [`device::Nvdimm`] ties them together
+//! and is all the VMM needs.
 
+pub mod backing;
+pub mod config;
+pub mod size;
 pub mod stats;
+
+pub use backing::BackingError;
+pub use config::{validate_set, ConfigError, PmemConfig};
+pub use size::{format_size, parse_size, SizeError};
+
+/// Most NVDIMMs one VM may have. The layout has room for 32 hint pages; 16 keeps the NFIT and
+/// the stats table small.
+pub const MAX_DEVICES: usize = 16;
+/// Most flush-hint addresses one device advertises (8 bytes each, in its own hint page).
+pub const MAX_HINTS: u32 = 16;
+/// Longest device id accepted.
+pub const MAX_ID_LEN: usize = 32;
+/// Device sizes (and so file lengths) are multiples of this: Linux maps pmem in 2 MiB sections
+/// and KVM can then back the slot with huge pages.
+pub const SIZE_ALIGN: u64 = 2 << 20;
+/// The dirty-log granule: one bit per 4 KiB guest page.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Everything that can go wrong setting up or running an NVDIMM.
+#[derive(Debug, thiserror::Error)]
+pub enum NvdimmError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{count} --pmem devices given; at most {max} are supported")]
+    TooManyDevices { count: usize, max: usize },
+    #[error("--pmem devices #{first} and #{second} both have id {id:?}; ids must be unique")]
+    DuplicateId {
+        id: String,
+        first: usize,
+        second: usize,
+    },
+    #[error(transparent)]
+    Backing(#[from] BackingError),
+}
