@@ -1,0 +1,115 @@
+//! The JSON documents of the control socket. The server writes them, the `pmvm` client
+//! subcommands and the integration tests read them: one definition for all three.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+pub use nvdimm::stats::{FlushReport, PmemStats};
+
+/// Where the VM is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    Running,
+    Paused,
+    /// A shutdown was requested or the guest powered off; the process is about to exit.
+    ShuttingDown,
+}
+
+impl fmt::Display for VmState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::ShuttingDown => "shutting_down",
+        })
+    }
+}
+
+/// `GET /v1/vm`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub state: VmState,
+    /// Milliseconds since the VM was created.
+    pub uptime_ms: u64,
+    pub vcpus: u32,
+    /// Guest RAM, not counting NVDIMMs.
+    pub memory_bytes: u64,
+    /// The kernel image as given on the command line.
+    pub kernel: String,
+    pub cmdline: String,
+}
+
+/// One NVDIMM: `GET /v1/pmem/{id}`, and an element of `GET /v1/pmem`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PmemInfo {
+    pub id: String,
+    /// The host backing file.
+    pub path: String,
+    pub size_bytes: u64,
+    /// Guest-physical address of the first byte of the device.
+    pub guest_base: u64,
+    /// Number of Flush Hint Addresses the NFIT advertises for the device.
+    pub flush_hint_count: u32,
+    /// Their guest-physical addresses.
+    pub flush_hint_addresses: Vec<u64>,
+    pub readonly: bool,
+    /// Pages dirtied since the last writeback, when the VMM can tell without harvesting
+    /// (harvesting would clear the dirty log).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_dirty_pages: Option<u64>,
+    pub stats: PmemStats,
+}
+
+/// `GET /v1/pmem`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PmemList {
+    pub devices: Vec<PmemInfo>,
+}
+
+/// The body of every error response.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_state_uses_snake_case_on_the_wire_and_in_display() {
+        for (state, text) in [
+            (VmState::Running, "running"),
+            (VmState::Paused, "paused"),
+            (VmState::ShuttingDown, "shutting_down"),
+        ] {
+            assert_eq!(
+                serde_json::to_string(&state).unwrap(),
+                format!("\"{text}\"")
+            );
+            assert_eq!(state.to_string(), text);
+        }
+    }
+
+    #[test]
+    fn pending_dirty_pages_is_omitted_when_unknown_and_read_back_as_none() {
+        let info = PmemInfo {
+            id: "pmem0".into(),
+            path: "/tmp/p".into(),
+            size_bytes: 1 << 30,
+            guest_base: 1 << 32,
+            flush_hint_count: 1,
+            flush_hint_addresses: vec![0xd000_0000],
+            readonly: false,
+            pending_dirty_pages: None,
+            stats: PmemStats::default(),
+        };
+        let json = serde_json::to_value(&info).unwrap();
+        assert!(json.get("pending_dirty_pages").is_none());
+        assert_eq!(json["stats"]["latency_us"]["p99"], 0);
+        let back: PmemInfo = serde_json::from_value(json).unwrap();
+        assert_eq!(back, info);
+    }
+}
