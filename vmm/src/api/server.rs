@@ -95,12 +95,14 @@ impl ApiServer {
                 source,
             }
         };
-        let meta = fs::symlink_metadata(path).map_err(sock_err("inspect"))?;
-        let identity = (meta.dev(), meta.ino());
         let cleanup = |e| {
             let _ = fs::remove_file(path);
             e
         };
+        let meta = fs::symlink_metadata(path)
+            .map_err(sock_err("inspect"))
+            .map_err(cleanup)?;
+        let identity = (meta.dev(), meta.ino());
         listener
             .set_nonblocking(true)
             .map_err(sock_err("configure"))
