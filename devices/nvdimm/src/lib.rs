@@ -7,11 +7,20 @@
 
 pub mod backing;
 pub mod config;
+pub mod device;
+pub mod dirty;
+pub mod group_commit;
+pub mod handler;
+pub mod metrics;
+pub mod mmap;
 pub mod size;
 pub mod stats;
+pub mod writeback;
 
 pub use backing::BackingError;
 pub use config::{validate_set, ConfigError, PmemConfig};
+pub use device::{FlushError, Nvdimm, NvdimmParams};
+pub use dirty::enable_manual_protect;
 pub use size::{format_size, parse_size, SizeError};
 
 /// Most NVDIMMs one VM may have. The layout has room for 32 hint pages; 16 keeps the NFIT and
@@ -42,4 +51,41 @@ pub enum NvdimmError {
     },
     #[error(transparent)]
     Backing(#[from] BackingError),
+    #[error("{id}: {hints} flush hints requested; between 1 and {max} are supported", max = MAX_HINTS)]
+    BadHintCount { id: String, hints: u32 },
+    #[error("{id}: {what} {addr:#x} is not 4 KiB aligned")]
+    Misaligned {
+        id: String,
+        what: &'static str,
+        addr: u64,
+    },
+    #[error("{id}: cannot map the backing file")]
+    Map {
+        id: String,
+        #[source]
+        source: mmap::MmapError,
+    },
+    #[error("{id}: host access to the device failed")]
+    Access {
+        id: String,
+        #[source]
+        source: mmap::MmapError,
+    },
+    #[error("{id} is already attached to a VM")]
+    AlreadyAttached { id: String },
+    #[error("{id}: KVM refused memslot {slot} ({size} bytes at guest address {gpa:#x})")]
+    Memslot {
+        id: String,
+        slot: u32,
+        gpa: u64,
+        size: u64,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("{id}: flush failed")]
+    Flush {
+        id: String,
+        #[source]
+        source: FlushError,
+    },
 }

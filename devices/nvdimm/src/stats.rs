@@ -22,8 +22,19 @@ pub struct PmemStats {
     pub bad_width_writes: u64,
     /// Dirty pages found by the most recent harvest.
     pub last_harvest_pages: u64,
-    /// Writeback latency of guest flushes.
+    /// Writeback latency of guest flushes: how long the flushing vCPU waited for durability.
     pub latency_us: LatencySummary,
+    /// Writes to the hint page that hit no hint register: ignored.
+    #[serde(default)]
+    pub outside_writes: u64,
+    /// Writebacks run. Concurrent flushes share one (group commit), so this can be smaller than
+    /// `flushes + host_flushes`.
+    #[serde(default)]
+    pub writebacks: u64,
+    /// Writebacks that failed (dirty-log or file I/O errors), each logged. Their pages stay
+    /// pending and are retried by the next flush.
+    #[serde(default)]
+    pub errors: u64,
 }
 
 /// A latency distribution in microseconds.

@@ -1,0 +1,687 @@
+//! `Nvdimm`: one file-backed persistent-memory device, shared by all vCPU threads and the API.
+//!
+//! Teardown order: the KVM memslot must be gone before the mapping it points into is unmapped.
+//! The memslot owner (`MemSlot`) holds its own `Arc<Mapping>` and the `Arc<VmFd>`, and removes the
+//! slot (size 0) in its `Drop` before releasing them; it is also declared before `mapping` in
+//! `Nvdimm`, so the slot goes first even when the device is dropped as a whole.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Instant;
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
+use kvm_ioctls::VmFd;
+
+use crate::backing::Backing;
+use crate::config::PmemConfig;
+use crate::dirty::{bitmap_words, DirtyError, DirtyLog, DirtyLogMode};
+use crate::group_commit::GroupCommit;
+use crate::handler::{self, FlushHintAccess, HINT_WIDTH};
+use crate::metrics::NvdimmMetrics;
+use crate::mmap::Mapping;
+use crate::stats::{FlushReport, PmemStats};
+use crate::writeback::{self, count_pages, WritebackError, Written};
+use crate::{NvdimmError, MAX_HINTS, PAGE_SIZE};
+
+/// Where the VMM puts a device; everything here comes from the VMM's layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NvdimmParams {
+    /// Position among the devices: names the default id and the NFIT handle.
+    pub index: usize,
+    /// KVM memslot number for the pmem range.
+    pub slot: u32,
+    /// Guest-physical address of the pmem range.
+    pub guest_base: u64,
+    /// Guest-physical address of this device's flush-hint page (in no memslot).
+    pub hint_page: u64,
+    /// Hints to advertise when the config does not say.
+    pub default_hints: u32,
+    /// Whether [`crate::dirty::enable_manual_protect`] returned true on the VM.
+    pub manual_protect: bool,
+}
+
+/// Why a flush did not make its pages durable. Cloneable: one writeback's outcome is shared by
+/// every flush it covered.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FlushError {
+    #[error("harvesting the dirty log failed")]
+    Harvest(#[source] DirtyError),
+    #[error("writing dirty pages back failed")]
+    Writeback(#[source] WritebackError),
+}
+
+/// The KVM memslot backed by the device's mapping; removing it on drop.
+struct MemSlot {
+    vm: Arc<VmFd>,
+    region: kvm_userspace_memory_region,
+    /// Keeps the memory KVM points at mapped for as long as the slot exists.
+    _mapping: Arc<Mapping>,
+}
+
+impl Drop for MemSlot {
+    fn drop(&mut self) {
+        let remove = kvm_userspace_memory_region {
+            memory_size: 0,
+            ..self.region
+        };
+        // SAFETY: deleting a slot (size 0) makes KVM drop its reference to our memory; the
+        // mapping is still alive here because this struct holds an Arc to it.
+        if let Err(e) = unsafe { self.vm.set_user_memory_region(remove) } {
+            log::error!("removing memslot {} failed: {e}", self.region.slot);
+        }
+    }
+}
+
+/// What attaching to a VM set up.
+struct Attachment {
+    /// Declared first: dropped (slot removed) before the dirty log's VM reference goes.
+    _memslot: MemSlot,
+    /// None for read-only devices, which are not logged.
+    dirty: Option<DirtyLog>,
+}
+
+/// A file-backed NVDIMM. `Send + Sync`: share it as `Arc<Nvdimm>`.
+pub struct Nvdimm {
+    id: String,
+    params: NvdimmParams,
+    hints: u32,
+    attachment: OnceLock<Attachment>,
+    attaching: Mutex<()>,
+    /// Pages known dirty but not in KVM's log: host writes, and pages of failed writebacks.
+    pending: Mutex<Vec<u64>>,
+    commit: GroupCommit<Result<Written, FlushError>>,
+    metrics: NvdimmMetrics,
+    mapping: Arc<Mapping>,
+    backing: Backing,
+}
+
+impl fmt::Debug for Nvdimm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Nvdimm")
+            .field("id", &self.id)
+            .field("path", &self.path())
+            .field("size", &self.size())
+            .field("params", &self.params)
+            .field("hints", &self.hints)
+            .field("attached", &self.attachment.get().is_some())
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section leaves its data whole, so a panic elsewhere does not poison it.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn or_into(acc: &mut [u64], bits: &[u64]) {
+    for (a, b) in acc.iter_mut().zip(bits) {
+        *a |= b;
+    }
+}
+
+impl Nvdimm {
+    /// Opens, checks, locks and maps the backing file. Touches no KVM state.
+    pub fn open(cfg: &PmemConfig, params: NvdimmParams) -> Result<Nvdimm, NvdimmError> {
+        let id = cfg.id_or_default(params.index);
+        let hints = cfg.hints.unwrap_or(params.default_hints);
+        if hints == 0 || hints > MAX_HINTS {
+            return Err(NvdimmError::BadHintCount { id, hints });
+        }
+        if params.guest_base % PAGE_SIZE != 0 {
+            return Err(NvdimmError::Misaligned {
+                id,
+                what: "guest base",
+                addr: params.guest_base,
+            });
+        }
+        let mut backing = Backing::open(cfg, &id)?;
+        let mapping =
+            Mapping::new(backing.file(), backing.size(), !cfg.readonly).map_err(|source| {
+                NvdimmError::Map {
+                    id: id.clone(),
+                    source,
+                }
+            })?;
+        // The device is up: a file we created now belongs to the user.
+        backing.keep();
+        Ok(Nvdimm {
+            pending: Mutex::new(vec![0; bitmap_words(backing.size())]),
+            id,
+            params,
+            hints,
+            attachment: OnceLock::new(),
+            attaching: Mutex::new(()),
+            commit: GroupCommit::new(),
+            metrics: NvdimmMetrics::default(),
+            mapping: Arc::new(mapping),
+            backing,
+        })
+    }
+
+    /// Registers the pmem range as a KVM memslot: dirty-logged if writable, `KVM_MEM_READONLY`
+    /// if not (guest writes then exit as MMIO and never reach the file). Once per device.
+    pub fn attach(&self, vm: &Arc<VmFd>) -> Result<(), NvdimmError> {
+        let _serial = lock(&self.attaching);
+        if self.attachment.get().is_some() {
+            return Err(NvdimmError::AlreadyAttached {
+                id: self.id.clone(),
+            });
+        }
+        let flags = if self.readonly() {
+            KVM_MEM_READONLY
+        } else {
+            KVM_MEM_LOG_DIRTY_PAGES
+        };
+        let region = kvm_userspace_memory_region {
+            slot: self.params.slot,
+            flags,
+            guest_phys_addr: self.params.guest_base,
+            memory_size: self.size(),
+            userspace_addr: self.mapping.host_addr(),
+        };
+        // SAFETY: userspace_addr..+memory_size is our mapping, valid and of that length; the
+        // MemSlot built below holds an Arc to it and deletes the slot before releasing it, so
+        // KVM never sees the range unmapped. KVM itself rejects a slot overlapping another.
+        unsafe { vm.set_user_memory_region(region) }.map_err(|source| NvdimmError::Memslot {
+            id: self.id.clone(),
+            slot: region.slot,
+            gpa: region.guest_phys_addr,
+            size: region.memory_size,
+            source,
+        })?;
+        let memslot = MemSlot {
+            vm: vm.clone(),
+            region,
+            _mapping: self.mapping.clone(),
+        };
+        let mode = if self.params.manual_protect {
+            DirtyLogMode::ManualProtect
+        } else {
+            DirtyLogMode::GetClears
+        };
+        let dirty = (!self.readonly())
+            .then(|| DirtyLog::new(vm.clone(), region.slot, region.memory_size, mode));
+        let attached = Attachment {
+            _memslot: memslot,
+            dirty,
+        };
+        if self.attachment.set(attached).is_err() {
+            // Unreachable: `attaching` serialises attach and we checked above.
+            log::error!("{}: attached twice", self.id);
+        }
+        Ok(())
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn path(&self) -> &Path {
+        self.backing.path()
+    }
+
+    pub fn size(&self) -> u64 {
+        self.backing.size()
+    }
+
+    pub fn guest_base(&self) -> u64 {
+        self.params.guest_base
+    }
+
+    pub fn readonly(&self) -> bool {
+        self.backing.readonly()
+    }
+
+    pub fn slot(&self) -> u32 {
+        self.params.slot
+    }
+
+    /// Guest-physical address of this device's hint page.
+    pub fn hint_page(&self) -> u64 {
+        self.params.hint_page
+    }
+
+    /// Guest-physical addresses of the flush hints, for the NFIT.
+    pub fn hint_addresses(&self) -> Vec<u64> {
+        (0..u64::from(self.hints))
+            .map(|i| self.params.hint_page + i * HINT_WIDTH as u64)
+            .collect()
+    }
+
+    /// NFIT control-region serial number: FNV-1a (32-bit) of the id, never 0, so it is stable
+    /// across runs and Linux's namespace labels keep matching.
+    pub fn serial_number(&self) -> u32 {
+        fnv1a32(self.id.as_bytes()).max(1)
+    }
+
+    /// NFIT device handle (also the NVDIMM's `_ADR`): index + 1.
+    pub fn handle(&self) -> u32 {
+        self.params.index as u32 + 1
+    }
+
+    /// A guest write to the hint page at `offset`: the synchronous flush path. Runs on the vCPU
+    /// thread, which resumes only when the pages are durable. Never fails towards the guest:
+    /// errors are logged and counted.
+    pub fn mmio_write(&self, offset: u64, data: &[u8]) {
+        match handler::decode_write(offset, data.len(), self.hints) {
+            FlushHintAccess::Flush { .. } => self.guest_flush(),
+            FlushHintAccess::BadWidth { len } => {
+                self.metrics.bad_width_writes.inc();
+                log::debug!(
+                    "{}: ignored {len}-byte write to flush hint at {offset:#x}",
+                    self.id
+                );
+            }
+            FlushHintAccess::Outside { offset } => {
+                self.metrics.outside_writes.inc();
+                log::debug!("{}: ignored write at hint-page offset {offset:#x}", self.id);
+            }
+        }
+    }
+
+    /// A guest read of the hint page: zeros.
+    pub fn mmio_read(&self, _offset: u64, data: &mut [u8]) {
+        handler::read(data);
+    }
+
+    fn guest_flush(&self) {
+        let arrived = Instant::now();
+        let outcome = self.flush();
+        self.metrics.flushes.inc();
+        self.metrics
+            .latency
+            .record(arrived.elapsed().as_micros() as u64);
+        if let Ok(written) = outcome {
+            if written.pages == 0 {
+                self.metrics.empty_flushes.inc();
+            }
+        }
+    }
+
+    /// A flush requested by the host (the API): like a guest flush, but counted as a host flush
+    /// and reporting its outcome.
+    pub fn host_flush(&self) -> Result<FlushReport, NvdimmError> {
+        let arrived = Instant::now();
+        let outcome = self.flush();
+        self.metrics.host_flushes.inc();
+        let latency_us = arrived.elapsed().as_micros() as u64;
+        let written = outcome.map_err(|source| NvdimmError::Flush {
+            id: self.id.clone(),
+            source,
+        })?;
+        Ok(FlushReport {
+            pages: written.pages,
+            bytes: written.bytes,
+            runs: written.runs,
+            latency_us,
+        })
+    }
+
+    /// Waits for a writeback that started after this call and returns what it wrote.
+    fn flush(&self) -> Result<Written, FlushError> {
+        self.commit.commit(|| self.write_back_dirty()).outcome
+    }
+
+    /// One writeback: harvest, write back, account. Serialised by the group commit.
+    fn write_back_dirty(&self) -> Result<Written, FlushError> {
+        let result = self.harvest().and_then(|bitmap| {
+            self.metrics.last_harvest_pages.set(count_pages(&bitmap));
+            writeback::write_back(self.backing.file(), &bitmap, self.size()).map_err(|e| {
+                // Not durable: keep the pages pending so the next flush retries them.
+                or_into(&mut lock(&self.pending), &bitmap);
+                FlushError::Writeback(e)
+            })
+        });
+        self.metrics.writebacks.inc();
+        match &result {
+            Ok(written) => {
+                self.metrics.pages_written.add(written.pages);
+                self.metrics.bytes_written.add(written.bytes);
+                self.metrics.runs.add(written.runs);
+            }
+            Err(e) => {
+                self.metrics.errors.inc();
+                log::error!(
+                    "{}: flush of {} failed: {}",
+                    self.id,
+                    self.path().display(),
+                    chain(e)
+                );
+            }
+        }
+        result
+    }
+
+    /// The dirty log (if attached and writable) merged with the pending pages, all taken.
+    fn harvest(&self) -> Result<Vec<u64>, FlushError> {
+        let logged = match self.attachment.get().and_then(|a| a.dirty.as_ref()) {
+            Some(dirty) => Some(dirty.harvest().map_err(FlushError::Harvest)?),
+            None => None,
+        };
+        let mut bitmap = std::mem::replace(
+            &mut *lock(&self.pending),
+            vec![0; bitmap_words(self.size())],
+        );
+        if let Some(logged) = logged {
+            or_into(&mut bitmap, &logged);
+        }
+        Ok(bitmap)
+    }
+
+    /// Dirty pages the next flush would write. Exact with manual protect (a GET without CLEAR)
+    /// and before attach; None in GET-clears mode, where reading the log would consume it.
+    pub fn pending_pages(&self) -> Option<u64> {
+        let mut bitmap = lock(&self.pending).clone();
+        if let Some(dirty) = self.attachment.get().and_then(|a| a.dirty.as_ref()) {
+            match dirty.peek() {
+                Ok(Some(logged)) => or_into(&mut bitmap, &logged),
+                Ok(None) => return None,
+                Err(e) => {
+                    log::warn!("{}: cannot peek at the dirty log: {}", self.id, chain(&e));
+                    return None;
+                }
+            }
+        }
+        Some(count_pages(&bitmap))
+    }
+
+    pub fn stats(&self) -> PmemStats {
+        self.metrics.snapshot()
+    }
+
+    /// One line for stderr at exit.
+    pub fn summary_line(&self) -> String {
+        let s = self.stats();
+        format!(
+            "{}: {} flushes ({} empty) + {} host flushes, {} pages in {} runs ({:.1} MiB) written, \
+             latency p50 {}us p99 {}us max {}us, {} errors",
+            self.id,
+            s.flushes,
+            s.empty_flushes,
+            s.host_flushes,
+            s.pages_written,
+            s.runs,
+            s.bytes_written as f64 / (1u64 << 20) as f64,
+            s.latency_us.p50,
+            s.latency_us.p99,
+            s.latency_us.max,
+            s.errors,
+        )
+    }
+
+    /// Copies bytes out of the device (host view, for tests and the API).
+    pub fn read_bytes(&self, offset: u64, buf: &mut [u8]) -> Result<(), NvdimmError> {
+        self.mapping
+            .read_at(offset, buf)
+            .map_err(|source| NvdimmError::Access {
+                id: self.id.clone(),
+                source,
+            })
+    }
+
+    /// Writes bytes into the device from the host. KVM does not log host writes, so the pages
+    /// are recorded as pending and the next flush writes them back.
+    pub fn write_bytes(&self, offset: u64, data: &[u8]) -> Result<(), NvdimmError> {
+        self.mapping
+            .write_at(offset, data)
+            .map_err(|source| NvdimmError::Access {
+                id: self.id.clone(),
+                source,
+            })?;
+        if !data.is_empty() {
+            let first = offset / PAGE_SIZE;
+            let last = (offset + data.len() as u64 - 1) / PAGE_SIZE;
+            let mut pending = lock(&self.pending);
+            for page in first..=last {
+                pending[(page / 64) as usize] |= 1 << (page % 64);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// FNV-1a, 32-bit.
+fn fnv1a32(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5u32, |h, &b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+/// An error and its sources joined by ": ".
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backing::BackingError;
+    use std::thread;
+
+    const MIB: u64 = 1 << 20;
+
+    fn params(index: usize) -> NvdimmParams {
+        NvdimmParams {
+            index,
+            slot: 1,
+            guest_base: 1 << 32,
+            hint_page: 0xd000_0000 + index as u64 * 4096,
+            default_hints: 1,
+            manual_protect: false,
+        }
+    }
+
+    fn open(dir: &Path, extra: &str, index: usize) -> Result<Nvdimm, NvdimmError> {
+        let cfg: PmemConfig = format!("path={}{extra}", dir.join("pmem.img").display())
+            .parse()
+            .unwrap();
+        Nvdimm::open(&cfg, params(index))
+    }
+
+    #[test]
+    fn nvdimm_is_send_and_sync() {
+        fn shared<T: Send + Sync>() {}
+        shared::<Nvdimm>();
+    }
+
+    #[test]
+    fn identity_and_nfit_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = open(dir.path(), ",size=4M,hints=3", 2).unwrap();
+        assert_eq!(d.id(), "pmem2");
+        assert_eq!(d.size(), 4 * MIB);
+        assert_eq!(d.guest_base(), 1 << 32);
+        assert_eq!(d.handle(), 3);
+        assert_eq!(d.hint_page(), 0xd000_2000);
+        assert_eq!(
+            d.hint_addresses(),
+            vec![0xd000_2000, 0xd000_2008, 0xd000_2010]
+        );
+        assert_eq!(d.path(), dir.path().join("pmem.img"));
+        assert!(!d.readonly());
+        // FNV-1a 32 reference values: "" is the offset basis, "a" is 0xe40c292c.
+        assert_eq!(fnv1a32(b""), 0x811c_9dc5);
+        assert_eq!(fnv1a32(b"a"), 0xe40c_292c);
+        assert_eq!(d.serial_number(), fnv1a32(b"pmem2"));
+        let again = format!("{d:?}");
+        assert!(again.contains("pmem2"), "{again}");
+    }
+
+    #[test]
+    fn default_hints_come_from_params() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = open(dir.path(), ",size=2M", 0).unwrap();
+        assert_eq!(d.hint_addresses(), vec![0xd000_0000]);
+        drop(d);
+        let cfg: PmemConfig = format!("path={}", dir.path().join("pmem.img").display())
+            .parse()
+            .unwrap();
+        let err = Nvdimm::open(
+            &cfg,
+            NvdimmParams {
+                default_hints: 0,
+                ..params(0)
+            },
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, NvdimmError::BadHintCount { hints: 0, .. }),
+            "{err:?}"
+        );
+        let err = Nvdimm::open(
+            &cfg,
+            NvdimmParams {
+                guest_base: 0x1001,
+                ..params(0)
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(err, NvdimmError::Misaligned { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn created_file_survives_a_successful_open() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(open(dir.path(), ",size=2M", 0).unwrap());
+        assert!(dir.path().join("pmem.img").exists());
+    }
+
+    #[test]
+    fn backing_errors_pass_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = open(dir.path(), "", 0).unwrap_err();
+        assert!(
+            matches!(err, NvdimmError::Backing(BackingError::Missing { .. })),
+            "{err:?}"
+        );
+        let _first = open(dir.path(), ",size=2M", 0).unwrap();
+        let err = open(dir.path(), "", 1).unwrap_err();
+        assert!(
+            err.to_string().contains("pmem1") && err.to_string().contains("pmem0"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn hint_page_accesses_are_decoded_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = open(dir.path(), ",size=2M,hints=2", 0).unwrap();
+        d.mmio_write(0, &1u64.to_le_bytes());
+        d.mmio_write(8, &[0xff; 8]);
+        d.mmio_write(0, &[1, 0, 0, 0]);
+        d.mmio_write(16, &[0; 8]);
+        d.mmio_write(4, &[0; 8]);
+        let mut r = [0xaa; 8];
+        d.mmio_read(0, &mut r);
+        assert_eq!(r, [0; 8]);
+        let s = d.stats();
+        assert_eq!(s.flushes, 2);
+        assert_eq!(s.empty_flushes, 2);
+        assert_eq!(s.bad_width_writes, 1);
+        assert_eq!(s.outside_writes, 2);
+        assert_eq!(s.pages_written, 0);
+        assert_eq!(s.latency_us.histogram.iter().sum::<u64>(), 2);
+        assert_eq!(s.host_flushes, 0);
+    }
+
+    #[test]
+    fn host_writes_are_pending_until_flushed() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = open(dir.path(), ",size=2M", 0).unwrap();
+        assert_eq!(d.pending_pages(), Some(0));
+        // Spans pages 0 and 1; page 5 separately: two runs.
+        d.write_bytes(4090, b"0123456789").unwrap();
+        d.write_bytes(5 * PAGE_SIZE, b"x").unwrap();
+        assert_eq!(d.pending_pages(), Some(3));
+        let report = d.host_flush().unwrap();
+        assert_eq!(
+            (report.pages, report.bytes, report.runs),
+            (3, 3 * PAGE_SIZE, 2)
+        );
+        assert_eq!(d.pending_pages(), Some(0));
+        let s = d.stats();
+        assert_eq!(
+            (s.host_flushes, s.flushes, s.pages_written, s.runs),
+            (1, 0, 3, 2)
+        );
+        assert_eq!(s.last_harvest_pages, 3);
+        assert_eq!(
+            s.latency_us.histogram.iter().sum::<u64>(),
+            0,
+            "host flushes are not guest latency"
+        );
+        let empty = d.host_flush().unwrap();
+        assert_eq!(empty.pages, 0);
+        let mut buf = [0u8; 10];
+        d.read_bytes(4090, &mut buf).unwrap();
+        assert_eq!(&buf, b"0123456789");
+        let on_disk = std::fs::read(dir.path().join("pmem.img")).unwrap();
+        assert_eq!(&on_disk[4090..4100], b"0123456789");
+        assert!(
+            d.summary_line()
+                .starts_with("pmem0: 0 flushes (0 empty) + 2 host flushes, 3 pages in 2 runs"),
+            "{}",
+            d.summary_line()
+        );
+    }
+
+    #[test]
+    fn out_of_range_and_readonly_host_writes_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = open(dir.path(), ",size=2M", 0).unwrap();
+        let err = d.write_bytes(2 * MIB - 1, b"ab").unwrap_err();
+        assert!(err.to_string().contains("pmem0"), "{err}");
+        assert_eq!(d.pending_pages(), Some(0));
+        drop(d);
+        let ro = open(dir.path(), ",readonly=on", 0).unwrap();
+        assert!(ro.readonly());
+        assert!(ro.write_bytes(0, b"x").is_err());
+        assert_eq!(ro.host_flush().unwrap().pages, 0);
+    }
+
+    #[test]
+    fn concurrent_flushes_share_writebacks_and_stay_consistent() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Arc::new(open(dir.path(), ",size=2M", 0).unwrap());
+        let threads = 6;
+        let rounds = 40;
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let d = d.clone();
+                thread::spawn(move || {
+                    for r in 0..rounds {
+                        let page = (t * rounds + r) as u64;
+                        d.write_bytes(page * PAGE_SIZE, &[t as u8 + 1]).unwrap();
+                        if r % 2 == 0 {
+                            d.host_flush().unwrap();
+                        } else {
+                            d.mmio_write(0, &[1; 8]);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().unwrap();
+        }
+        let s = d.stats();
+        let total = (threads * rounds) as u64;
+        assert_eq!(s.host_flushes + s.flushes, total);
+        assert_eq!(s.flushes, total / 2);
+        assert_eq!(
+            s.pages_written, total,
+            "every page written back exactly once"
+        );
+        assert!(s.writebacks <= total && s.writebacks >= 1);
+        assert_eq!(s.errors, 0);
+        assert_eq!(d.pending_pages(), Some(0));
+    }
+}

@@ -1,0 +1,258 @@
+//! The only place that maps or unmaps memory: a shared mapping of the backing file.
+//!
+//! The same pages are guest memory (KVM's memslot points here) and the file's page cache, so a
+//! guest store dirties the file page directly and writeback never copies.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::io::AsRawFd;
+use std::ptr::NonNull;
+
+/// Why a mapping or an access through it failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MmapError {
+    #[error("cannot map {len} bytes of the backing file")]
+    Map {
+        len: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("mapping of 0 bytes requested")]
+    Empty,
+    #[error("{len} bytes at offset {offset:#x} do not fit in the {size}-byte mapping")]
+    OutOfBounds { offset: u64, len: usize, size: u64 },
+    #[error("the mapping is read-only")]
+    ReadOnly,
+}
+
+/// `len` bytes of a file mapped MAP_SHARED at `ptr`; unmapped on drop.
+///
+/// Whoever registers the mapping with KVM must remove that memslot before this is dropped.
+#[derive(Debug)]
+pub struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+    writable: bool,
+}
+
+// SAFETY: the mapping is plain shared memory owned by this struct; it hands out no references
+// into it, only volatile byte copies, so using it from several threads is no different from the
+// guest's vCPUs writing it concurrently.
+unsafe impl Send for Mapping {}
+// SAFETY: as for Send: every access through `&self` is a bounds-checked volatile copy.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps the first `len` bytes of `file`, writable if `writable` (the file must then be open
+    /// for writing). MAP_NORESERVE: a large sparse image must not need swap reserved for it.
+    pub fn new(file: &File, len: u64, writable: bool) -> Result<Mapping, MmapError> {
+        if len == 0 {
+            return Err(MmapError::Empty);
+        }
+        let map_len = usize::try_from(len).map_err(|_| MmapError::Map {
+            len,
+            source: io::Error::from_raw_os_error(libc::ENOMEM),
+        })?;
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        // SAFETY: a fresh mapping at an address the kernel chooses overlaps nothing we own; the
+        // descriptor is valid for the call (borrowed from `file`) and the kernel keeps its own
+        // reference to the file for the mapping's lifetime.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                prot,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(MmapError::Map {
+                len,
+                source: io::Error::last_os_error(),
+            });
+        }
+        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or(MmapError::Map {
+            len,
+            source: io::Error::from_raw_os_error(libc::EFAULT),
+        })?;
+        Ok(Mapping {
+            ptr,
+            len: map_len,
+            writable,
+        })
+    }
+
+    /// Host virtual address of the first byte, for KVM's `userspace_addr`.
+    pub fn host_addr(&self) -> u64 {
+        self.ptr.as_ptr() as u64
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn writable(&self) -> bool {
+        self.writable
+    }
+
+    /// The start of `len` bytes at `offset`, if they lie inside the mapping.
+    fn range(&self, offset: u64, len: usize) -> Result<*mut u8, MmapError> {
+        let out = || MmapError::OutOfBounds {
+            offset,
+            len,
+            size: self.len as u64,
+        };
+        let start = usize::try_from(offset).map_err(|_| out())?;
+        let end = start.checked_add(len).ok_or_else(out)?;
+        if end > self.len {
+            return Err(out());
+        }
+        // SAFETY: start + len <= self.len, so the offset stays inside the mapped object.
+        Ok(unsafe { self.ptr.as_ptr().add(start) })
+    }
+
+    /// Copies `buf.len()` bytes at `offset` out of the mapping.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), MmapError> {
+        let src = self.range(offset, buf.len())?;
+        for (i, byte) in buf.iter_mut().enumerate() {
+            // SAFETY: `range` checked that all of src..src+buf.len() is mapped and readable;
+            // volatile because the guest may write the same bytes concurrently.
+            *byte = unsafe { std::ptr::read_volatile(src.add(i)) };
+        }
+        Ok(())
+    }
+
+    /// Copies `data` into the mapping at `offset`. Such host writes are not in KVM's dirty log:
+    /// callers that need them written back must record them.
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), MmapError> {
+        if !self.writable {
+            return Err(MmapError::ReadOnly);
+        }
+        let dst = self.range(offset, data.len())?;
+        for (i, byte) in data.iter().enumerate() {
+            // SAFETY: `range` checked the bounds and the mapping is PROT_WRITE; volatile because
+            // the guest may access the same bytes concurrently.
+            unsafe { std::ptr::write_volatile(dst.add(i), *byte) };
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len are exactly what mmap returned and nothing else unmaps them; owners
+        // that lent the range to KVM remove the memslot before dropping the mapping.
+        let rc = unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        if rc != 0 {
+            log::error!(
+                "munmap of {} bytes failed: {}",
+                self.len,
+                io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Seek, SeekFrom, Write};
+
+    fn file(len: u64) -> File {
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(len).unwrap();
+        f
+    }
+
+    #[test]
+    fn writes_reach_the_file_and_reads_see_it() {
+        let mut f = file(8192);
+        let m = Mapping::new(&f, 8192, true).unwrap();
+        assert_eq!(m.len(), 8192);
+        assert_ne!(m.host_addr(), 0);
+        m.write_at(4096 + 10, b"hello").unwrap();
+        let mut buf = [0u8; 5];
+        m.read_at(4106, &mut buf).unwrap();
+        assert_eq!(&buf, b"hello");
+        let mut from_file = [0u8; 5];
+        f.seek(SeekFrom::Start(4106)).unwrap();
+        f.read_exact(&mut from_file).unwrap();
+        assert_eq!(
+            &from_file, b"hello",
+            "MAP_SHARED writes are the file's pages"
+        );
+        f.seek(SeekFrom::Start(0)).unwrap();
+        f.write_all(b"xyz").unwrap();
+        m.read_at(0, &mut buf[..3]).unwrap();
+        assert_eq!(&buf[..3], b"xyz");
+    }
+
+    #[test]
+    fn accesses_are_bounds_checked() {
+        let f = file(4096);
+        let m = Mapping::new(&f, 4096, true).unwrap();
+        let mut buf = [0u8; 8];
+        assert!(m.read_at(4088, &mut buf).is_ok());
+        assert!(matches!(
+            m.read_at(4089, &mut buf),
+            Err(MmapError::OutOfBounds {
+                offset: 4089,
+                len: 8,
+                size: 4096
+            })
+        ));
+        assert!(matches!(
+            m.write_at(u64::MAX, b"x"),
+            Err(MmapError::OutOfBounds { .. })
+        ));
+        assert!(matches!(
+            m.write_at(4096, b"x"),
+            Err(MmapError::OutOfBounds { .. })
+        ));
+        assert!(m.write_at(4096, b"").is_ok());
+    }
+
+    #[test]
+    fn readonly_mapping_refuses_writes() {
+        let f = file(4096);
+        let m = Mapping::new(&f, 4096, false).unwrap();
+        assert!(!m.writable());
+        assert!(matches!(m.write_at(0, b"x"), Err(MmapError::ReadOnly)));
+        let mut buf = [1u8; 4];
+        m.read_at(0, &mut buf).unwrap();
+        assert_eq!(buf, [0; 4]);
+    }
+
+    #[test]
+    fn zero_length_and_bad_fd_mode_fail() {
+        let f = file(4096);
+        assert!(matches!(Mapping::new(&f, 0, true), Err(MmapError::Empty)));
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ro");
+        std::fs::write(&p, [0u8; 4096]).unwrap();
+        let ro = File::open(&p).unwrap();
+        let err = Mapping::new(&ro, 4096, true).unwrap_err();
+        assert!(matches!(err, MmapError::Map { len: 4096, .. }), "{err:?}");
+        assert!(Mapping::new(&ro, 4096, false).is_ok());
+    }
+
+    #[test]
+    fn sparse_terabyte_maps_without_reserving() {
+        let f = file(1 << 40);
+        let m = Mapping::new(&f, 1 << 40, true).unwrap();
+        m.write_at((1 << 40) - 1, &[7]).unwrap();
+        let mut b = [0u8];
+        m.read_at((1 << 40) - 1, &mut b).unwrap();
+        assert_eq!(b, [7]);
+    }
+}

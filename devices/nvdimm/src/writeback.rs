@@ -1,0 +1,263 @@
+//! Makes exactly the pages of a dirty bitmap durable in the backing file.
+//!
+//! Each contiguous run of pages is submitted with `sync_file_range(SYNC_FILE_RANGE_WRITE)`,
+//! which starts I/O without waiting, and one `fdatasync` then waits for all of it and flushes
+//! the device cache. Waiting run by run would serialise the I/O (see the host-writeback notes).
+
+use std::fs::File;
+use std::os::unix::io::AsRawFd;
+
+use vmm_sys_util::errno;
+
+use crate::PAGE_SIZE;
+
+/// A contiguous range of dirty pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Run {
+    pub first_page: u64,
+    pub pages: u64,
+}
+
+/// What one writeback covered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Written {
+    pub pages: u64,
+    pub bytes: u64,
+    pub runs: u64,
+}
+
+/// A writeback that did not complete; the pages must be treated as still dirty.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum WritebackError {
+    #[error("sync_file_range of {len} bytes at offset {offset:#x} failed")]
+    Submit {
+        offset: u64,
+        len: u64,
+        #[source]
+        source: errno::Error,
+    },
+    #[error("fdatasync of the backing file failed")]
+    Sync {
+        #[source]
+        source: errno::Error,
+    },
+}
+
+/// Pages set in a bitmap (bit `i` of word `w` is page `64 * w + i`).
+pub fn count_pages(bitmap: &[u64]) -> u64 {
+    bitmap.iter().map(|w| u64::from(w.count_ones())).sum()
+}
+
+/// The maximal runs of set bits, in page order. Runs continue across word boundaries.
+pub fn runs(bitmap: &[u64]) -> Vec<Run> {
+    let mut out = Vec::new();
+    let mut current: Option<Run> = None;
+    for (w, &word) in bitmap.iter().enumerate() {
+        let base = w as u64 * 64;
+        let mut bits = word;
+        while bits != 0 {
+            let start = bits.trailing_zeros();
+            let len = (bits >> start).trailing_ones();
+            let first_page = base + u64::from(start);
+            match current.as_mut() {
+                Some(run) if run.first_page + run.pages == first_page => {
+                    run.pages += u64::from(len)
+                }
+                _ => {
+                    out.extend(current.take());
+                    current = Some(Run {
+                        first_page,
+                        pages: u64::from(len),
+                    });
+                }
+            }
+            let end = start + len;
+            bits = if end >= 64 { 0 } else { bits & (!0u64 << end) };
+        }
+    }
+    out.extend(current);
+    out
+}
+
+/// Writes back the pages set in `bitmap` that lie below `size` bytes and waits until they are
+/// durable. With no pages set it does nothing at all.
+pub fn write_back(file: &File, bitmap: &[u64], size: u64) -> Result<Written, WritebackError> {
+    let mut written = Written::default();
+    for run in runs(bitmap) {
+        let offset = run.first_page * PAGE_SIZE;
+        if offset >= size {
+            break;
+        }
+        let len = (run.pages * PAGE_SIZE).min(size - offset);
+        submit(file, offset, len)?;
+        written.pages += len / PAGE_SIZE;
+        written.bytes += len;
+        written.runs += 1;
+    }
+    if written.pages > 0 {
+        file.sync_data().map_err(|e| WritebackError::Sync {
+            source: errno::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
+        })?;
+    }
+    Ok(written)
+}
+
+/// Starts writeback of one range without waiting for it.
+fn submit(file: &File, offset: u64, len: u64) -> Result<(), WritebackError> {
+    let error = || WritebackError::Submit {
+        offset,
+        len,
+        source: errno::Error::last(),
+    };
+    let off = i64::try_from(offset).map_err(|_| error())?;
+    let nbytes = i64::try_from(len).map_err(|_| error())?;
+    // SAFETY: sync_file_range only reads its integer arguments; the descriptor is owned by
+    // `file`, which outlives the call.
+    let rc = unsafe {
+        libc::sync_file_range(file.as_raw_fd(), off, nbytes, libc::SYNC_FILE_RANGE_WRITE)
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Page-by-page oracle: a run is extended while the next page is set.
+    fn oracle_runs(bitmap: &[u64]) -> Vec<Run> {
+        let mut out: Vec<Run> = Vec::new();
+        for page in 0..bitmap.len() as u64 * 64 {
+            if bitmap[(page / 64) as usize] >> (page % 64) & 1 == 0 {
+                continue;
+            }
+            match out.last_mut() {
+                Some(run) if run.first_page + run.pages == page => run.pages += 1,
+                _ => out.push(Run {
+                    first_page: page,
+                    pages: 1,
+                }),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn runs_of_simple_bitmaps() {
+        assert_eq!(runs(&[]), vec![]);
+        assert_eq!(runs(&[0, 0]), vec![]);
+        assert_eq!(
+            runs(&[0b1011]),
+            vec![
+                Run {
+                    first_page: 0,
+                    pages: 2
+                },
+                Run {
+                    first_page: 3,
+                    pages: 1
+                }
+            ]
+        );
+        assert_eq!(
+            runs(&[!0, !0]),
+            vec![Run {
+                first_page: 0,
+                pages: 128
+            }]
+        );
+        assert_eq!(
+            runs(&[1 << 63, 1]),
+            vec![Run {
+                first_page: 63,
+                pages: 2
+            }]
+        );
+        assert_eq!(
+            runs(&[1 << 63, 0, 1]),
+            vec![
+                Run {
+                    first_page: 63,
+                    pages: 1
+                },
+                Run {
+                    first_page: 128,
+                    pages: 1
+                }
+            ]
+        );
+        assert_eq!(count_pages(&[0b1011, 1 << 63]), 4);
+    }
+
+    proptest! {
+        #[test]
+        fn runs_match_the_page_by_page_oracle(
+            // Mix dense, sparse and all-ones words so runs cross word boundaries.
+            bitmap in proptest::collection::vec(
+                prop_oneof![Just(0u64), Just(!0u64), any::<u64>(), (0u32..64).prop_map(|b| 1u64 << b)],
+                0..12,
+            )
+        ) {
+            let got = runs(&bitmap);
+            prop_assert_eq!(&got, &oracle_runs(&bitmap));
+            prop_assert_eq!(got.iter().map(|r| r.pages).sum::<u64>(), count_pages(&bitmap));
+        }
+    }
+
+    #[test]
+    fn writes_back_exact_pages() {
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(256 * PAGE_SIZE).unwrap();
+        let w = write_back(&f, &[0b0110_0001, 1], 256 * PAGE_SIZE).unwrap();
+        assert_eq!(
+            w,
+            Written {
+                pages: 4,
+                bytes: 4 * PAGE_SIZE,
+                runs: 3
+            }
+        );
+        assert_eq!(
+            write_back(&f, &[0, 0], 256 * PAGE_SIZE).unwrap(),
+            Written::default()
+        );
+    }
+
+    #[test]
+    fn pages_past_the_device_end_are_ignored() {
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(4 * PAGE_SIZE).unwrap();
+        let w = write_back(&f, &[0b11_1000], 4 * PAGE_SIZE).unwrap();
+        assert_eq!(
+            w,
+            Written {
+                pages: 1,
+                bytes: PAGE_SIZE,
+                runs: 1
+            }
+        );
+    }
+
+    #[test]
+    fn submit_errors_name_the_range() {
+        // sync_file_range refuses character devices with ESPIPE.
+        let dev_null = File::open("/dev/null").unwrap();
+        let err = write_back(&dev_null, &[0b10], 8192).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                WritebackError::Submit {
+                    offset: 4096,
+                    len: 4096,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("0x1000"), "{err}");
+    }
+}
