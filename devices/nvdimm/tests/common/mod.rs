@@ -1,0 +1,266 @@
+//! A tiny long-mode guest on real KVM, and the host's view of a file's page cache.
+//!
+//! Guest RAM is 64 KiB at GPA 0 holding identity page tables (first 1 GiB, 2 MiB pages) and the
+//! code; the code stores 8-byte values through general-purpose registers only, which this host's
+//! emulator handles, and ends with `hlt` (no irqchip, so HLT exits to us).
+
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io;
+use std::os::unix::io::AsRawFd;
+use std::sync::{mpsc, Arc};
+use std::thread;
+use std::time::Duration;
+
+use kvm_bindings::{kvm_segment, kvm_userspace_memory_region};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use nvdimm::mmap::Mapping;
+
+pub const RAM_SIZE: u64 = 0x10000;
+const GDT: u64 = 0x500;
+const PML4: u64 = 0x1000;
+const PDPT: u64 = 0x2000;
+const PD: u64 = 0x3000;
+pub const CODE: u64 = 0x4000;
+
+/// Opens /dev/kvm, or prints why the test is skipped.
+pub fn kvm_or_skip(test: &str) -> Option<Kvm> {
+    match Kvm::new() {
+        Ok(kvm) => Some(kvm),
+        Err(e) => {
+            println!("SKIP: no /dev/kvm ({e}): {test}");
+            None
+        }
+    }
+}
+
+/// A VM with guest RAM at 0 (slot 0) and one vCPU in 64-bit mode at `CODE`.
+pub struct TinyVm {
+    pub vm: Arc<VmFd>,
+    vcpu: Option<VcpuFd>,
+    ram: Mapping,
+    _ram_file: File,
+}
+
+/// x86-64 general-purpose register numbers as ModRM encodes them.
+#[derive(Clone, Copy)]
+pub enum Reg {
+    Rax = 0,
+    Rcx = 1,
+    Rdx = 2,
+    Rbx = 3,
+    Rsi = 6,
+    Rdi = 7,
+}
+
+/// Guest code built from a few encodings checked against GNU as.
+#[derive(Default)]
+pub struct Code(pub Vec<u8>);
+
+impl Code {
+    /// `movabs $imm, %reg`: REX.W B8+r imm64.
+    pub fn mov_imm(mut self, reg: Reg, imm: u64) -> Self {
+        self.0.extend([0x48, 0xb8 + reg as u8]);
+        self.0.extend(imm.to_le_bytes());
+        self
+    }
+
+    /// `mov %src, (%base)`: REX.W 89 /r with mod=00 (base must not be rsp or rbp).
+    pub fn store(mut self, base: Reg, src: Reg) -> Self {
+        self.0.extend([0x48, 0x89, ((src as u8) << 3) | base as u8]);
+        self
+    }
+
+    /// Stores the 8-byte `value` at guest address `addr` (clobbers rax, rbx).
+    pub fn write_u64(self, addr: u64, value: u64) -> Self {
+        self.mov_imm(Reg::Rax, addr)
+            .mov_imm(Reg::Rbx, value)
+            .store(Reg::Rax, Reg::Rbx)
+    }
+
+    /// `writeq(1, addr)`, as Linux writes a flush hint (clobbers rsi, rdx).
+    pub fn flush_hint(self, addr: u64) -> Self {
+        self.mov_imm(Reg::Rsi, addr)
+            .mov_imm(Reg::Rdx, 1)
+            .store(Reg::Rsi, Reg::Rdx)
+    }
+
+    pub fn hlt(mut self) -> Self {
+        self.0.push(0xf4);
+        self
+    }
+}
+
+/// How a run of the guest went, exit by exit.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Exit {
+    MmioWrite(u64, Vec<u8>),
+    MmioRead(u64, usize),
+    Hlt,
+}
+
+impl TinyVm {
+    pub fn new(kvm: &Kvm) -> TinyVm {
+        let vm = Arc::new(kvm.create_vm().expect("KVM_CREATE_VM"));
+        let ram_file = tempfile::tempfile().unwrap();
+        ram_file.set_len(RAM_SIZE).unwrap();
+        let ram = Mapping::new(&ram_file, RAM_SIZE, true).unwrap();
+        TinyVm {
+            vm,
+            vcpu: None,
+            ram,
+            _ram_file: ram_file,
+        }
+    }
+
+    /// Creates guest RAM and the vCPU. Call after any VM-wide capability is enabled.
+    pub fn boot(&mut self, code: &Code) {
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: RAM_SIZE,
+            userspace_addr: self.ram.host_addr(),
+        };
+        // SAFETY: the range is `self.ram`, mapped for RAM_SIZE bytes; the VM (and so the slot)
+        // is dropped with this struct, and `vm` is declared before `ram`, so KVM's reference
+        // goes first.
+        unsafe { self.vm.set_user_memory_region(region) }.expect("RAM memslot");
+        self.write_page_tables();
+        self.ram.write_at(CODE, &code.0).unwrap();
+
+        let vcpu = self.vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
+        let mut sregs = vcpu.get_sregs().unwrap();
+        let code_seg = kvm_segment {
+            base: 0,
+            limit: 0xffff_ffff,
+            selector: 0x08,
+            type_: 0xb,
+            present: 1,
+            dpl: 0,
+            db: 0,
+            s: 1,
+            l: 1,
+            g: 1,
+            avl: 0,
+            unusable: 0,
+            padding: 0,
+        };
+        let data_seg = kvm_segment {
+            selector: 0x10,
+            type_: 0x3,
+            db: 1,
+            l: 0,
+            ..code_seg
+        };
+        sregs.cs = code_seg;
+        sregs.ds = data_seg;
+        sregs.es = data_seg;
+        sregs.fs = data_seg;
+        sregs.gs = data_seg;
+        sregs.ss = data_seg;
+        sregs.gdt.base = GDT;
+        sregs.gdt.limit = 3 * 8 - 1;
+        sregs.cr3 = PML4;
+        sregs.cr4 |= 1 << 5; // PAE
+        sregs.cr0 |= (1 << 31) | 1; // PG, PE
+        sregs.efer |= (1 << 8) | (1 << 10); // LME, LMA
+        vcpu.set_sregs(&sregs).unwrap();
+        let mut regs = vcpu.get_regs().unwrap();
+        regs.rip = CODE;
+        regs.rsp = 0x8000;
+        regs.rflags = 2;
+        vcpu.set_regs(&regs).unwrap();
+        self.vcpu = Some(vcpu);
+    }
+
+    fn write_page_tables(&self) {
+        let gdt: [u64; 3] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
+        for (i, e) in gdt.iter().enumerate() {
+            self.ram
+                .write_at(GDT + 8 * i as u64, &e.to_le_bytes())
+                .unwrap();
+        }
+        self.ram.write_at(PML4, &(PDPT | 3).to_le_bytes()).unwrap();
+        self.ram.write_at(PDPT, &(PD | 3).to_le_bytes()).unwrap();
+        for i in 0..512u64 {
+            // Present, writable, 2 MiB page.
+            let entry = (i << 21) | 0x83;
+            self.ram.write_at(PD + 8 * i, &entry.to_le_bytes()).unwrap();
+        }
+    }
+
+    /// Runs until HLT, calling `on_exit` for each MMIO exit before the vCPU resumes, and
+    /// returns the exits in order. Fails the test if the guest does not halt within 60 s.
+    pub fn run(&mut self, mut on_exit: impl FnMut(&Exit) + Send + 'static) -> Vec<Exit> {
+        let mut vcpu = self.vcpu.take().expect("boot() first");
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let mut exits = Vec::new();
+            for _ in 0..100 {
+                let exit = match vcpu.run() {
+                    Ok(VcpuExit::MmioWrite(addr, data)) => Exit::MmioWrite(addr, data.to_vec()),
+                    Ok(VcpuExit::MmioRead(addr, data)) => {
+                        data.fill(0);
+                        Exit::MmioRead(addr, data.len())
+                    }
+                    Ok(VcpuExit::Hlt) => Exit::Hlt,
+                    Ok(other) => panic!("unexpected exit {other:?} after {exits:?}"),
+                    Err(e) => panic!("KVM_RUN failed: {e} after {exits:?}"),
+                };
+                on_exit(&exit);
+                let done = exit == Exit::Hlt;
+                exits.push(exit);
+                if done {
+                    break;
+                }
+            }
+            let _ = tx.send(exits);
+        });
+        rx.recv_timeout(Duration::from_secs(60))
+            .expect("the guest neither halted nor failed within 60 s")
+    }
+}
+
+/// `struct cachestat_range` of cachestat(2).
+#[repr(C)]
+struct CachestatRange {
+    off: u64,
+    len: u64,
+}
+
+/// `struct cachestat` of cachestat(2): page-cache state of a file range, in pages.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cachestat {
+    pub nr_cache: u64,
+    pub nr_dirty: u64,
+    pub nr_writeback: u64,
+    pub nr_evicted: u64,
+    pub nr_recently_evicted: u64,
+}
+
+const SYS_CACHESTAT: libc::c_long = 451;
+
+/// The host page cache's view of `len` bytes at `off` of `file` (Linux 6.5+).
+pub fn cachestat(file: &File, off: u64, len: u64) -> io::Result<Cachestat> {
+    let range = CachestatRange { off, len };
+    let mut stat = Cachestat::default();
+    // SAFETY: cachestat reads `range` and writes one `struct cachestat` into `stat`; both are
+    // repr(C) with the kernel's layout and live across the call; the fd is owned by `file`.
+    let rc = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &range as *const CachestatRange,
+            &mut stat as *mut Cachestat,
+            0u32,
+        )
+    };
+    if rc == 0 {
+        Ok(stat)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
