@@ -128,12 +128,13 @@ impl Nvdimm {
         if hints == 0 || hints > MAX_HINTS {
             return Err(NvdimmError::BadHintCount { id, hints });
         }
-        if params.guest_base % PAGE_SIZE != 0 {
-            return Err(NvdimmError::Misaligned {
-                id,
-                what: "guest base",
-                addr: params.guest_base,
-            });
+        for (what, addr) in [
+            ("guest base", params.guest_base),
+            ("hint page", params.hint_page),
+        ] {
+            if addr % PAGE_SIZE != 0 {
+                return Err(NvdimmError::Misaligned { id, what, addr });
+            }
         }
         let mut backing = Backing::open(cfg, &id)?;
         let mapping =
@@ -353,18 +354,18 @@ impl Nvdimm {
         result
     }
 
-    /// The dirty log (if attached and writable) merged with the pending pages, all taken.
+    /// The pending pages merged with the dirty log (if attached and writable), all taken. On
+    /// failure whatever was taken goes back to pending.
     fn harvest(&self) -> Result<Vec<u64>, FlushError> {
-        let logged = match self.attachment.get().and_then(|a| a.dirty.as_ref()) {
-            Some(dirty) => Some(dirty.harvest().map_err(FlushError::Harvest)?),
-            None => None,
-        };
         let mut bitmap = std::mem::replace(
             &mut *lock(&self.pending),
             vec![0; bitmap_words(self.size())],
         );
-        if let Some(logged) = logged {
-            or_into(&mut bitmap, &logged);
+        if let Some(dirty) = self.attachment.get().and_then(|a| a.dirty.as_ref()) {
+            if let Err(e) = dirty.harvest_into(&mut bitmap) {
+                or_into(&mut lock(&self.pending), &bitmap);
+                return Err(FlushError::Harvest(e));
+            }
         }
         Ok(bitmap)
     }
@@ -653,24 +654,26 @@ mod tests {
         let d = Arc::new(open(dir.path(), ",size=2M", 0).unwrap());
         let threads = 6;
         let rounds = 40;
-        let workers: Vec<_> = (0..threads)
-            .map(|t| {
-                let d = d.clone();
-                thread::spawn(move || {
-                    for r in 0..rounds {
-                        let page = (t * rounds + r) as u64;
-                        d.write_bytes(page * PAGE_SIZE, &[t as u8 + 1]).unwrap();
-                        if r % 2 == 0 {
-                            d.host_flush().unwrap();
-                        } else {
-                            d.mmio_write(0, &[1; 8]);
-                        }
+        let (done, finished) = std::sync::mpsc::channel();
+        for t in 0..threads {
+            let (d, done) = (d.clone(), done.clone());
+            thread::spawn(move || {
+                for r in 0..rounds {
+                    let page = (t * rounds + r) as u64;
+                    d.write_bytes(page * PAGE_SIZE, &[t as u8 + 1]).unwrap();
+                    if r % 2 == 0 {
+                        d.host_flush().unwrap();
+                    } else {
+                        d.mmio_write(0, &[1; 8]);
                     }
-                })
-            })
-            .collect();
-        for w in workers {
-            w.join().unwrap();
+                }
+                done.send(()).unwrap();
+            });
+        }
+        for _ in 0..threads {
+            finished
+                .recv_timeout(std::time::Duration::from_secs(60))
+                .expect("a flushing thread deadlocked or panicked");
         }
         let s = d.stats();
         let total = (threads * rounds) as u64;

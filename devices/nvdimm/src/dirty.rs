@@ -106,14 +106,20 @@ impl DirtyLog {
         self.mode
     }
 
-    /// Pages written since the last harvest; they are write-protected and logged afresh.
-    /// Concurrent harvests of one slot must be serialised by the caller.
-    pub fn harvest(&self) -> Result<Vec<u64>, DirtyError> {
-        let bitmap = self.get()?;
-        if self.mode == DirtyLogMode::ManualProtect {
-            self.clear(&bitmap)?;
+    /// ORs the pages written since the last harvest into `bitmap` (one bit per page, at least
+    /// [`bitmap_words`] long); they are write-protected and logged afresh. If clearing fails,
+    /// `bitmap` still holds them, so the caller can keep them pending. Concurrent harvests of
+    /// one slot must be serialised by the caller.
+    pub fn harvest_into(&self, bitmap: &mut [u64]) -> Result<(), DirtyError> {
+        let logged = self.get()?;
+        for (acc, bits) in bitmap.iter_mut().zip(&logged) {
+            *acc |= bits;
         }
-        Ok(bitmap)
+        if self.mode == DirtyLogMode::ManualProtect {
+            // Exactly the bits GET returned: pages dirtied since stay logged for the next one.
+            self.clear(&logged)?;
+        }
+        Ok(())
     }
 
     /// The pages a harvest would return now, without clearing them. None in `GetClears` mode,

@@ -5,13 +5,15 @@
 
 mod common;
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::path::Path;
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
 use common::{cachestat, kvm_or_skip, Code, Exit, TinyVm};
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use nvdimm::mmap::Mapping;
 use nvdimm::{enable_manual_protect, Nvdimm, NvdimmParams, PmemConfig, PAGE_SIZE};
 
 /// The pmem range sits in the identity-mapped first GiB, clear of guest RAM.
@@ -317,6 +319,80 @@ fn overlapping_memslot_is_refused_until_the_device_is_dropped() {
     );
     drop(a);
     b.attach(&vm.vm).unwrap();
+}
+
+/// A flush that fails must not fail the guest: it is logged and counted, and the pages it took
+/// stay pending for the next flush. Provoked by deleting the device's memslot behind its back,
+/// so KVM_GET_DIRTY_LOG fails with ENOENT, then putting a slot back so the retry can succeed.
+#[test]
+fn failed_flush_is_counted_and_its_pages_retried() {
+    let Some(kvm) = kvm_or_skip("flush error") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let vm = TinyVm::new(&kvm);
+    let path = dir.path().join("pmem.img");
+    let dev = Nvdimm::open(&pmem_config(dir.path(), ",size=2M"), params(false)).unwrap();
+    dev.attach(&vm.vm).unwrap();
+    dev.write_bytes(7 * PAGE_SIZE, b"pending").unwrap();
+    let file = File::open(&path).unwrap();
+
+    let mut region = kvm_userspace_memory_region {
+        slot: 1,
+        flags: KVM_MEM_LOG_DIRTY_PAGES,
+        guest_phys_addr: PMEM_GPA,
+        memory_size: 0,
+        userspace_addr: 0,
+    };
+    // SAFETY: a zero-size region deletes slot 1; KVM then holds no reference to any memory.
+    unsafe { vm.vm.set_user_memory_region(region) }.unwrap();
+
+    dev.mmio_write(0, &1u64.to_le_bytes());
+    let st = dev.stats();
+    assert_eq!(
+        (st.flushes, st.errors, st.pages_written),
+        (1, 1, 0),
+        "{st:?}"
+    );
+    let err = dev.host_flush().unwrap_err();
+    let mut chain = err.to_string();
+    let mut source = std::error::Error::source(&err);
+    while let Some(s) = source {
+        chain = format!("{chain}: {s}");
+        source = s.source();
+    }
+    assert!(chain.starts_with("pmem0: flush failed"), "{chain}");
+    assert!(
+        chain.contains("KVM_GET_DIRTY_LOG of memslot 1 failed"),
+        "{chain}"
+    );
+    assert_eq!(dirty_pages(&file, 7), 1, "not written back");
+
+    // Put a logged slot back over the same file so the next harvest works.
+    let mapping = Mapping::new(
+        &OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap(),
+        PMEM_SIZE,
+        true,
+    )
+    .unwrap();
+    region.memory_size = PMEM_SIZE;
+    region.userspace_addr = mapping.host_addr();
+    // SAFETY: `mapping` covers PMEM_SIZE bytes and outlives the slot: the device deletes slot 1
+    // when `dev` is dropped explicitly at the end of this test, before `mapping` goes.
+    unsafe { vm.vm.set_user_memory_region(region) }.unwrap();
+    let report = dev.host_flush().expect("the retry succeeds");
+    assert_eq!(
+        (report.pages, report.runs),
+        (1, 1),
+        "the pending page was kept"
+    );
+    assert_eq!(dirty_pages(&file, 7), 0);
+    assert_eq!(dev.stats().errors, 2);
+    drop(dev);
 }
 
 /// Group commit: many threads flushing one device at once. Each flush must cover the stores its
