@@ -1,0 +1,14 @@
+/* The NVDIMM words: plain stores into the persistent-memory range and flush-hint writes. */
+#ifndef PROBE_PMEM_H
+#define PROBE_PMEM_H
+
+#include "types.h"
+
+int pmem_write(u64 dev, u64 off, u64 len, u64 byte);
+/* A mismatch is reported on its line and is not an error. */
+int pmem_check(u64 dev, u64 off, u64 len, u64 byte);
+int pmem_flush(u64 dev);
+int pmem_flushw(u64 dev, u64 width);
+int pmem_flushes(u64 dev, u64 n);
+
+#endif

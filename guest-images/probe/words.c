@@ -1,0 +1,232 @@
+/* One handler per word. A handler takes its arguments from the cursor and returns 0, or -1
+ * after printing "probe: error ...". */
+#include "words.h"
+#include "acpi.h"
+#include "console.h"
+#include "cpu.h"
+#include "faults.h"
+#include "mem.h"
+#include "nfit.h"
+#include "pmem.h"
+#include "power.h"
+
+/* About 0.2 s per count at the CI emulator's ~2 million guest instructions per second. */
+#define COUNTER_SPIN 100000
+
+struct cursor {
+	const struct word_list *list;
+	u32 next;
+	const char *word;
+};
+
+/* Decimal or 0x hex, the whole token, no overflow. */
+static int parse_u64(const char *s, u64 *out)
+{
+	u64 v = 0;
+	u32 base = 10;
+	if (s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
+		base = 16;
+		s += 2;
+	}
+	if (!*s)
+		return -1;
+	for (; *s; s++) {
+		u32 d;
+		if (*s >= '0' && *s <= '9')
+			d = (u32)(*s - '0');
+		else if (base == 16 && *s >= 'a' && *s <= 'f')
+			d = (u32)(*s - 'a' + 10);
+		else if (base == 16 && *s >= 'A' && *s <= 'F')
+			d = (u32)(*s - 'A' + 10);
+		else
+			return -1;
+		if (v > (~0ull - d) / base)
+			return -1;
+		v = v * base + d;
+	}
+	*out = v;
+	return 0;
+}
+
+static const char *arg_text(struct cursor *c, const char *name)
+{
+	if (c->next < c->list->count)
+		return c->list->words[c->next++];
+	error_begin(c->word);
+	out_str(" needs ");
+	out_str(name);
+	line_end();
+	return NULL;
+}
+
+static int arg_num(struct cursor *c, const char *name, u64 *v)
+{
+	const char *t = arg_text(c, name);
+	if (!t)
+		return -1;
+	if (!parse_u64(t, v))
+		return 0;
+	error_begin(c->word);
+	out_char(' ');
+	out_str(name);
+	out_str(" \"");
+	out_str(t);
+	out_str("\" is not a decimal or 0x-hex number below 2^64");
+	line_end();
+	return -1;
+}
+
+/* DEV OFFSET LEN BYTE */
+static int args4(struct cursor *c, u64 *dev, u64 *off, u64 *len, u64 *byte)
+{
+	return arg_num(c, "DEV", dev) || arg_num(c, "OFFSET", off) || arg_num(c, "LEN", len) ||
+	       arg_num(c, "BYTE", byte);
+}
+
+static int w_acpi(struct cursor *c)
+{
+	(void)c;
+	return acpi_list_tables();
+}
+
+static int w_mark(struct cursor *c)
+{
+	const char *t = arg_text(c, "TEXT");
+	if (!t)
+		return -1;
+	line_begin();
+	out_str("MARK ");
+	out_str(t);
+	line_end();
+	return 0;
+}
+
+static int w_wait(struct cursor *c)
+{
+	(void)c;
+	say("waiting");
+	halt_forever();
+}
+
+static int w_poweroff(struct cursor *c)
+{
+	(void)c;
+	say("poweroff");
+	acpi_poweroff();
+}
+
+static int w_nfit(struct cursor *c)
+{
+	(void)c;
+	return nfit_print();
+}
+
+static int w_write(struct cursor *c)
+{
+	u64 dev, off, len, byte;
+	return args4(c, &dev, &off, &len, &byte) ? -1 : pmem_write(dev, off, len, byte);
+}
+
+static int w_check(struct cursor *c)
+{
+	u64 dev, off, len, byte;
+	return args4(c, &dev, &off, &len, &byte) ? -1 : pmem_check(dev, off, len, byte);
+}
+
+static int w_flush(struct cursor *c)
+{
+	u64 dev;
+	return arg_num(c, "DEV", &dev) ? -1 : pmem_flush(dev);
+}
+
+static int w_flushw(struct cursor *c)
+{
+	u64 dev, width;
+	return arg_num(c, "DEV", &dev) || arg_num(c, "WIDTH", &width) ? -1
+								   : pmem_flushw(dev, width);
+}
+
+static int w_flushes(struct cursor *c)
+{
+	u64 dev, n;
+	return arg_num(c, "DEV", &dev) || arg_num(c, "N", &n) ? -1 : pmem_flushes(dev, n);
+}
+
+__attribute__((noreturn)) static void count_forever(void)
+{
+	for (u64 k = 0;; k++) {
+		line_begin();
+		out_str("counter ");
+		out_dec(k);
+		line_end();
+		for (u32 i = 0; i < COUNTER_SPIN; i++)
+			cpu_relax_barrier();
+	}
+}
+
+static int w_counter(struct cursor *c)
+{
+	(void)c;
+	count_forever();
+}
+
+static int w_triplefault(struct cursor *c)
+{
+	(void)c;
+	say("triplefault");
+	triple_fault();
+	say("error triplefault: the CPU survived a #GP with no IDT");
+	return -1;
+}
+
+static int w_emufail(struct cursor *c)
+{
+	(void)c;
+	say("emufail trying lock cmpxchg16b");
+	int swapped = probe_emufail_cmpxchg16b();
+	line_begin();
+	out_str("emufail survived swapped=");
+	out_dec((u64)swapped);
+	line_end();
+	return 0;
+}
+
+static const struct {
+	const char *name;
+	int (*run)(struct cursor *c);
+} word_table[] = {
+	{"acpi", w_acpi},
+	{"mark", w_mark},
+	{"wait", w_wait},
+	{"poweroff", w_poweroff},
+	{"nfit", w_nfit},
+	{"write", w_write},
+	{"check", w_check},
+	{"flush", w_flush},
+	{"flushw", w_flushw},
+	{"flushes", w_flushes},
+	{"counter", w_counter},
+	{"triplefault", w_triplefault},
+	{"emufail", w_emufail},
+};
+
+int run_words(const struct word_list *list)
+{
+	struct cursor c = {list, 0, NULL};
+	while (c.next < list->count) {
+		c.word = list->words[c.next++];
+		u32 i = 0;
+		while (i < sizeof(word_table) / sizeof(word_table[0]) &&
+		       !streq(word_table[i].name, c.word))
+			i++;
+		if (i == sizeof(word_table) / sizeof(word_table[0])) {
+			error_begin("unknown word ");
+			out_str(c.word);
+			line_end();
+			return -1;
+		}
+		if (word_table[i].run(&c))
+			return -1;
+	}
+	return 0;
+}
