@@ -27,8 +27,8 @@ pub struct PmemStats {
     /// Writes to the hint page that hit no hint register: ignored.
     #[serde(default)]
     pub outside_writes: u64,
-    /// Writebacks run. Concurrent flushes share one (group commit), so this can be smaller than
-    /// `flushes + host_flushes`.
+    /// Harvest-and-writeback rounds run, empty ones included. Concurrent flushes share one
+    /// (group commit), so this can be smaller than `flushes + host_flushes`.
     #[serde(default)]
     pub writebacks: u64,
     /// Writebacks that failed (dirty-log or file I/O errors), each logged. Their pages stay
