@@ -33,6 +33,8 @@ mod root;
 mod validate;
 
 #[cfg(test)]
+mod iasl_tests;
+#[cfg(test)]
 mod test_util;
 
 pub use error::AcpiError;
