@@ -64,8 +64,6 @@ pub const ACPI_S5_SLP_TYP: u8 = 5;
 
 const _: () = assert!(ACPI_TABLES_START > RSDP_START + 36);
 const _: () = assert!(FLUSH_HINT_START >= MMIO_GAP_START);
-const _: () = assert!(
-    FLUSH_HINT_START + MAX_NVDIMMS as u64 * FLUSH_HINT_PAGE_SIZE <= IOAPIC_START
-);
+const _: () = assert!(FLUSH_HINT_START + MAX_NVDIMMS as u64 * FLUSH_HINT_PAGE_SIZE <= IOAPIC_START);
 const _: () = assert!(HIGH_RAM_START % NVDIMM_ALIGN == 0);
 const _: () = assert!(MMIO_GAP_END == HIGH_RAM_START);

@@ -60,6 +60,7 @@ pub fn sample_devices() -> Vec<PmemInfo> {
                     max: 130,
                     histogram: vec![0, 0, 0, 0, 0, 1, 1, 1],
                 },
+                ..Default::default()
             },
         },
         PmemInfo {

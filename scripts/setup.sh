@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what pmvm's build, demo and tests need on a Debian or Ubuntu machine.
+# Safe to run repeatedly: it installs only what is missing.
+set -euo pipefail
+
+need_pkgs=()
+have() { command -v "$1" >/dev/null 2>&1; }
+have iasl || need_pkgs+=(acpica-tools)
+have gcc || need_pkgs+=(gcc)
+have objdump || need_pkgs+=(binutils)
+have curl || need_pkgs+=(curl)
+
+if ((${#need_pkgs[@]})); then
+  if [ "$(id -u)" = 0 ] && have apt-get; then
+    echo "setup: installing ${need_pkgs[*]}" >&2
+    apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >&2
+  else
+    echo "setup: missing ${need_pkgs[*]}; install them (apt-get install ${need_pkgs[*]}) and rerun" >&2
+    exit 1
+  fi
+fi
+
+if ! have cargo; then
+  echo "setup: cargo is missing; install Rust from https://rustup.rs and rerun" >&2
+  exit 1
+fi

@@ -1,0 +1,329 @@
+//! The core machine, proven with the probe guest on /dev/kvm: boot path, ACPI walk, serial,
+//! power-off, fatal exits, signals, and the command line's bad-input table.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use pmvm_tests::{kvm_or_skip, probe_elf, Pmvm};
+
+const BOOT: Duration = Duration::from_secs(60);
+
+fn pmvm() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_pmvm"))
+}
+
+/// Runs the probe with `words` (after the kernel-style options) and `extra` pmvm options.
+fn probe(words: &str, extra: &[&str]) -> Pmvm {
+    let cmdline = format!("console=ttyS0 -- {words}");
+    let kernel = probe_elf();
+    let mut args: Vec<String> = vec![
+        "--kernel".into(),
+        kernel.display().to_string(),
+        "--cmdline".into(),
+        cmdline,
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Pmvm::spawn(&pmvm(), &args)
+}
+
+#[test]
+fn acpi_walk_finds_every_table_with_good_checksums() {
+    if !kvm_or_skip("acpi walk") {
+        return;
+    }
+    let mut vm = probe("acpi poweroff", &["--cpus", "2"]);
+    let (status, stderr) = vm.wait_exit(BOOT).unwrap();
+    assert_eq!(status.code(), Some(0), "{}", vm.transcript());
+    let lines = vm.lines();
+    for sig in ["RSDP", "XSDT", "FACP", "APIC", "DSDT"] {
+        let line = lines
+            .iter()
+            .find(|l| l.starts_with(&format!("probe: table {sig} ")))
+            .unwrap_or_else(|| panic!("no table line for {sig}\n{}", vm.transcript()));
+        assert!(line.ends_with("checksum=ok"), "{line}");
+    }
+    assert!(
+        !lines.iter().any(|l| l.contains("checksum=BAD")),
+        "{}",
+        vm.transcript()
+    );
+    assert!(stderr.is_empty(), "pmvm printed on stderr: {stderr}");
+}
+
+#[test]
+fn mark_and_poweroff_exit_zero() {
+    if !kvm_or_skip("mark") {
+        return;
+    }
+    let mut vm = probe("mark HELLO-PMVM poweroff", &[]);
+    vm.wait_for("probe: MARK HELLO-PMVM", BOOT).unwrap();
+    let (status, _) = vm.wait_exit(BOOT).unwrap();
+    assert_eq!(status.code(), Some(0), "{}", vm.transcript());
+}
+
+#[test]
+fn serial_can_go_to_a_file() {
+    if !kvm_or_skip("serial file") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("console.log");
+    let mut vm = probe(
+        "mark TO-FILE poweroff",
+        &["--serial", &format!("file={}", log.display())],
+    );
+    let (status, _) = vm.wait_exit(BOOT).unwrap();
+    assert_eq!(status.code(), Some(0), "{}", vm.transcript());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("probe: MARK TO-FILE"), "{text}");
+    assert!(vm.lines().iter().all(|l| !l.contains("TO-FILE")));
+}
+
+#[test]
+fn unknown_word_is_reported_and_powers_off() {
+    if !kvm_or_skip("unknown word") {
+        return;
+    }
+    let mut vm = probe("frobnicate mark NEVER", &[]);
+    let (status, _) = vm.wait_exit(BOOT).unwrap();
+    assert_eq!(status.code(), Some(0), "{}", vm.transcript());
+    let lines = vm.lines();
+    assert!(lines
+        .iter()
+        .any(|l| l == "probe: error unknown word frobnicate"));
+    assert!(!lines.iter().any(|l| l.contains("NEVER")));
+}
+
+/// The one line pmvm prints when the guest died.
+fn fatal_line(stderr: &str) -> &str {
+    let mut fatal = stderr.lines().filter(|l| l.starts_with("pmvm: vCPU "));
+    let line = fatal.next().unwrap_or_default();
+    assert!(
+        fatal.next().is_none(),
+        "more than one fatal line:\n{stderr}"
+    );
+    line
+}
+
+#[test]
+fn triple_fault_exits_one_naming_the_exit() {
+    if !kvm_or_skip("triple fault") {
+        return;
+    }
+    let mut vm = probe("triplefault", &[]);
+    let (status, stderr) = vm.wait_exit(BOOT).unwrap();
+    assert_eq!(status.code(), Some(1), "{}", vm.transcript());
+    let line = stderr.lines().last().unwrap_or_default();
+    assert!(
+        line.contains("vCPU 0: triple fault (KVM_EXIT_SHUTDOWN)"),
+        "{stderr}"
+    );
+    assert!(line.contains("RIP 0x"), "{stderr}");
+    assert!(line.contains("instruction bytes ["), "{stderr}");
+}
+
+#[test]
+fn emulation_failure_exits_one_with_instruction_bytes() {
+    if !kvm_or_skip("emulation failure") {
+        return;
+    }
+    let mut vm = probe("emufail poweroff", &[]);
+    let (status, stderr) = vm.wait_exit(BOOT).unwrap();
+    if vm.lines().iter().any(|l| l == "probe: emufail survived") {
+        // Hardware KVM runs cmpxchg16b natively: nothing to report, and the guest powers off.
+        println!("SKIP: emulation failure: this host's KVM ran cmpxchg16b natively");
+        assert_eq!(status.code(), Some(0), "{}", vm.transcript());
+        return;
+    }
+    assert_eq!(status.code(), Some(1), "{}", vm.transcript());
+    let line = fatal_line(&stderr);
+    assert!(
+        line.contains("KVM_EXIT_INTERNAL_ERROR suberror 1 (emulation failure)"),
+        "{stderr}"
+    );
+    // lock cmpxchg16b: f0 48 0f c7 /1 (REX.W may be combined with other REX bits).
+    assert!(line.contains("[f0 4"), "{stderr}");
+    assert!(line.contains(" 0f c7 "), "{stderr}");
+}
+
+#[test]
+fn sigterm_stops_cleanly() {
+    if !kvm_or_skip("sigterm") {
+        return;
+    }
+    let mut vm = probe("mark READY wait", &[]);
+    vm.wait_for("probe: waiting", BOOT).unwrap();
+    vm.signal(libc::SIGTERM);
+    let (status, stderr) = vm.wait_exit(Duration::from_secs(10)).unwrap();
+    assert_eq!(status.code(), Some(0), "{}", vm.transcript());
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn sighup_is_ignored() {
+    if !kvm_or_skip("sighup") {
+        return;
+    }
+    let mut vm = probe("wait", &[]);
+    vm.wait_for("probe: waiting", BOOT).unwrap();
+    vm.signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        vm.wait_exit(Duration::from_millis(10)).is_err(),
+        "SIGHUP stopped pmvm"
+    );
+    vm.signal(libc::SIGINT);
+    let (status, _) = vm.wait_exit(Duration::from_secs(10)).unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+/// Runs pmvm to completion with `args`; it must fail with one line containing `expect`.
+fn expect_error(args: &[&str], expect: &str) {
+    let mut vm = Pmvm::spawn(&pmvm(), args);
+    let (status, stderr) = vm.wait_exit(Duration::from_secs(30)).unwrap();
+    assert_ne!(status.code(), Some(0), "{args:?} succeeded");
+    assert!(
+        status.code().is_some(),
+        "{args:?} died of a signal: {stderr}"
+    );
+    assert!(
+        stderr.contains(expect),
+        "{args:?}: expected {expect:?} in stderr:\n{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{args:?} panicked:\n{stderr}");
+    assert!(!stderr.contains("RUST_BACKTRACE"), "{stderr}");
+    let lines = stderr.lines().filter(|l| !l.trim().is_empty()).count();
+    // clap's own usage errors add a usage hint; pmvm's errors are exactly one line.
+    if stderr.starts_with("pmvm: ") {
+        assert_eq!(lines, 1, "{args:?}: more than one line:\n{stderr}");
+    }
+}
+
+#[test]
+fn bad_command_lines_fail_with_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk");
+    std::fs::write(&junk, b"this is no kernel").unwrap();
+    let probe = probe_elf();
+    let probe = probe.to_str().unwrap();
+    let missing = dir.path().join("missing").display().to_string();
+    let junk = junk.to_str().unwrap();
+    let a_file = junk;
+    let d = dir.path().to_str().unwrap();
+
+    expect_error(&["--kernel", &missing], "--kernel");
+    expect_error(&["--kernel", &missing], "No such file");
+    expect_error(&["--kernel", junk], "not a Linux bzImage or ELF kernel");
+    expect_error(&["--kernel", d], "--kernel");
+    expect_error(&["--kernel", probe, "--memory", "0"], "at least 64M");
+    expect_error(&["--kernel", probe, "--memory", "63M"], "at least 64M");
+    expect_error(
+        &["--kernel", probe, "--memory", "lots"],
+        "--memory \"lots\": size \"lots\"",
+    );
+    expect_error(
+        &["--kernel", probe, "--memory", "64T"],
+        "exceeds the host's RAM",
+    );
+    expect_error(&["--kernel", probe, "--cpus", "0"], "at least one vCPU");
+    expect_error(&["--kernel", probe, "--cpus", "300"], "at most 254 vCPUs");
+    expect_error(
+        &["--kernel", probe, "--serial", "tcp:1"],
+        "expected `stdio` or `file=PATH`",
+    );
+    expect_error(
+        &["--kernel", probe, "--kvm-device", &missing],
+        "no such device",
+    );
+    expect_error(&["--dump-acpi", a_file], "not a directory");
+    expect_error(&["--dump-acpi", &missing], "not a directory");
+    expect_error(&["--kernel", probe, "--initrd", &missing], "--initrd");
+}
+
+#[test]
+fn kvm_permission_denied_is_explained() {
+    if !kvm_or_skip("kvm permission") {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/usr/bin/setpriv").exists() {
+        println!("SKIP: kvm permission: needs root and setpriv to drop to an unprivileged user");
+        return;
+    }
+    let meta = std::fs::metadata("/dev/kvm").unwrap();
+    if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o006 != 0 {
+        println!("SKIP: kvm permission: /dev/kvm is open to everyone here");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("probe.elf");
+    std::fs::copy(probe_elf(), &kernel).unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let bin = dir.path().join("pmvm");
+    std::fs::copy(pmvm(), &bin).unwrap();
+    let out = std::process::Command::new("/usr/bin/setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&bin)
+        .arg("--kernel")
+        .arg(&kernel)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("permission denied"), "{stderr}");
+    assert!(stderr.contains("kvm"), "{stderr}");
+}
+
+#[test]
+fn initrd_that_does_not_fit_is_refused() {
+    if !kvm_or_skip("initrd size") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.cpio");
+    let f = std::fs::File::create(&big).unwrap();
+    f.set_len(100 << 20).unwrap();
+    let probe = probe_elf();
+    expect_error(
+        &[
+            "--kernel",
+            probe.to_str().unwrap(),
+            "--memory",
+            "64M",
+            "--initrd",
+            big.to_str().unwrap(),
+        ],
+        "raise --memory",
+    );
+}
+
+#[test]
+fn dump_acpi_writes_every_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(pmvm())
+        .args(["--cpus", "3", "--dump-acpi"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for sig in ["RSDP", "XSDT", "FACP", "APIC", "DSDT"] {
+        let f = dir.path().join(format!("{sig}.dat"));
+        let bytes = std::fs::read(&f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        let sum = bytes
+            .iter()
+            .take(if sig == "RSDP" { 20 } else { bytes.len() })
+            .fold(0u8, |a, b| a.wrapping_add(*b));
+        assert_eq!(sum, 0, "{sig} checksum");
+        if sig != "RSDP" {
+            assert_eq!(&bytes[..4], sig.as_bytes());
+        }
+    }
+}

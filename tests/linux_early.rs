@@ -1,0 +1,120 @@
+//! Debian's stock cloud kernel under pmvm, as far as this host lets it go: the banner and the
+//! kernel's own ACPI table list, with no checksum or parse warnings. On a nested-emulation
+//! host it then dies of an emulation failure, which pmvm must report on one line.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use pmvm_tests::{kvm_or_skip, repo_root, Pmvm};
+
+/// Fetches and unpacks the kernel; `None` (with the reason) where it cannot be fetched.
+fn debian_kernel() -> Result<PathBuf, String> {
+    let script = repo_root().join("guest-images/fetch-debian-kernel.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+    }
+    let dir = String::from_utf8_lossy(&out.stdout);
+    Ok(PathBuf::from(dir.lines().last().unwrap_or_default().trim()))
+}
+
+/// Tables pmvm gives a guest with an NVDIMM, as the kernel names them.
+const TABLES: [&str; 6] = ["RSDP", "XSDT", "FACP", "DSDT", "APIC", "NFIT"];
+
+#[test]
+fn debian_kernel_lists_every_acpi_table_cleanly() {
+    if !kvm_or_skip("debian kernel early boot") {
+        return;
+    }
+    let dir = match debian_kernel() {
+        Ok(d) => d,
+        Err(why) => {
+            println!("SKIP: debian kernel early boot: kernel not fetched: {why}");
+            return;
+        }
+    };
+    let start = Instant::now();
+    let vmlinux = dir.join("vmlinux");
+    let scratch = tempfile::tempdir().unwrap();
+    let pmem = format!(
+        "path={},size=64M",
+        scratch.path().join("pmem0.img").display()
+    );
+    let mut vm = Pmvm::spawn(
+        &PathBuf::from(env!("CARGO_BIN_EXE_pmvm")),
+        &[
+            "--kernel",
+            vmlinux.to_str().unwrap(),
+            "--memory",
+            "512M",
+            "--pmem",
+            &pmem,
+            "--cmdline",
+            // Table checksums are only verified early when forced.
+            "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=1 pci=off \
+             acpi_force_table_verification",
+        ],
+    );
+    vm.wait_for("Linux version", Duration::from_secs(120))
+        .unwrap();
+    println!("banner after {:?}", start.elapsed());
+    for t in TABLES {
+        vm.wait_for(&format!("ACPI: {t} 0x"), Duration::from_secs(240))
+            .unwrap();
+    }
+    // The table list is complete once the kernel reports what it does with it.
+    let _ = vm.wait_for("ACPI: ", Duration::from_secs(5));
+    println!("ACPI table list after {:?}", start.elapsed());
+    std::thread::sleep(Duration::from_secs(2));
+    let lines = vm.lines();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("ACPI: Early table checksum verification enabled")),
+        "the kernel did not verify table checksums\n{}",
+        vm.transcript()
+    );
+    let acpi_problems: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("ACPI") && !l.contains("checksum verification enabled"))
+        .filter(|l| {
+            let l = l.to_ascii_lowercase();
+            [
+                "checksum",
+                "warning",
+                "bios bug",
+                "invalid",
+                "error",
+                "firmware bug",
+            ]
+            .iter()
+            .any(|w| l.contains(w))
+        })
+        .collect();
+    assert!(
+        acpi_problems.is_empty(),
+        "ACPI complaints: {acpi_problems:#?}\n{}",
+        vm.transcript()
+    );
+
+    // Either the kernel keeps running (hardware KVM), or pmvm reports the emulation failure.
+    match vm.wait_exit(Duration::from_secs(400)) {
+        Ok((status, stderr)) => {
+            let last = stderr
+                .lines()
+                .find(|l| l.starts_with("pmvm: vCPU "))
+                .unwrap_or_default()
+                .to_string();
+            println!("pmvm exited after {:?}: {last}", start.elapsed());
+            assert_eq!(status.code(), Some(1), "{}", vm.transcript());
+            assert!(last.starts_with("pmvm: vCPU "), "{last}");
+            assert!(last.contains("RIP 0x"), "{last}");
+            assert!(last.contains("instruction bytes ["), "{last}");
+        }
+        Err(_) => println!("kernel still running after the table list: hardware KVM"),
+    }
+}

@@ -1,0 +1,137 @@
+//! Command-line interface: the machine options and the client subcommands.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// pmvm boots a Linux guest (or the in-tree probe guest) on KVM with emulated NVDIMMs whose
+/// flushes are exact: every guest flush writes back exactly the pages the guest dirtied to the
+/// backing file before the vCPU resumes.
+#[derive(Debug, Parser)]
+#[command(
+    name = "pmvm",
+    version,
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true,
+    after_help = "Examples:\n  \
+        pmvm --kernel bzImage --initrd guest.cpio --memory 1G --cpus 2\n  \
+        pmvm --kernel guest-images/out/probe.elf --cmdline 'console=ttyS0 -- acpi poweroff'\n  \
+        pmvm --dump-acpi /tmp/acpi --cpus 4   (then: iasl -d /tmp/acpi/*.dat)"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub machine: MachineArgs,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Options that describe the virtual machine.
+#[derive(Debug, Args)]
+pub struct MachineArgs {
+    /// Guest kernel: a Linux bzImage (64-bit entry) or an ELF vmlinux, such as the probe guest.
+    #[arg(long, value_name = "PATH", required_unless_present = "dump_acpi")]
+    pub kernel: Option<PathBuf>,
+
+    /// Initramfs loaded into guest RAM below 4 GiB.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+
+    /// Kernel command line.
+    #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
+    pub cmdline: String,
+
+    /// Guest RAM, in bytes or with a K, M or G suffix. At least 64M.
+    #[arg(long, value_name = "SIZE", default_value = "512M")]
+    pub memory: String,
+
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub cpus: u32,
+
+    /// Where the guest's serial console goes: `stdio`, or `file=PATH`.
+    #[arg(long, value_name = "stdio|file=PATH", default_value = "stdio")]
+    pub serial: String,
+
+    /// An emulated NVDIMM backed by FILE; repeat for more devices (up to 16).
+    /// `size` (K/M/G suffix, multiple of 2M) defaults to the file length; a missing FILE is
+    /// created sparse when `size` is given. `id` names it in the API (default pmemN).
+    /// `readonly=on` maps it read-only. `hints` is the number of flush-hint addresses
+    /// (default: vCPUs rounded up to a power of two, at most 16).
+    #[arg(
+        long,
+        value_name = "path=FILE[,size=SIZE][,id=NAME][,readonly=on][,hints=N]",
+        verbatim_doc_comment
+    )]
+    pub pmem: Vec<String>,
+
+    /// Write every ACPI table the guest would get to DIR/<SIGNATURE>.dat and exit without
+    /// running a guest. Decode them with `iasl -d DIR/*.dat`.
+    #[arg(long, value_name = "DIR")]
+    pub dump_acpi: Option<PathBuf>,
+
+    /// Serve the control socket (HTTP/JSON) at PATH: flush statistics, host flushes, pause,
+    /// resume and shutdown. Read it with `pmvm stats --api-sock PATH` or curl --unix-socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+
+    /// The KVM device to open.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/dev/kvm",
+        hide_short_help = true
+    )]
+    pub kvm_device: PathBuf,
+}
+
+/// The default command line of a Linux guest on pmvm's platform.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
+
+/// The control socket of a running pmvm.
+#[derive(Debug, Args)]
+pub struct SockArg {
+    /// The running pmvm's --api-sock.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: PathBuf,
+}
+
+/// Subcommands talk to a running pmvm through its control socket.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print each NVDIMM's flush statistics: flushes, pages and MiB written, latency, and
+    /// dirty pages not yet flushed.
+    Stats {
+        #[command(flatten)]
+        sock: SockArg,
+        /// Print the raw JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Refresh every SECS seconds until interrupted.
+        #[arg(long, value_name = "SECS")]
+        watch: Option<f64>,
+    },
+    /// Write back every dirty page now (a host-initiated flush, counted apart from the guest's).
+    Flush {
+        #[command(flatten)]
+        sock: SockArg,
+        /// Only this device (default: every device).
+        #[arg(long, value_name = "NAME")]
+        id: Option<String>,
+    },
+    /// Stop every vCPU until `pmvm resume`.
+    Pause {
+        #[command(flatten)]
+        sock: SockArg,
+    },
+    /// Let paused vCPUs run again.
+    Resume {
+        #[command(flatten)]
+        sock: SockArg,
+    },
+    /// Stop the VM; pmvm exits 0.
+    Shutdown {
+        #[command(flatten)]
+        sock: SockArg,
+    },
+}

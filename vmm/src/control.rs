@@ -1,0 +1,139 @@
+//! What the control socket may do to a running machine.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use nvdimm::Nvdimm;
+
+use crate::api::types::{FlushReport, PmemInfo, VmInfo, VmState};
+use crate::api::{ApiError, VmmControl};
+use crate::devices::lock;
+use crate::exit::{ExitReason, ExitSignal};
+use crate::vcpu::VcpuThreads;
+
+/// The running machine as the API sees it.
+pub struct MachineControl {
+    pub started: Instant,
+    pub vcpus: u32,
+    pub memory: u64,
+    pub kernel: String,
+    pub cmdline: String,
+    pub pmem: Vec<Arc<Nvdimm>>,
+    pub threads: Arc<VcpuThreads>,
+    pub exit: Arc<ExitSignal>,
+    /// Held across a pause or resume, so the two never interleave.
+    pub paused: Mutex<bool>,
+}
+
+impl MachineControl {
+    fn state(&self) -> VmState {
+        if self.exit.reason().is_some() {
+            VmState::ShuttingDown
+        } else if *lock(&self.paused) {
+            VmState::Paused
+        } else {
+            VmState::Running
+        }
+    }
+
+    fn device(&self, id: &str) -> Result<&Arc<Nvdimm>, ApiError> {
+        self.pmem
+            .iter()
+            .find(|d| d.id() == id)
+            .ok_or_else(|| ApiError::NoSuchDevice { id: id.to_string() })
+    }
+
+    fn refuse_if_stopping(&self, action: &'static str) -> Result<(), ApiError> {
+        match self.state() {
+            VmState::ShuttingDown => Err(ApiError::WrongState {
+                action,
+                state: VmState::ShuttingDown,
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The API's view of one NVDIMM.
+pub fn pmem_info(d: &Nvdimm) -> PmemInfo {
+    let hints = d.hint_addresses();
+    PmemInfo {
+        id: d.id().to_string(),
+        path: d.path().display().to_string(),
+        size_bytes: d.size(),
+        guest_base: d.guest_base(),
+        flush_hint_count: hints.len() as u32,
+        flush_hint_addresses: hints,
+        readonly: d.readonly(),
+        pending_dirty_pages: d.pending_pages(),
+        stats: d.stats(),
+    }
+}
+
+impl VmmControl for MachineControl {
+    fn vm_info(&self) -> VmInfo {
+        VmInfo {
+            state: self.state(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            vcpus: self.vcpus,
+            memory_bytes: self.memory,
+            kernel: self.kernel.clone(),
+            cmdline: self.cmdline.clone(),
+        }
+    }
+
+    fn pmem_list(&self) -> Vec<PmemInfo> {
+        let mut list: Vec<PmemInfo> = self.pmem.iter().map(|d| pmem_info(d)).collect();
+        list.sort_by(|a, b| a.id.cmp(&b.id));
+        list
+    }
+
+    fn pmem_info(&self, id: &str) -> Option<PmemInfo> {
+        self.device(id).ok().map(|d| pmem_info(d))
+    }
+
+    fn pmem_flush(&self, id: &str) -> Result<FlushReport, ApiError> {
+        let dev = self.device(id)?;
+        dev.host_flush().map_err(|e| ApiError::Failed {
+            action: format!("flushing {id}"),
+            source: Box::new(e),
+        })
+    }
+
+    fn pause(&self) -> Result<(), ApiError> {
+        self.refuse_if_stopping("pause")?;
+        let mut paused = lock(&self.paused);
+        if *paused {
+            return Err(ApiError::WrongState {
+                action: "pause",
+                state: VmState::Paused,
+            });
+        }
+        self.threads.pause().map_err(|e| ApiError::Failed {
+            action: "pausing the vCPUs".into(),
+            source: Box::new(e),
+        })?;
+        *paused = true;
+        Ok(())
+    }
+
+    fn resume(&self) -> Result<(), ApiError> {
+        self.refuse_if_stopping("resume")?;
+        let mut paused = lock(&self.paused);
+        if !*paused {
+            return Err(ApiError::WrongState {
+                action: "resume",
+                state: VmState::Running,
+            });
+        }
+        self.threads.resume();
+        *paused = false;
+        Ok(())
+    }
+
+    fn shutdown(&self) -> Result<(), ApiError> {
+        self.refuse_if_stopping("shut down")?;
+        self.exit.request(ExitReason::Shutdown);
+        Ok(())
+    }
+}

@@ -1,0 +1,93 @@
+//! The platform devices and the port/MMIO dispatch of vCPU exits.
+
+pub mod power;
+pub mod serial;
+
+use std::sync::{Arc, Mutex};
+
+use crate::exit::ExitSignal;
+use crate::layout;
+use crate::pmem::PmemBus;
+
+use power::{PowerDevice, I8042};
+use serial::SerialDevice;
+
+/// Every device a vCPU exit can reach. Shared by all vCPU threads.
+pub struct Bus {
+    pub serial: Arc<Mutex<SerialDevice>>,
+    i8042: Mutex<I8042>,
+    power: PowerDevice,
+    pmem: PmemBus,
+}
+
+impl Bus {
+    pub fn new(serial: Arc<Mutex<SerialDevice>>, exit: Arc<ExitSignal>, pmem: PmemBus) -> Self {
+        Bus {
+            serial,
+            i8042: Mutex::new(power::i8042(exit.clone())),
+            power: PowerDevice::new(exit),
+            pmem,
+        }
+    }
+
+    /// A guest `in`. Ports nobody decodes read as all ones, like an empty ISA bus.
+    pub fn pio_read(&self, port: u16, data: &mut [u8]) {
+        data.fill(0xff);
+        let Some(first) = data.first_mut() else {
+            return;
+        };
+        match port {
+            p if (layout::COM1_PORT..layout::COM1_PORT + 8).contains(&p) => {
+                *first = lock(&self.serial).read((p - layout::COM1_PORT) as u8);
+            }
+            layout::I8042_DATA_PORT | layout::I8042_COMMAND_PORT => {
+                *first = lock(&self.i8042).read((port - layout::I8042_DATA_PORT) as u8);
+            }
+            p => {
+                if let Some(v) = self.power.read(p) {
+                    *first = v;
+                }
+            }
+        }
+    }
+
+    /// A guest `out`. Writes to ports nobody decodes are dropped.
+    pub fn pio_write(&self, port: u16, data: &[u8]) {
+        let Some(&value) = data.first() else {
+            return;
+        };
+        match port {
+            p if (layout::COM1_PORT..layout::COM1_PORT + 8).contains(&p) => {
+                if let Err(e) = lock(&self.serial).write((p - layout::COM1_PORT) as u8, value) {
+                    log::warn!("serial: {e:?}");
+                }
+            }
+            layout::I8042_DATA_PORT | layout::I8042_COMMAND_PORT => {
+                // The reset trigger cannot fail: it only records the exit reason.
+                let _ = lock(&self.i8042).write((port - layout::I8042_DATA_PORT) as u8, value);
+            }
+            p => self.power.write(p, value),
+        }
+    }
+}
+
+impl Bus {
+    /// A guest MMIO read outside every memslot. Unclaimed addresses read as all ones.
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        if !self.pmem.read(addr, data) {
+            data.fill(0xff);
+        }
+    }
+
+    /// A guest MMIO write outside every memslot, or to a read-only slot.
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) {
+        if !self.pmem.write(addr, data) {
+            log::debug!("unclaimed MMIO write of {} bytes at {addr:#x}", data.len());
+        }
+    }
+}
+
+/// Locks a device mutex; a vCPU that panicked while holding it leaves the device usable.
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

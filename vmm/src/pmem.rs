@@ -1,0 +1,149 @@
+//! The NVDIMMs of a machine: where they go in guest-physical space, and how vCPU exits and
+//! ACPI reach them.
+
+use std::sync::Arc;
+
+use nvdimm::config::PmemConfig;
+use nvdimm::{Nvdimm, NvdimmError, NvdimmParams};
+
+use crate::layout;
+use crate::memory;
+
+/// Memslots 0 and 1 hold RAM; NVDIMM `i` uses slot `FIRST_SLOT + i`.
+const FIRST_SLOT: u32 = 2;
+
+/// The default number of flush hints: the vCPU count rounded up to a power of two, so that
+/// Linux (which uses only a power of two of them) can give every CPU its own.
+pub fn default_hints(cpus: u8) -> u32 {
+    u32::from(cpus)
+        .next_power_of_two()
+        .clamp(1, nvdimm::MAX_HINTS)
+}
+
+/// Where the first NVDIMM goes: 1 GiB-aligned, above RAM and above 4 GiB.
+fn first_base(ram_size: u64) -> u64 {
+    memory::ram_top(ram_size).next_multiple_of(layout::NVDIMM_ALIGN)
+}
+
+/// Where the NVDIMM after one at `base` of `size` bytes goes.
+fn base_after(base: u64, size: u64) -> u64 {
+    (base + size).next_multiple_of(layout::NVDIMM_ALIGN)
+}
+
+/// Opens every `--pmem` device: files checked, locked and mapped, not yet in the VM.
+pub fn open_all(
+    configs: &[PmemConfig],
+    ram_size: u64,
+    cpus: u8,
+    manual_protect: bool,
+) -> Result<Vec<Arc<Nvdimm>>, NvdimmError> {
+    let mut devices: Vec<Arc<Nvdimm>> = Vec::new();
+    let mut next = first_base(ram_size);
+    for (index, cfg) in configs.iter().enumerate() {
+        let params = NvdimmParams {
+            index,
+            slot: FIRST_SLOT + index as u32,
+            guest_base: next,
+            hint_page: layout::FLUSH_HINT_START + index as u64 * layout::FLUSH_HINT_PAGE_SIZE,
+            default_hints: default_hints(cpus),
+            manual_protect,
+        };
+        let dev = Nvdimm::open(cfg, params)?;
+        next = base_after(next, dev.size());
+        devices.push(Arc::new(dev));
+    }
+    Ok(devices)
+}
+
+/// How the NFIT and DSDT describe `devices`.
+pub fn nfit_descs(devices: &[Arc<Nvdimm>]) -> Vec<acpi::NvdimmDesc> {
+    devices
+        .iter()
+        .map(|d| acpi::NvdimmDesc {
+            handle: d.handle(),
+            spa_base: d.guest_base(),
+            size: d.size(),
+            flush_hints: d.hint_addresses(),
+            readonly: d.readonly(),
+            serial_number: d.serial_number(),
+        })
+        .collect()
+}
+
+/// Routes MMIO exits to the NVDIMMs' flush-hint pages, and notices refused writes to
+/// read-only pmem.
+pub struct PmemBus {
+    devices: Vec<Arc<Nvdimm>>,
+}
+
+impl PmemBus {
+    pub fn new(devices: Vec<Arc<Nvdimm>>) -> Self {
+        PmemBus { devices }
+    }
+
+    /// The device whose hint page holds `addr`, and the offset in that page.
+    fn hint_target(&self, addr: u64) -> Option<(&Nvdimm, u64)> {
+        let rel = addr.checked_sub(layout::FLUSH_HINT_START)?;
+        let index = usize::try_from(rel / layout::FLUSH_HINT_PAGE_SIZE).ok()?;
+        let dev = self.devices.get(index)?;
+        Some((dev, rel % layout::FLUSH_HINT_PAGE_SIZE))
+    }
+
+    /// Handles a read; false if no NVDIMM claims `addr`.
+    pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
+        match self.hint_target(addr) {
+            Some((dev, off)) => {
+                dev.mmio_read(off, data);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Handles a write; false if no NVDIMM claims `addr`. A guest flush runs to completion
+    /// here, on the vCPU thread, before the vCPU re-enters the guest.
+    pub fn write(&self, addr: u64, data: &[u8]) -> bool {
+        if let Some((dev, off)) = self.hint_target(addr) {
+            dev.mmio_write(off, data);
+            return true;
+        }
+        if let Some(dev) = self
+            .devices
+            .iter()
+            .find(|d| (d.guest_base()..d.guest_base() + d.size()).contains(&addr))
+        {
+            // Only read-only devices exit on a write to their range: the write is dropped.
+            log::debug!(
+                "dropped a guest write to read-only {} at offset {:#x}",
+                dev.id(),
+                addr - dev.guest_base()
+            );
+            return true;
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_hints_round_up_to_a_power_of_two() {
+        assert_eq!(default_hints(1), 1);
+        assert_eq!(default_hints(2), 2);
+        assert_eq!(default_hints(3), 4);
+        assert_eq!(default_hints(9), 16);
+        assert_eq!(default_hints(200), 16);
+    }
+
+    #[test]
+    fn placement_is_gib_aligned_above_ram_and_4g() {
+        assert_eq!(first_base(512 << 20), 1 << 32);
+        assert_eq!(base_after(1 << 32, 2 << 20), 5 << 30);
+        assert_eq!(base_after(1 << 32, 1 << 30), 5 << 30);
+        // 3 GiB low + 2 GiB high: RAM tops out at 6 GiB.
+        assert_eq!(first_base(5 << 30), 6 << 30);
+        assert_eq!(first_base((5 << 30) + 4096), 7 << 30);
+    }
+}

@@ -1,0 +1,257 @@
+//! vCPU threads: the KVM_RUN loop, exit dispatch, pausing and stopping.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::signal::Killable;
+
+use crate::devices::{lock, Bus};
+use crate::exit::{ExitReason, ExitSignal};
+use crate::signals;
+use crate::x86::paging;
+
+/// Shared by the vCPU threads and whoever pauses, resumes or stops them.
+#[derive(Default)]
+pub struct VcpuControl {
+    stop: AtomicBool,
+    state: Mutex<PauseState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct PauseState {
+    requested: bool,
+    parked: usize,
+}
+
+impl VcpuControl {
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// Holds the calling vCPU while a pause is requested.
+    fn park_if_paused(&self) {
+        let mut st = lock(&self.state);
+        if !st.requested {
+            return;
+        }
+        st.parked += 1;
+        self.changed.notify_all();
+        while st.requested && !self.stopping() {
+            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        st.parked -= 1;
+        self.changed.notify_all();
+    }
+}
+
+/// One vCPU, ready to run on its own thread.
+pub struct Vcpu {
+    pub id: u8,
+    pub fd: VcpuFd,
+    pub bus: Arc<Bus>,
+    pub exit: Arc<ExitSignal>,
+    pub control: Arc<VcpuControl>,
+    pub mem: GuestMemoryMmap,
+}
+
+impl Vcpu {
+    /// Runs until the VM stops or this vCPU hits something fatal.
+    pub fn run(mut self) {
+        while !self.control.stopping() {
+            self.control.park_if_paused();
+            if self.control.stopping() {
+                break;
+            }
+            if let Some(reason) = self.run_once() {
+                self.exit.request(reason);
+                break;
+            }
+        }
+    }
+
+    /// One KVM_RUN and its exit. Returns why the VM must stop, if it must.
+    fn run_once(&mut self) -> Option<ExitReason> {
+        let bus = &self.bus;
+        match self.fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => bus.pio_read(port, data),
+            Ok(VcpuExit::IoOut(port, data)) => bus.pio_write(port, data),
+            Ok(VcpuExit::MmioRead(addr, data)) => bus.mmio_read(addr, data),
+            Ok(VcpuExit::MmioWrite(addr, data)) => bus.mmio_write(addr, data),
+            Ok(VcpuExit::Hlt) => std::thread::sleep(Duration::from_millis(1)),
+            Ok(VcpuExit::Shutdown) => {
+                return Some(self.fatal("triple fault (KVM_EXIT_SHUTDOWN)".into()))
+            }
+            Ok(VcpuExit::InternalError) => {
+                let what = self.internal_error();
+                return Some(self.fatal(what));
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                return Some(self.fatal(format!(
+                    "KVM_EXIT_FAIL_ENTRY hardware reason {reason:#x} on host CPU {cpu}"
+                )))
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                return Some(match kind {
+                    KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::PowerOff,
+                    KVM_SYSTEM_EVENT_RESET => ExitReason::Reboot,
+                    KVM_SYSTEM_EVENT_CRASH => {
+                        self.fatal("guest crash (KVM_SYSTEM_EVENT_CRASH)".into())
+                    }
+                    k => self.fatal(format!("unknown KVM system event {k}")),
+                })
+            }
+            Ok(other) => {
+                let what = format!("unexpected KVM exit {other:?}");
+                return Some(self.fatal(what));
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.fd.set_kvm_immediate_exit(0);
+            }
+            Err(e) => return Some(self.fatal(format!("KVM_RUN failed: {e}"))),
+        }
+        None
+    }
+
+    fn internal_error(&mut self) -> String {
+        // SAFETY: KVM_RUN just returned KVM_EXIT_INTERNAL_ERROR, so `internal` is the union
+        // member KVM filled in.
+        let internal = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal };
+        let name = match internal.suberror {
+            1 => " (emulation failure)",
+            2 => " (simultaneous exception)",
+            3 => " (delivery event)",
+            4 => " (unexpected exit reason)",
+            _ => "",
+        };
+        format!(
+            "KVM_EXIT_INTERNAL_ERROR suberror {}{name}",
+            internal.suberror
+        )
+    }
+
+    /// Names a fatal exit with the vCPU, RIP and the instruction bytes there.
+    fn fatal(&self, what: String) -> ExitReason {
+        let mut line = format!("vCPU {}: {what}", self.id);
+        if let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) {
+            let paging = sregs.cr0 & (1 << 31) != 0;
+            let bytes = paging::instruction_bytes(&self.mem, sregs.cr3, paging, regs.rip);
+            let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            line.push_str(&format!(
+                " at RIP {:#x}, instruction bytes [{}]",
+                regs.rip,
+                hex.join(" ")
+            ));
+        }
+        ExitReason::Fatal(line)
+    }
+}
+
+/// The running vCPU threads.
+pub struct VcpuThreads {
+    handles: Mutex<Vec<JoinHandle<()>>>,
+    control: Arc<VcpuControl>,
+}
+
+/// How long pause waits for every vCPU to leave KVM_RUN.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+const KICK_INTERVAL: Duration = Duration::from_millis(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("cannot start vCPU thread {0}")]
+    Spawn(u8, #[source] std::io::Error),
+    #[error("{parked} of {total} vCPUs paused within {PAUSE_TIMEOUT:?}")]
+    PauseTimeout { parked: usize, total: usize },
+}
+
+impl VcpuThreads {
+    pub fn spawn(vcpus: Vec<Vcpu>, control: Arc<VcpuControl>) -> Result<Self, VcpuError> {
+        let mut handles = Vec::new();
+        for v in vcpus {
+            let id = v.id;
+            let h = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || v.run())
+                .map_err(|e| VcpuError::Spawn(id, e))?;
+            handles.push(h);
+        }
+        Ok(VcpuThreads {
+            handles: Mutex::new(handles),
+            control,
+        })
+    }
+
+    fn kick_all(&self) {
+        for h in lock(&self.handles).iter() {
+            if !h.is_finished() {
+                // A thread that already left ignores the signal; ESRCH is harmless.
+                let _ = h.kill(signals::vcpu_kick_signal());
+            }
+        }
+    }
+
+    /// Takes every vCPU out of KVM_RUN and holds it. A vCPU in the middle of a guest flush
+    /// finishes the flush first.
+    pub fn pause(&self) -> Result<(), VcpuError> {
+        lock(&self.control.state).requested = true;
+        let result = self.wait_parked();
+        if result.is_err() {
+            self.resume();
+        }
+        result
+    }
+
+    fn wait_parked(&self) -> Result<(), VcpuError> {
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        loop {
+            let live = lock(&self.handles)
+                .iter()
+                .filter(|h| !h.is_finished())
+                .count();
+            let parked = lock(&self.control.state).parked;
+            if parked >= live {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(VcpuError::PauseTimeout {
+                    parked,
+                    total: live,
+                });
+            }
+            // Resent until acknowledged: a kick that lands just before KVM_RUN is lost.
+            self.kick_all();
+            std::thread::sleep(KICK_INTERVAL);
+        }
+    }
+
+    pub fn resume(&self) {
+        let mut st = lock(&self.control.state);
+        st.requested = false;
+        self.control.changed.notify_all();
+    }
+
+    /// Stops and joins every vCPU thread. A vCPU in the middle of a guest flush finishes it.
+    pub fn stop(&self) {
+        {
+            // Under the lock, so a vCPU about to park cannot miss the wake-up.
+            let _st = lock(&self.control.state);
+            self.control.stop.store(true, Ordering::Release);
+            self.control.changed.notify_all();
+        }
+        while lock(&self.handles).iter().any(|h| !h.is_finished()) {
+            self.kick_all();
+            std::thread::sleep(KICK_INTERVAL);
+        }
+        for h in lock(&self.handles).drain(..) {
+            if h.join().is_err() {
+                log::error!("a vCPU thread panicked");
+            }
+        }
+    }
+}

@@ -1,0 +1,388 @@
+//! Building the KVM machine and running it until it stops.
+
+use std::fs::File;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::terminal::Terminal;
+
+use std::time::Instant;
+
+use crate::api::server::{ApiServer, ServerError};
+use crate::boot::{self, BootError};
+use crate::control::MachineControl;
+use crate::devices::{serial, Bus};
+use crate::exit::{ExitReason, ExitSignal};
+use crate::layout;
+use crate::machine::{MachineConfig, SerialTarget};
+use crate::memory;
+use crate::platform::{self, PlatformError};
+use crate::pmem::{self, PmemBus};
+use crate::signals::{self, StopSignals};
+use crate::vcpu::{Vcpu, VcpuControl, VcpuError, VcpuThreads};
+use crate::x86::{cpuid, regs, regs::RegsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open {path}: no such device; is KVM enabled on this host (kvm_intel or kvm_amd loaded)?")]
+    NoKvm { path: PathBuf },
+    #[error("cannot open {path}: permission denied; add your user to the group owning it (usually `kvm`) or run as root")]
+    KvmDenied { path: PathBuf },
+    #[error("cannot open {path}")]
+    KvmOpen {
+        path: PathBuf,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("KVM API version {0} is not the expected 12")]
+    KvmVersion(i32),
+    #[error("KVM on this host lacks {0}, which pmvm needs")]
+    KvmCap(&'static str),
+    #[error("--cpus {wanted}: KVM on this host allows at most {max} vCPUs")]
+    TooManyCpus { wanted: u8, max: usize },
+    #[error("KVM refused to {what}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot allocate {size} bytes of guest RAM")]
+    GuestMemory {
+        size: u64,
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    #[error("cannot write the ACPI tables into guest memory")]
+    AcpiWrite(#[source] vm_memory::GuestMemoryError),
+    #[error(transparent)]
+    Platform(#[from] PlatformError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error("cannot set up vCPU {0}")]
+    Regs(u8, #[source] RegsError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("--serial file={path}: cannot create")]
+    SerialFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot set up {what}")]
+    Host {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no --kernel given")]
+    NoKernel,
+    #[error(transparent)]
+    Pmem(nvdimm::NvdimmError),
+    #[error("cannot set up dirty logging for --pmem")]
+    DirtyLog(#[source] nvdimm::dirty::DirtyError),
+    #[error("--api-sock")]
+    Api(#[source] ServerError),
+}
+
+fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+fn host_err(what: &'static str) -> impl Fn(std::io::Error) -> VmError {
+    move |source| VmError::Host { what, source }
+}
+
+/// Opens the KVM device, mapping the usual failures to advice.
+pub fn open_kvm(path: &std::path::Path) -> Result<Kvm, VmError> {
+    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
+        VmError::NoKvm {
+            path: path.to_path_buf(),
+        }
+    })?;
+    let kvm = Kvm::new_with_path(&cpath).map_err(|source| match source.errno() {
+        libc::ENOENT | libc::ENODEV | libc::ENXIO => VmError::NoKvm {
+            path: path.to_path_buf(),
+        },
+        libc::EACCES | libc::EPERM => VmError::KvmDenied {
+            path: path.to_path_buf(),
+        },
+        _ => VmError::KvmOpen {
+            path: path.to_path_buf(),
+            source,
+        },
+    })?;
+    let version = kvm.get_api_version();
+    if version != 12 {
+        return Err(VmError::KvmVersion(version));
+    }
+    for (cap, name) in [
+        (Cap::Irqchip, "an in-kernel irqchip"),
+        (Cap::Irqfd, "irqfd"),
+        (Cap::UserMemory, "user memory"),
+        (Cap::SetTssAddr, "KVM_SET_TSS_ADDR"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(VmError::KvmCap(name));
+        }
+    }
+    Ok(kvm)
+}
+
+/// Creates the VM with its TSS, in-kernel irqchip and PIT, in the order KVM requires.
+fn create_vm(kvm: &Kvm, cpus: u8) -> Result<VmFd, VmError> {
+    let max = kvm.get_max_vcpus();
+    if usize::from(cpus) > max {
+        return Err(VmError::TooManyCpus { wanted: cpus, max });
+    }
+    let vm = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+    vm.set_tss_address(layout::KVM_TSS_START as usize)
+        .map_err(kvm_err("set the TSS address"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("create the irqchip"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
+    Ok(vm)
+}
+
+fn create_guest_memory(vm: &VmFd, size: u64) -> Result<GuestMemoryMmap, VmError> {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&memory::ram_ranges(size))
+        .map_err(|source| VmError::GuestMemory { size, source })?;
+    for (slot, region) in mem.iter().enumerate() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|_| VmError::KvmCap("host addresses for guest RAM"))?;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mapping of `memory_size` bytes owned by `mem`, which
+        // the caller keeps alive until the VM is dropped (it is moved into the vCPUs and
+        // `Machine`, both dropped before the VmFd's last reference).
+        unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("register guest RAM"))?;
+    }
+    Ok(mem)
+}
+
+fn serial_output(target: &SerialTarget) -> Result<Box<dyn std::io::Write + Send>, VmError> {
+    Ok(match target {
+        SerialTarget::Stdio => Box::new(std::io::stdout()),
+        SerialTarget::File(path) => {
+            Box::new(File::create(path).map_err(|source| VmError::SerialFile {
+                path: path.clone(),
+                source,
+            })?)
+        }
+    })
+}
+
+/// Wakes the main loop for a stop request or a stop signal.
+struct StopWatcher {
+    exit: Arc<ExitSignal>,
+    signals: StopSignals,
+}
+
+impl MutEventSubscriber for StopWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        let evt = Events::new(self.exit.eventfd(), EventSet::IN);
+        let sig = Events::new(&self.signals, EventSet::IN);
+        if let Err(e) = ops.add(evt).and_then(|_| ops.add(sig)) {
+            log::error!("cannot watch for stop requests: {e:?}");
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.fd() == self.exit.eventfd().as_raw_fd() {
+            let _ = self.exit.eventfd().read();
+        } else if let Some(sig) = self.signals.read() {
+            self.exit.request(ExitReason::Signal(sig));
+        }
+    }
+}
+
+use std::os::fd::AsRawFd;
+
+/// Restores the terminal's canonical mode when the VM ends.
+struct RawTerminal;
+
+impl RawTerminal {
+    fn enter() -> Option<Self> {
+        let stdin = std::io::stdin();
+        (stdin.is_terminal() && stdin.lock().set_raw_mode().is_ok()).then_some(RawTerminal)
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        let _ = std::io::stdin().lock().set_canon_mode();
+    }
+}
+
+/// True when stdin can feed the serial port: a terminal or a pipe (epoll refuses files).
+fn stdin_is_feedable() -> bool {
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        return true;
+    }
+    std::fs::metadata("/proc/self/fd/0")
+        .map(|m| std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type()))
+        .unwrap_or(false)
+}
+
+/// Builds the machine from `config`, runs it, and returns pmvm's exit status.
+pub fn run(config: &MachineConfig, opts: &RunOptions) -> Result<u8, VmError> {
+    let (kernel, format) = config.kernel.clone().ok_or(VmError::NoKernel)?;
+    let stop_signals = StopSignals::install().map_err(host_err("signal handling"))?;
+    signals::install_kick_handler().map_err(host_err("the vCPU kick signal"))?;
+
+    let kvm = open_kvm(&opts.kvm_device)?;
+    let vm = Arc::new(create_vm(&kvm, config.cpus)?);
+    let mem = create_guest_memory(&vm, config.memory)?;
+
+    // Manual dirty-log protection must be on before the first logged memslot exists.
+    let manual_protect =
+        !config.pmem.is_empty() && nvdimm::enable_manual_protect(&vm).map_err(VmError::DirtyLog)?;
+    let pmem_devices = pmem::open_all(&config.pmem, config.memory, config.cpus, manual_protect)
+        .map_err(VmError::Pmem)?;
+    for d in &pmem_devices {
+        d.attach(&vm).map_err(VmError::Pmem)?;
+    }
+
+    let desc = platform::describe(config, pmem::nfit_descs(&pmem_devices));
+    let tables = platform::tables(&desc)?;
+    for t in tables.iter() {
+        mem.write_slice(&t.bytes, GuestAddress(t.addr))
+            .map_err(VmError::AcpiWrite)?;
+    }
+    regs::write_boot_tables(&mem).map_err(|e| VmError::Regs(0, e))?;
+    let entry = boot::load(
+        &mem,
+        config.memory,
+        &kernel,
+        format,
+        config.initrd.as_deref(),
+        &config.cmdline,
+    )?;
+
+    let exit = Arc::new(ExitSignal::new().map_err(host_err("the exit event"))?);
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(host_err("the serial interrupt"))?;
+    vm.register_irqfd(&serial_irq, layout::COM1_GSI)
+        .map_err(kvm_err("route the serial interrupt"))?;
+    let (serial_dev, serial_ready) = serial::new(serial_irq, serial_output(&config.serial)?)
+        .map_err(host_err("the serial port"))?;
+    let serial_dev = Arc::new(Mutex::new(serial_dev));
+    let bus = Arc::new(Bus::new(
+        serial_dev.clone(),
+        exit.clone(),
+        PmemBus::new(pmem_devices.clone()),
+    ));
+
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("report its supported CPUID"))?;
+    let control = Arc::new(VcpuControl::default());
+    let mut vcpus = Vec::new();
+    for id in 0..config.cpus {
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(kvm_err("create a vCPU"))?;
+        let mut cpuid = supported.clone();
+        cpuid::patch(&mut cpuid, id, config.cpus);
+        fd.set_cpuid2(&cpuid)
+            .map_err(kvm_err("set the vCPU's CPUID"))?;
+        let setup = || -> Result<(), RegsError> {
+            regs::setup_msrs(&fd)?;
+            regs::setup_long_mode(&fd, entry.0)?;
+            regs::setup_fpu(&fd)?;
+            regs::setup_lapic(&fd)
+        };
+        setup().map_err(|e| VmError::Regs(id, e))?;
+        vcpus.push(Vcpu {
+            id,
+            fd,
+            bus: bus.clone(),
+            exit: exit.clone(),
+            control: control.clone(),
+            mem: mem.clone(),
+        });
+    }
+
+    let mut em = EventManager::<Box<dyn MutEventSubscriber + Send>>::new()
+        .map_err(|e| host_err("the event loop")(std::io::Error::other(format!("{e:?}"))))?;
+    em.add_subscriber(Box::new(StopWatcher {
+        exit: exit.clone(),
+        signals: stop_signals,
+    }));
+    let raw_terminal = RawTerminal::enter();
+    if stdin_is_feedable() {
+        em.add_subscriber(Box::new(serial::SerialInput::new(
+            serial_dev,
+            std::io::stdin(),
+            serial_ready,
+        )));
+    }
+
+    let threads = Arc::new(VcpuThreads::spawn(vcpus, control)?);
+    let api = match &opts.api_sock {
+        Some(path) => {
+            let ctl = Arc::new(MachineControl {
+                started: Instant::now(),
+                vcpus: u32::from(config.cpus),
+                memory: config.memory,
+                kernel: kernel.display().to_string(),
+                cmdline: config.cmdline.clone(),
+                pmem: pmem_devices.clone(),
+                threads: threads.clone(),
+                exit: exit.clone(),
+                paused: Mutex::new(false),
+            });
+            match ApiServer::start(path, ctl) {
+                Ok(server) => Some(server),
+                Err(e) => {
+                    threads.stop();
+                    return Err(VmError::Api(e));
+                }
+            }
+        }
+        None => None,
+    };
+
+    while exit.reason().is_none() {
+        if let Err(e) = em.run() {
+            log::error!("event loop: {e:?}");
+        }
+    }
+    if let Some(server) = api {
+        server.stop();
+    }
+    threads.stop();
+    drop(raw_terminal);
+
+    let reason = exit.reason().unwrap_or(ExitReason::Shutdown);
+    if let ExitReason::Fatal(msg) = &reason {
+        eprintln!("pmvm: {msg}");
+    }
+    for d in &pmem_devices {
+        eprintln!("pmvm: {}", d.summary_line());
+    }
+    Ok(reason.exit_code())
+}
+
+/// Options of a run that are not part of the machine.
+pub struct RunOptions {
+    pub kvm_device: PathBuf,
+    pub api_sock: Option<PathBuf>,
+}

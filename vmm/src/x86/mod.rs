@@ -1,0 +1,5 @@
+//! x86-64 vCPU state at boot: CPUID, MSRs, registers, page tables, FPU and local APIC.
+
+pub mod cpuid;
+pub mod paging;
+pub mod regs;
