@@ -1,7 +1,7 @@
 //! The NFIT: per NVDIMM an SPA range, a region mapping, a control region and flush hints.
 //!
 //! acpi_tables has no NFIT type, so the table is an `Sdt` (36-byte header plus 4 reserved
-//! bytes) with these packed sub-structures appended. Field names follow ACPI 6.5 §5.2.26.
+//! bytes) with these packed sub-structures appended. Field names follow the ACPI spec.
 
 use acpi_tables::sdt::Sdt;
 use zerocopy::{
