@@ -49,6 +49,20 @@ pub struct MachineArgs {
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub cpus: u32,
 
+    /// Hide (-NAME) or show (+NAME) CPU features in the guest's CPUID, by their
+    /// /proc/cpuinfo names, e.g. `-popcnt,-smap,-fsgsbase`.
+    #[arg(
+        long,
+        value_name = "-NAME,+NAME,...",
+        default_value = "",
+        allow_hyphen_values = true
+    )]
+    pub cpu_features: String,
+
+    /// The CPU vendor the guest sees: intel, amd, or host (KVM's).
+    #[arg(long, value_name = "intel|amd|host", default_value = "host")]
+    pub cpu_vendor: String,
+
     /// Where the guest's serial console goes: `stdio`, or `file=PATH`.
     #[arg(long, value_name = "stdio|file=PATH", default_value = "stdio")]
     pub serial: String,

@@ -8,6 +8,7 @@ use nvdimm::config::PmemConfig;
 
 use crate::cli::MachineArgs;
 use crate::layout;
+use crate::x86::cpu_model::{CpuModel, CpuModelError};
 
 /// Smallest guest RAM pmvm accepts: a Linux kernel needs at least this much to boot.
 pub const MIN_MEMORY: u64 = 64 << 20;
@@ -38,6 +39,7 @@ pub struct MachineConfig {
     pub cpus: u8,
     pub serial: SerialTarget,
     pub pmem: Vec<PmemConfig>,
+    pub cpu_model: CpuModel,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +76,8 @@ pub enum ConfigError {
     },
     #[error(transparent)]
     PmemSet(#[from] nvdimm::NvdimmError),
+    #[error(transparent)]
+    CpuModel(#[from] CpuModelError),
     #[error("--cmdline is {len} bytes; the limit is {max}")]
     CmdlineTooLong { len: usize, max: usize },
 }
@@ -115,6 +119,7 @@ impl MachineConfig {
             })
             .collect::<Result<Vec<_>, _>>()?;
         nvdimm::config::validate_set(&pmem)?;
+        let cpu_model = CpuModel::parse(&args.cpu_features, &args.cpu_vendor)?;
         Ok(MachineConfig {
             kernel,
             initrd: args.initrd.clone(),
@@ -123,6 +128,7 @@ impl MachineConfig {
             cpus,
             serial,
             pmem,
+            cpu_model,
         })
     }
 }

@@ -301,6 +301,7 @@ pub fn run(config: &MachineConfig, opts: &RunOptions) -> Result<u8, VmError> {
             .map_err(kvm_err("create a vCPU"))?;
         let mut cpuid = supported.clone();
         cpuid::patch(&mut cpuid, id, config.cpus);
+        config.cpu_model.apply(&mut cpuid);
         fd.set_cpuid2(&cpuid)
             .map_err(kvm_err("set the vCPU's CPUID"))?;
         let setup = || -> Result<(), RegsError> {
