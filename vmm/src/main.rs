@@ -90,12 +90,6 @@ fn run_machine(args: &cli::MachineArgs) -> ExitCode {
 
 /// Prints an error and its causes on one line, the way users read it: "what: why: why".
 fn fail(err: &dyn std::error::Error) -> ExitCode {
-    let mut line = format!("pmvm: {err}");
-    let mut cause = err.source();
-    while let Some(c) = cause {
-        line.push_str(&format!(": {c}"));
-        cause = c.source();
-    }
-    eprintln!("{line}");
+    eprintln!("pmvm: {}", api::error_chain(err));
     ExitCode::FAILURE
 }
