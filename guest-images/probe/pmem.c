@@ -88,6 +88,15 @@ static u64 first_mismatch(u64 addr, u64 len, u8 byte)
 	for (; i < len && ((addr + i) & 7); i++)
 		if (p[i] != byte)
 			return i;
+	/* Eight words per test: the emulator's cost is per instruction. */
+	for (; i + 64 <= len; i += 64) {
+		volatile const u64 *q = (volatile const u64 *)(p + i);
+		u64 diff = (q[0] ^ pattern) | (q[1] ^ pattern) | (q[2] ^ pattern) |
+			   (q[3] ^ pattern) | (q[4] ^ pattern) | (q[5] ^ pattern) |
+			   (q[6] ^ pattern) | (q[7] ^ pattern);
+		if (diff)
+			break;
+	}
 	for (; i + 8 <= len; i += 8)
 		if (*(volatile const u64 *)(p + i) != pattern)
 			break;
