@@ -62,6 +62,43 @@ fn mark_and_poweroff_exit_zero() {
 }
 
 #[test]
+fn i8042_reset_ends_pmvm_with_zero() {
+    if !kvm_or_skip("i8042 reset") {
+        return;
+    }
+    let mut vm = probe("reboot mark NEVER", &[]);
+    let (status, stderr) = vm.wait_exit(BOOT).unwrap();
+    assert_eq!(status.code(), Some(0), "{}", vm.transcript());
+    assert!(vm.lines().iter().any(|l| l == "probe: reboot"));
+    assert!(!vm.lines().iter().any(|l| l.contains("NEVER")));
+    assert!(!stderr.contains("pmvm: vCPU"), "{stderr}");
+}
+
+#[test]
+fn stdin_reaches_the_guest_serial_port() {
+    if !kvm_or_skip("serial input") {
+        return;
+    }
+    let args = [
+        "--kernel".to_string(),
+        probe_elf().display().to_string(),
+        "--cmdline".into(),
+        "console=ttyS0 -- readline readline poweroff".into(),
+    ];
+    let mut vm = Pmvm::spawn_with_input(&pmvm(), &args);
+    vm.wait_for("probe: reading", BOOT).unwrap();
+    // More than the 16550's 64-byte FIFO at once: pmvm must hold the rest, not drop it.
+    let long: String = (0..100)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    vm.send(format!("hello pmvm\n{long}\n").as_bytes()).unwrap();
+    vm.wait_for("probe: read hello pmvm", BOOT).unwrap();
+    vm.wait_for(&format!("probe: read {long}"), BOOT).unwrap();
+    let (status, _) = vm.wait_exit(BOOT).unwrap();
+    assert_eq!(status.code(), Some(0), "{}", vm.transcript());
+}
+
+#[test]
 fn serial_can_go_to_a_file() {
     if !kvm_or_skip("serial file") {
         return;

@@ -7,6 +7,7 @@
 #define UART_LCR 3
 #define UART_LSR 5
 #define LSR_THR_EMPTY 0x20
+#define LSR_DATA_READY 0x01
 #define LCR_8N1 0x03
 /* A UART that never reports an empty transmitter must not hang the probe. */
 #define THR_POLL_LIMIT 100000
@@ -82,4 +83,12 @@ void error_begin(const char *s)
 	line_begin();
 	out_str("error ");
 	out_str(s);
+}
+
+/* Waits for one received byte: the host feeds its stdin to COM1. */
+u8 in_char(void)
+{
+	while (!(inb(COM1 + UART_LSR) & LSR_DATA_READY))
+		cpu_relax_barrier();
+	return inb(COM1);
 }

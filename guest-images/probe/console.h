@@ -20,4 +20,7 @@ void say(const char *s);
 /* "probe: error <s>" without the line end, so details can follow. */
 void error_begin(const char *s);
 
+/* One byte from COM1's receiver, waiting for it. */
+u8 in_char(void);
+
 #endif

@@ -191,6 +191,39 @@ static int w_emufail(struct cursor *c)
 	return 0;
 }
 
+/* Longest line readline keeps; the rest of a longer line is read and dropped. */
+#define READLINE_MAX 120
+
+static int w_readline(struct cursor *c)
+{
+	char buf[READLINE_MAX];
+	usize n = 0;
+	(void)c;
+	say("reading");
+	for (;;) {
+		u8 ch = in_char();
+		if (ch == '\n' || ch == '\r')
+			break;
+		if (n < READLINE_MAX)
+			buf[n++] = (char)ch;
+	}
+	line_begin();
+	out_str("read ");
+	out_strn(buf, n);
+	line_end();
+	return 0;
+}
+
+/* Pulses the CPU reset line through the keyboard controller, as Linux's reboot=k does. */
+static int w_reboot(struct cursor *c)
+{
+	(void)c;
+	say("reboot");
+	outb(0x64, 0xfe);
+	say("error reboot: the machine did not reset");
+	return -1;
+}
+
 static const struct {
 	const char *name;
 	int (*run)(struct cursor *c);
@@ -208,6 +241,8 @@ static const struct {
 	{"counter", w_counter},
 	{"triplefault", w_triplefault},
 	{"emufail", w_emufail},
+	{"readline", w_readline},
+	{"reboot", w_reboot},
 };
 
 int run_words(const struct word_list *list)

@@ -103,6 +103,8 @@ impl Log {
 /// stderr are printed so the failure can be read without rerunning.
 pub struct Pmvm {
     child: Child,
+    /// The guest's console input, when started with `spawn_with_input`.
+    stdin: Option<std::process::ChildStdin>,
     stdout: Arc<Log>,
     stderr: Arc<Log>,
     readers: Vec<std::thread::JoinHandle<()>>,
@@ -112,9 +114,30 @@ pub struct Pmvm {
 impl Pmvm {
     /// Starts `bin` with `args`; stdin is /dev/null.
     pub fn spawn<S: AsRef<std::ffi::OsStr>>(bin: &Path, args: &[S]) -> Pmvm {
+        Self::start(bin, args, false)
+    }
+
+    /// Starts `bin` with `args` and a pipe on stdin, which pmvm feeds to the guest's serial
+    /// port: write to it with `send`.
+    pub fn spawn_with_input<S: AsRef<std::ffi::OsStr>>(bin: &Path, args: &[S]) -> Pmvm {
+        Self::start(bin, args, true)
+    }
+
+    /// Types `bytes` at the guest's console.
+    pub fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("pmvm was started without an input pipe"))?;
+        stdin.write_all(bytes)?;
+        stdin.flush()
+    }
+
+    fn start<S: AsRef<std::ffi::OsStr>>(bin: &Path, args: &[S], input: bool) -> Pmvm {
         let mut child = Command::new(bin)
             .args(args)
-            .stdin(Stdio::null())
+            .stdin(if input { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -126,6 +149,7 @@ impl Pmvm {
             stderr.collect(child.stderr.take().expect("piped stderr")),
         ];
         Pmvm {
+            stdin: child.stdin.take(),
             child,
             stdout,
             stderr,

@@ -7,6 +7,7 @@ mod control;
 mod devices;
 mod exit;
 mod layout;
+mod logger;
 mod machine;
 mod memory;
 mod platform;
@@ -22,6 +23,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
+    logger::init();
     match cli.command {
         None => run_machine(&cli.machine),
         Some(cmd) => run_client(cmd),

@@ -213,7 +213,7 @@ impl MutEventSubscriber for StopWatcher {
     }
 }
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 
 /// Restores the terminal's canonical mode when the VM ends.
 struct RawTerminal;
@@ -329,9 +329,16 @@ pub fn run(config: &MachineConfig, opts: &RunOptions) -> Result<u8, VmError> {
     }));
     let raw_terminal = RawTerminal::enter();
     if stdin_is_feedable() {
+        // A File on a duplicate of fd 0, not std's Stdin: Stdin buffers, and bytes in its
+        // buffer would never wake epoll again.
+        let input = std::io::stdin()
+            .as_fd()
+            .try_clone_to_owned()
+            .map(File::from)
+            .map_err(host_err("the serial input"))?;
         em.add_subscriber(Box::new(serial::SerialInput::new(
             serial_dev,
-            std::io::stdin(),
+            input,
             serial_ready,
         )));
     }
