@@ -201,6 +201,28 @@ fn sigterm_stops_cleanly() {
 }
 
 #[test]
+fn sigterm_writes_back_what_the_guest_left_dirty() {
+    if !kvm_or_skip("sigterm writeback") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("pmem0.img");
+    let pmem = format!("path={},size=2M", img.display());
+    let mut vm = probe("write 0 0x3000 0x1000 0x5a wait", &["--pmem", &pmem]);
+    vm.wait_for("probe: waiting", BOOT).unwrap();
+    vm.signal(libc::SIGTERM);
+    let (status, stderr) = vm.wait_exit(Duration::from_secs(10)).unwrap();
+    assert_eq!(status.code(), Some(0), "{}", vm.transcript());
+    // No guest flush, one host flush of the one page the guest wrote.
+    assert!(
+        stderr.contains("pmem0: 0 flushes (0 empty) + 1 host flushes, 1 pages in 1 runs"),
+        "{stderr}"
+    );
+    let bytes = std::fs::read(&img).unwrap();
+    assert!(bytes[0x3000..0x4000].iter().all(|&b| b == 0x5a));
+}
+
+#[test]
 fn sighup_is_ignored() {
     if !kvm_or_skip("sighup") {
         return;

@@ -20,6 +20,12 @@ pub enum ExitReason {
 }
 
 impl ExitReason {
+    /// Whether pmvm writes back what the guest left dirty before exiting: when the host
+    /// stopped an orderly guest. A guest that powered off or rebooted flushed what it meant to.
+    pub fn writes_back(&self) -> bool {
+        matches!(self, ExitReason::Shutdown | ExitReason::Signal(_))
+    }
+
     /// pmvm's exit status: 0 for every orderly stop, 1 when the guest died.
     pub fn exit_code(&self) -> u8 {
         match self {
@@ -82,5 +88,9 @@ mod tests {
         assert_eq!(s.eventfd().read().unwrap(), 2);
         assert_eq!(ExitReason::Fatal("x".into()).exit_code(), 1);
         assert_eq!(ExitReason::Reboot.exit_code(), 0);
+        assert!(ExitReason::Signal(15).writes_back());
+        assert!(ExitReason::Shutdown.writes_back());
+        assert!(!ExitReason::PowerOff.writes_back());
+        assert!(!ExitReason::Fatal("x".into()).writes_back());
     }
 }

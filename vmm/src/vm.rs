@@ -383,10 +383,22 @@ pub fn run(config: &MachineConfig, opts: &RunOptions) -> Result<u8, VmError> {
     if let ExitReason::Fatal(msg) = &reason {
         eprintln!("pmvm: {msg}");
     }
+    if reason.writes_back() {
+        final_writeback(&pmem_devices);
+    }
     for d in &pmem_devices {
         eprintln!("pmvm: {}", d.summary_line());
     }
     Ok(reason.exit_code())
+}
+
+/// Makes what the guest left unflushed durable, when the host (not the guest) stopped the VM.
+fn final_writeback(devices: &[Arc<nvdimm::Nvdimm>]) {
+    for d in devices.iter().filter(|d| !d.readonly()) {
+        if let Err(e) = d.host_flush() {
+            log::error!("final writeback: {}", crate::api::error_chain(&e));
+        }
+    }
 }
 
 /// Options of a run that are not part of the machine.
