@@ -382,6 +382,9 @@ fn guest_flushes_on_two_devices_are_counted_exactly_and_host_flush_reports_pages
         "pmvm_pmem_host_flushes_total{id=\"pmem1\"} 0",
         "pmvm_pmem_empty_flushes_total{id=\"pmem1\"} 1",
         "pmvm_pmem_pages_written_total{id=\"pmem0\"} 3",
+        "pmvm_pmem_writebacks_total{id=\"pmem0\"} 3",
+        "pmvm_pmem_writebacks_total{id=\"pmem1\"} 2",
+        "pmvm_pmem_writeback_errors_total{id=\"pmem0\"} 0",
         "pmvm_vm_state{state=\"running\"} 1",
     ] {
         assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");

@@ -69,7 +69,7 @@ pub fn render_metrics(vm: &VmInfo, devices: &[PmemInfo]) -> String {
         "1 if the guest cannot write the device.",
         |d| Some(u64::from(d.readonly).to_string()),
     );
-    let counters: [StatField; 7] = [
+    let counters: [StatField; 10] = [
         (
             "pmvm_pmem_flushes_total",
             "Guest flushes: 8-byte writes to a flush hint.",
@@ -104,6 +104,21 @@ pub fn render_metrics(vm: &VmInfo, devices: &[PmemInfo]) -> String {
             "pmvm_pmem_bad_width_writes_total",
             "Flush-hint writes not 8 bytes wide, ignored.",
             |s| s.bad_width_writes,
+        ),
+        (
+            "pmvm_pmem_outside_writes_total",
+            "Writes to the flush-hint page that hit no hint, ignored.",
+            |s| s.outside_writes,
+        ),
+        (
+            "pmvm_pmem_writebacks_total",
+            "Harvest-and-writeback rounds, empty ones included; flushes that meet share one.",
+            |s| s.writebacks,
+        ),
+        (
+            "pmvm_pmem_writeback_errors_total",
+            "Writebacks that failed; their pages stay pending for the next flush.",
+            |s| s.errors,
         ),
     ];
     for (name, help, get) in counters {
@@ -326,6 +341,29 @@ mod tests {
             }
         }
         assert!(declared.len() > 15);
+    }
+
+    #[test]
+    fn every_stats_counter_is_exported() {
+        let mut devices = sample_devices();
+        let s = &mut devices[0].stats;
+        s.outside_writes = 4;
+        s.writebacks = 9;
+        s.errors = 2;
+        let fake = FakeVmm::new();
+        let text = render_metrics(&fake.vm_info(), &devices);
+        for line in [
+            "pmvm_pmem_outside_writes_total{id=\"pmem0\"} 4",
+            "pmvm_pmem_writebacks_total{id=\"pmem0\"} 9",
+            "pmvm_pmem_writeback_errors_total{id=\"pmem0\"} 2",
+            "pmvm_pmem_writeback_errors_total{id=\"pmem1\"} 0",
+            "# TYPE pmvm_pmem_writeback_errors_total counter",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
     }
 
     #[test]
