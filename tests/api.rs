@@ -898,3 +898,56 @@ fn guest_and_host_flushes_racing_on_one_device_are_all_counted() {
     assert_eq!(read_file_range(&g.file(0), 0, 1), [(ROUNDS & 0xff) as u8]);
     g.shutdown();
 }
+
+#[test]
+fn pausing_and_resuming_during_guest_flushes_loses_none() {
+    if !kvm_or_skip("api pause during flushes") {
+        return;
+    }
+    const ROUNDS: u64 = 300;
+    let (dir, sock) = fresh_dir();
+    let mut g = boot_in(
+        dir,
+        sock,
+        &format!("readline flushes 0 {ROUNDS} mark FLUSHED counter"),
+        &["size=64M"],
+        &[],
+        true,
+    );
+    g.vm.wait_for("probe: reading", BOOT).unwrap();
+    g.vm.send(b"go\n").unwrap();
+    let mut cycles = 0;
+    let mut paused_mid_run = 0;
+    let deadline = Instant::now() + BOOT;
+    while !g.vm.lines().iter().any(|l| l == "probe: MARK FLUSHED") {
+        assert!(Instant::now() < deadline, "{}", g.vm.transcript());
+        let r = put(&g.sock, "/v1/vm/pause");
+        assert_eq!(r.status, 204, "{}", r.text());
+        // While paused the count holds still.
+        let before = pmem(&g.sock, "pmem0")["stats"]["flushes"].as_u64().unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let after = pmem(&g.sock, "pmem0")["stats"]["flushes"].as_u64().unwrap();
+        assert_eq!(before, after, "a guest flush ran while paused");
+        if before > 0 && before < ROUNDS {
+            paused_mid_run += 1;
+        }
+        let r = put(&g.sock, "/v1/vm/resume");
+        assert_eq!(r.status, 204, "{}", r.text());
+        cycles += 1;
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let d = pmem(&g.sock, "pmem0");
+    println!(
+        "{cycles} pause/resume cycles, {paused_mid_run} paused mid-run: {}",
+        d["stats"]
+    );
+    assert_eq!(d["stats"]["flushes"], ROUNDS, "{d}");
+    assert_eq!(d["stats"]["pages_written"], ROUNDS, "{d}");
+    assert_eq!(d["stats"]["empty_flushes"], 0, "{d}");
+    assert_eq!(d["pending_dirty_pages"], 0, "{d}");
+    assert!(
+        paused_mid_run > 0,
+        "no pause landed while the guest was flushing"
+    );
+    g.shutdown();
+}
