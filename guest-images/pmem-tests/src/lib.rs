@@ -8,9 +8,12 @@
 
 pub mod actions;
 pub mod cases;
+pub mod console;
 pub mod crc32c;
 pub mod fiemap;
 pub mod host;
 pub mod mapping;
 pub mod nd;
+pub mod options;
 pub mod protocol;
+pub mod runner;

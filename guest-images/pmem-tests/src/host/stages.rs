@@ -1,0 +1,194 @@
+//! How far a guest got, read from its console and pmvm's stderr, so that a run that cannot
+//! finish says exactly where it stopped and why.
+
+use std::fmt;
+
+/// Boot stages in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Stage {
+    /// Nothing from the kernel.
+    NoOutput,
+    /// `Linux version ...`.
+    KernelBanner,
+    /// The kernel listed pmvm's NFIT.
+    AcpiNfit,
+    /// `Run /init as init process`.
+    InitStarted,
+    /// The suite (or the preflight init) printed a line: user space runs.
+    UserSpace,
+    /// The suite found its NVDIMMs and set them up.
+    NvdimmReady,
+    /// At least one case ran.
+    CasesRunning,
+    /// The summary line.
+    SuiteDone,
+}
+
+impl Stage {
+    const MARKERS: [(Stage, &'static str); 7] = [
+        (Stage::KernelBanner, "Linux version "),
+        (Stage::AcpiNfit, "ACPI: NFIT 0x"),
+        (Stage::InitStarted, "Run /init as init process"),
+        (Stage::UserSpace, "PMEMSUITE "),
+        (Stage::NvdimmReady, "PMEMSUITE info nvdimm "),
+        (Stage::CasesRunning, "PMEMWAIT "),
+        (Stage::SuiteDone, "PMEMSUITE done:"),
+    ];
+
+    /// The furthest stage the console shows.
+    pub fn reached<S: AsRef<str>>(console: &[S]) -> Stage {
+        let mut stage = Stage::NoOutput;
+        for line in console {
+            for (s, marker) in Stage::MARKERS {
+                if s > stage && line.as_ref().contains(marker) {
+                    stage = s;
+                }
+            }
+        }
+        stage
+    }
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Stage::NoOutput => "no kernel output",
+            Stage::KernelBanner => "kernel banner",
+            Stage::AcpiNfit => "ACPI tables with the NFIT",
+            Stage::InitStarted => "kernel ran /init",
+            Stage::UserSpace => "guest user space",
+            Stage::NvdimmReady => "fsdax namespaces ready",
+            Stage::CasesRunning => "cases running",
+            Stage::SuiteDone => "suite finished",
+        })
+    }
+}
+
+/// Console lines that say the guest died, and what they mean.
+const DEATHS: [(&str, &str); 6] = [
+    ("Kernel panic", "the guest kernel panicked"),
+    ("Attempted to kill init", "init died"),
+    (" segfault at ", "a guest process segfaulted"),
+    ("traps: ", "a guest process trapped"),
+    ("BUG: ", "the guest kernel hit a BUG"),
+    ("Oops", "the guest kernel oopsed"),
+];
+
+/// Why the guest stopped, from its console and pmvm's stderr: the first sign of death, the
+/// line that shows it, and pmvm's own report of a fatal exit.
+pub fn death<S: AsRef<str>>(console: &[S], stderr: &str) -> Option<String> {
+    let mut parts = Vec::new();
+    if let Some((line, what)) = console.iter().find_map(|l| {
+        let l = l.as_ref();
+        DEATHS
+            .iter()
+            .find(|(m, _)| l.contains(m))
+            .map(|(_, what)| (l.trim().to_string(), *what))
+    }) {
+        parts.push(format!("{what}: {line}"));
+    }
+    if let Some(l) = stderr
+        .lines()
+        .find(|l| l.starts_with("pmvm: vCPU ") || l.contains("KVM_EXIT_"))
+    {
+        parts.push(format!("pmvm: {}", l.trim().trim_start_matches("pmvm: ")));
+    }
+    (!parts.is_empty()).then(|| parts.join("; "))
+}
+
+/// Whether the console shows the failure this project's emulating KVM hosts are known for:
+/// the kernel reaches /init, and the first system call of user space faults.
+pub fn userspace_blocked<S: AsRef<str>>(console: &[S]) -> bool {
+    Stage::reached(console) == Stage::InitStarted
+        && console.iter().any(|l| {
+            let l = l.as_ref();
+            l.contains("Attempted to kill init")
+                || l.contains(" segfault at ")
+                || l.contains("traps: init")
+        })
+}
+
+/// The last `n` console lines, indented, for error messages.
+pub fn tail<S: AsRef<str>>(console: &[S], n: usize) -> String {
+    let start = console.len().saturating_sub(n);
+    console[start..]
+        .iter()
+        .map(|l| format!("  | {}", l.as_ref()))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The minimal kernel on an emulating host, as measured: /init runs, its first syscall
+    /// faults, init is killed.
+    const EMULATED: [&str; 8] = [
+        "[    0.000000] Linux version 6.1.192 (pmvm-minimal) #1 SMP",
+        "[    0.000000] ACPI: NFIT 0x00000000000E0400 0000E8 (v01 PMVM   PMVMNFIT 00000001 PMVM 00000001)",
+        "[    7.400000] Freeing unused kernel image (initmem) memory: 1024K",
+        "[    7.500000] Run /init as init process",
+        "[    7.600000] init[1]: segfault at 0 ip 0000000000401000 sp 00007ffc error 15",
+        "[    7.700000] Kernel panic - not syncing: Attempted to kill init! exitcode=0x0000000b",
+        "[    7.700001] Kernel Offset: disabled",
+        "[    7.700002] Rebooting in 1 seconds..",
+    ];
+
+    #[test]
+    fn the_emulated_host_transcript_reaches_init_and_no_further() {
+        assert_eq!(Stage::reached(&EMULATED), Stage::InitStarted);
+        assert!(userspace_blocked(&EMULATED));
+        let why = death(&EMULATED, "").unwrap();
+        assert!(
+            why.starts_with("a guest process segfaulted: [    7.600000] init[1]: segfault"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn stages_are_ordered_and_the_furthest_wins() {
+        assert_eq!(Stage::reached::<&str>(&[]), Stage::NoOutput);
+        assert_eq!(
+            Stage::reached(&[
+                "PMEMSUITE done: 1 passed, 0 failed, 0 skipped",
+                "Linux version 6"
+            ]),
+            Stage::SuiteDone
+        );
+        assert_eq!(
+            Stage::reached(&[
+                "Linux version 6.1",
+                "PMEMSUITE start cases=40",
+                "PMEMSUITE info nvdimm dev=0"
+            ]),
+            Stage::NvdimmReady
+        );
+        assert!(Stage::KernelBanner < Stage::InitStarted);
+        assert_eq!(Stage::InitStarted.to_string(), "kernel ran /init");
+    }
+
+    #[test]
+    fn pmvm_fatal_exits_are_part_of_the_reason() {
+        let stderr = "pmvm: vCPU 0: KVM_EXIT_INTERNAL_ERROR suberror 1 (emulation failure) at RIP 0xffffffff81317850, instruction bytes [cc 90]\n";
+        let why = death(&["Linux version 6.1"], stderr).unwrap();
+        assert_eq!(
+            why,
+            "pmvm: vCPU 0: KVM_EXIT_INTERNAL_ERROR suberror 1 (emulation failure) at RIP 0xffffffff81317850, instruction bytes [cc 90]"
+        );
+        assert_eq!(
+            death(&["Linux version 6.1", "PMEMSUITE start cases=1"], ""),
+            None
+        );
+        assert!(!userspace_blocked(&[
+            "Linux version",
+            "Run /init as init process"
+        ]));
+    }
+
+    #[test]
+    fn tail_shows_the_last_lines() {
+        assert_eq!(tail(&["a", "b", "c"], 2), "  | b\n  | c");
+        assert_eq!(tail(&["a"], 5), "  | a");
+    }
+}
