@@ -822,6 +822,27 @@ fn every_bad_pmem_argument_fails_with_one_clear_line() {
             "does not exist; add size=SIZE",
         ],
     );
+    // A device that fails takes along the files pmvm created for the devices before it: a
+    // refused command line leaves nothing behind.
+    let created = d.join("created.img");
+    expect_pmem_error(
+        &[arg(&created, ",size=2M"), arg(&missing, "")],
+        &["missing.img does not exist"],
+    );
+    assert!(
+        !created.exists(),
+        "a failed start left {} behind",
+        created.display()
+    );
+    expect_pmem_error(
+        &[arg(&created, ",size=2M"), arg(&created, ",size=2M")],
+        &["are the same file"],
+    );
+    assert!(
+        !created.exists(),
+        "a failed start left {} behind",
+        created.display()
+    );
     let small = d.join("pmem.img");
     File::create(&small).unwrap().set_len(GIB).unwrap();
     expect_pmem_error(

@@ -37,7 +37,7 @@ pub fn open_all(
     cpus: u8,
     manual_protect: bool,
 ) -> Result<Vec<Arc<Nvdimm>>, NvdimmError> {
-    let mut devices: Vec<Arc<Nvdimm>> = Vec::new();
+    let mut devices: Vec<Nvdimm> = Vec::new();
     let mut next = first_base(ram_size);
     for (index, cfg) in configs.iter().enumerate() {
         let params = NvdimmParams {
@@ -50,9 +50,17 @@ pub fn open_all(
         };
         let dev = Nvdimm::open(cfg, params)?;
         next = base_after(next, dev.size());
-        devices.push(Arc::new(dev));
+        devices.push(dev);
     }
-    Ok(devices)
+    // Until here an error dropped the devices opened so far, and with them the files they
+    // created: a refused command line leaves nothing behind. Now the files are the user's.
+    Ok(devices
+        .into_iter()
+        .map(|mut d| {
+            d.keep_created_file();
+            Arc::new(d)
+        })
+        .collect())
 }
 
 /// How the NFIT and DSDT describe `devices`.
@@ -135,6 +143,22 @@ mod tests {
         assert_eq!(default_hints(3), 4);
         assert_eq!(default_hints(9), 16);
         assert_eq!(default_hints(200), 16);
+    }
+
+    #[test]
+    fn a_failed_set_removes_the_files_it_created_and_a_good_one_keeps_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let created = dir.path().join("created.img");
+        let cfg = |s: String| s.parse::<PmemConfig>().unwrap();
+        let good = cfg(format!("path={},size=2M", created.display()));
+        let missing = cfg(format!("path={}", dir.path().join("missing.img").display()));
+        let err = open_all(&[good.clone(), missing], 512 << 20, 1, false).unwrap_err();
+        assert!(err.to_string().contains("missing.img"), "{err}");
+        assert!(!created.exists(), "the failed set left its created file");
+        let devices = open_all(&[good], 512 << 20, 1, false).unwrap();
+        assert_eq!(devices[0].guest_base(), 1 << 32);
+        drop(devices);
+        assert!(created.exists(), "a device set that opened lost its file");
     }
 
     #[test]

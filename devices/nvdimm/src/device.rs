@@ -121,7 +121,9 @@ fn or_into(acc: &mut [u64], bits: &[u64]) {
 }
 
 impl Nvdimm {
-    /// Opens, checks, locks and maps the backing file. Touches no KVM state.
+    /// Opens, checks, locks and maps the backing file. Touches no KVM state. A backing file
+    /// this created is removed again when the device is dropped, until
+    /// [`Nvdimm::keep_created_file`], so a VMM whose next device fails leaves nothing behind.
     pub fn open(cfg: &PmemConfig, params: NvdimmParams) -> Result<Nvdimm, NvdimmError> {
         let id = cfg.id_or_default(params.index);
         let hints = cfg.hints.unwrap_or(params.default_hints);
@@ -136,7 +138,7 @@ impl Nvdimm {
                 return Err(NvdimmError::Misaligned { id, what, addr });
             }
         }
-        let mut backing = Backing::open(cfg, &id)?;
+        let backing = Backing::open(cfg, &id)?;
         let mapping =
             Mapping::new(backing.file(), backing.size(), !cfg.readonly).map_err(|source| {
                 NvdimmError::Map {
@@ -144,8 +146,6 @@ impl Nvdimm {
                     source,
                 }
             })?;
-        // The device is up: a file we created now belongs to the user.
-        backing.keep();
         Ok(Nvdimm {
             pending: Mutex::new(vec![0; bitmap_words(backing.size())]),
             id,
@@ -212,6 +212,11 @@ impl Nvdimm {
             log::error!("{}: attached twice", self.id);
         }
         Ok(())
+    }
+
+    /// The VMM has all its devices: a backing file [`Nvdimm::open`] created is the user's now.
+    pub fn keep_created_file(&mut self) {
+        self.backing.keep();
     }
 
     pub fn id(&self) -> &str {
@@ -549,10 +554,18 @@ mod tests {
     }
 
     #[test]
-    fn created_file_survives_a_successful_open() {
+    fn created_file_is_removed_unless_kept() {
         let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pmem.img");
         drop(open(dir.path(), ",size=2M", 0).unwrap());
-        assert!(dir.path().join("pmem.img").exists());
+        assert!(!path.exists(), "an unkept created file survived");
+        let mut d = open(dir.path(), ",size=2M", 0).unwrap();
+        d.keep_created_file();
+        drop(d);
+        assert!(path.exists(), "a kept file was removed");
+        // A file that existed before is never removed.
+        drop(open(dir.path(), "", 0).unwrap());
+        assert!(path.exists(), "an existing file was removed");
     }
 
     #[test]
@@ -637,7 +650,9 @@ mod tests {
     #[test]
     fn out_of_range_and_readonly_host_writes_fail() {
         let dir = tempfile::tempdir().unwrap();
-        let d = open(dir.path(), ",size=2M", 0).unwrap();
+        let mut d = open(dir.path(), ",size=2M", 0).unwrap();
+        // Reopened read-only below.
+        d.keep_created_file();
         let err = d.write_bytes(2 * MIB - 1, b"ab").unwrap_err();
         assert!(err.to_string().contains("pmem0"), "{err}");
         assert_eq!(d.pending_pages(), Some(0));
