@@ -118,3 +118,47 @@ fn debian_kernel_lists_every_acpi_table_cleanly() {
         Err(_) => println!("kernel still running after the table list: hardware KVM"),
     }
 }
+
+/// The bzImage path: linux-loader's setup header, the 64-bit entry at +0x200 and the kernel's own
+/// decompressor (minutes on an emulating host, which is why the ELF test above does the rest).
+#[test]
+fn debian_bzimage_boots_through_its_decompressor() {
+    if !kvm_or_skip("debian bzImage boot") {
+        return;
+    }
+    let dir = match debian_kernel() {
+        Ok(d) => d,
+        Err(why) => {
+            println!("SKIP: debian bzImage boot: kernel not fetched: {why}");
+            return;
+        }
+    };
+    let start = Instant::now();
+    let bz = dir.join("bzImage");
+    let vm = Pmvm::spawn(
+        &PathBuf::from(env!("CARGO_BIN_EXE_pmvm")),
+        &[
+            "--kernel",
+            bz.to_str().unwrap(),
+            "--cmdline",
+            "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=1 pci=off",
+        ],
+    );
+    let banner = vm
+        .wait_for("Linux version", Duration::from_secs(420))
+        .unwrap();
+    println!("bzImage banner after {:?}: {banner}", start.elapsed());
+    // The decompressed kernel got pmvm's zero page: command line and e820 map.
+    vm.wait_for(
+        "Command line: console=ttyS0 earlyprintk=serial",
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    vm.wait_for(
+        "BIOS-e820: [mem 0x0000000000100000-",
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    vm.wait_for("ACPI: RSDP 0x00000000000E0000", Duration::from_secs(60))
+        .unwrap();
+}
