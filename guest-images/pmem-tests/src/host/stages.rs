@@ -91,9 +91,44 @@ pub fn death<S: AsRef<str>>(console: &[S], stderr: &str) -> Option<String> {
         .lines()
         .find(|l| l.starts_with("pmvm: vCPU ") || l.contains("KVM_EXIT_"))
     {
-        parts.push(format!("pmvm: {}", l.trim().trim_start_matches("pmvm: ")));
+        let mut part = format!("pmvm: {}", l.trim().trim_start_matches("pmvm: "));
+        if let Some(name) = instruction_bytes(l).and_then(|b| known_blocker(&b)) {
+            part.push_str(&format!(" = {name}"));
+        }
+        parts.push(part);
     }
     (!parts.is_empty()).then(|| parts.join("; "))
+}
+
+/// The bytes in pmvm's `instruction bytes [..]` report.
+fn instruction_bytes(line: &str) -> Option<Vec<u8>> {
+    let start = line.find("instruction bytes [")? + "instruction bytes [".len();
+    let end = start + line[start..].find(']')?;
+    line[start..end]
+        .split_whitespace()
+        .map(|b| u8::from_str_radix(b, 16).ok())
+        .collect()
+}
+
+/// Instructions that emulating KVM hosts are known to fail on (docs/guest-suite.md), by
+/// their leading bytes.
+const BLOCKERS: [(&[u8], &str); 9] = [
+    (&[0xcc], "int3 (the kernel's alternatives self-test)"),
+    (&[0xf0, 0x48, 0x0f, 0xc7], "lock cmpxchg16b (hide cx16)"),
+    (&[0x48, 0x0f, 0xc7], "cmpxchg16b (hide cx16)"),
+    (&[0xf3, 0x0f, 0xb8], "popcnt (hide popcnt)"),
+    (&[0x0f, 0x01, 0xca], "clac (hide smap)"),
+    (&[0x0f, 0x01, 0xcb], "stac (hide smap)"),
+    (&[0xdb, 0xe2], "fnclex (report an Intel CPU)"),
+    (&[0x9b], "fwait"),
+    (&[0x0f, 0x00], "verw (mitigations=off)"),
+];
+
+fn known_blocker(bytes: &[u8]) -> Option<&'static str> {
+    BLOCKERS
+        .iter()
+        .find(|(prefix, _)| bytes.starts_with(prefix))
+        .map(|(_, name)| *name)
 }
 
 /// Whether the console shows the failure this project's emulating KVM hosts are known for:
@@ -174,8 +209,15 @@ mod tests {
         let why = death(&["Linux version 6.1"], stderr).unwrap();
         assert_eq!(
             why,
-            "pmvm: vCPU 0: KVM_EXIT_INTERNAL_ERROR suberror 1 (emulation failure) at RIP 0xffffffff81317850, instruction bytes [cc 90]"
+            "pmvm: vCPU 0: KVM_EXIT_INTERNAL_ERROR suberror 1 (emulation failure) at RIP 0xffffffff81317850, instruction bytes [cc 90] = int3 (the kernel's alternatives self-test)"
         );
+        let xrstors =
+            "pmvm: vCPU 0: KVM_EXIT_INTERNAL_ERROR at RIP 0x1, instruction bytes [48 0f c7 0e]";
+        assert!(death::<&str>(&[], xrstors)
+            .unwrap()
+            .ends_with("= cmpxchg16b (hide cx16)"));
+        let unknown = "pmvm: vCPU 0: KVM_EXIT_INTERNAL_ERROR at RIP 0x1, instruction bytes [90 zz]";
+        assert!(!death::<&str>(&[], unknown).unwrap().contains(" = "));
         assert_eq!(
             death(&["Linux version 6.1", "PMEMSUITE start cases=1"], ""),
             None
