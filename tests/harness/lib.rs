@@ -426,3 +426,36 @@ pub fn wait_api(sock: &Path, timeout: Duration) -> Result<(), String> {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The host's dirty page cache, from /proc/vmstat: pages dirty or under writeback, and the
+/// level at which the kernel starts background writeback of every file.
+pub fn host_dirty_pages() -> Option<(u64, u64)> {
+    let vmstat = std::fs::read_to_string("/proc/vmstat").ok()?;
+    let get = |key: &str| {
+        vmstat.lines().find_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            (k == key).then(|| v.trim().parse::<u64>().ok()).flatten()
+        })
+    };
+    Some((
+        get("nr_dirty")? + get("nr_writeback")?,
+        get("nr_dirty_background_threshold")?,
+    ))
+}
+
+/// Waits up to `timeout` until the host has no background writeback to do (dirty pages below
+/// the background threshold), so a page a test leaves dirty stays dirty for a while.
+/// Returns the state it ended in, for messages.
+pub fn wait_writeback_calm(timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let Some((dirty, threshold)) = host_dirty_pages() else {
+            return "unknown (no /proc/vmstat)".into();
+        };
+        let state = format!("{dirty} pages dirty, background writeback from {threshold}");
+        if dirty < threshold || Instant::now() >= deadline {
+            return state;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
