@@ -33,7 +33,7 @@ while [ $# -gt 0 ]; do
     --gzip) gzip=1; shift ;;
     --check) check=1; shift ;;
     --refresh) refresh=1; shift ;;
-    -h | --help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown option $1 (see --help)" ;;
   esac
 done
@@ -61,13 +61,22 @@ need sha256sum "install coreutils"
 # ---- inputs and their hash ------------------------------------------------------------
 kernel_pkg=""
 debian_dir=""
-if [ -z "$user_kernel" ]; then
+if [ -z "$user_kernel" ] && [ $check = 1 ]; then
+  # Check only: no downloads; a missing kernel makes the image missing.
+  debian_dir="$here/out/debian"
+  kernel_pkg=$(cat "$debian_dir/package" 2>/dev/null) || {
+    echo "build: the Debian kernel is missing: run guest-images/build.sh" >&2
+    exit 3
+  }
+elif [ -z "$user_kernel" ]; then
   step "debian kernel (fetch-debian-kernel.sh)"
   debian_dir=$(bash "$here/fetch-debian-kernel.sh" | tail -1) || die "fetch-debian-kernel.sh failed"
   kernel_pkg=$(cat "$debian_dir/package")
 fi
 minimal=""
-if [ -z "$user_kernel" ]; then
+if [ $check = 1 ]; then
+  minimal=$(sed -n 's/^PMEMTESTS_KERNEL_MINIMAL=//p' "$out/image.env" 2>/dev/null || true)
+elif [ -z "$user_kernel" ]; then
   if [ -f "$here/build-kernel.sh" ]; then
     step "minimal kernel (build-kernel.sh)"
     if minimal=$(bash "$here/build-kernel.sh" | tail -1) && [ -s "$minimal" ]; then
@@ -113,7 +122,7 @@ if [ $check = 1 ]; then
   if [ ! -f "$stamp" ]; then
     echo "build: the guest image is missing: run guest-images/build.sh" >&2
   else
-    changed=$(diff <(cat "$stamp") <(echo "$inputs") | awk '/^>/ {print $2}' | paste -sd, -)
+    changed=$(diff <(cat "$stamp") <(echo "$inputs") | awk '/^>/ {print $2}' | paste -sd, - || true)
     echo "build: the guest image is stale (changed: ${changed:-outputs missing}): run guest-images/build.sh" >&2
   fi
   exit 3

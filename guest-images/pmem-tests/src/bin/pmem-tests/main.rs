@@ -21,6 +21,7 @@ fn main() {
     if init {
         early.extend(system::early_mounts());
         early.extend(system::load_modules());
+        system::settle_nvdimms();
     }
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let code = match Options::parse(&cmdline) {

@@ -95,6 +95,28 @@ pub fn load_modules() -> Vec<String> {
     out
 }
 
+fn count(dir: &str, prefix: &str) -> usize {
+    fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Waits (at most 10 s) until every NVDIMM region has a pmem block device: region and
+/// namespace probing can finish after the modules load. The init script does the same.
+pub fn settle_nvdimms() {
+    for _ in 0..100 {
+        let regions = count("/sys/bus/nd/devices", "region");
+        if regions > 0 && count("/sys/class/block", "pmem") >= regions {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 /// Size in bytes of block device `name` (e.g. pmem0).
 pub fn block_size(name: &str) -> io::Result<u64> {
     let path = format!("/sys/class/block/{name}/size");
