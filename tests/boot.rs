@@ -342,6 +342,21 @@ fn kvm_permission_denied_is_explained() {
 }
 
 #[test]
+fn bad_api_socket_stops_pmvm_before_the_guest_runs() {
+    if !kvm_or_skip("bad api socket") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("no-such-dir/pmvm.sock");
+    let mut vm = probe("mark RAN poweroff", &["--api-sock", sock.to_str().unwrap()]);
+    let (status, stderr) = vm.wait_exit(BOOT).unwrap();
+    assert_eq!(status.code(), Some(1), "{}", vm.transcript());
+    assert!(stderr.starts_with("pmvm: --api-sock"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(vm.lines().is_empty(), "the guest ran: {}", vm.transcript());
+}
+
+#[test]
 fn initrd_that_does_not_fit_is_refused() {
     if !kvm_or_skip("initrd size") {
         return;

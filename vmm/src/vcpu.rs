@@ -171,20 +171,26 @@ pub enum VcpuError {
 }
 
 impl VcpuThreads {
-    pub fn spawn(vcpus: Vec<Vcpu>, control: Arc<VcpuControl>) -> Result<Self, VcpuError> {
-        let mut handles = Vec::new();
+    /// No threads yet: `start` runs them. Pause, resume and stop work before and after.
+    pub fn new(control: Arc<VcpuControl>) -> Self {
+        VcpuThreads {
+            handles: Mutex::new(Vec::new()),
+            control,
+        }
+    }
+
+    /// Starts one thread per vCPU. If one cannot start, those already running keep running
+    /// until `stop`.
+    pub fn start(&self, vcpus: Vec<Vcpu>) -> Result<(), VcpuError> {
         for v in vcpus {
             let id = v.id;
             let h = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || v.run())
                 .map_err(|e| VcpuError::Spawn(id, e))?;
-            handles.push(h);
+            lock(&self.handles).push(h);
         }
-        Ok(VcpuThreads {
-            handles: Mutex::new(handles),
-            control,
-        })
+        Ok(())
     }
 
     fn kick_all(&self) {

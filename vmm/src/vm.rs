@@ -343,7 +343,8 @@ pub fn run(config: &MachineConfig, opts: &RunOptions) -> Result<u8, VmError> {
         )));
     }
 
-    let threads = Arc::new(VcpuThreads::spawn(vcpus, control)?);
+    // The socket is bound before any vCPU runs: a bad --api-sock never lets the guest start.
+    let threads = Arc::new(VcpuThreads::new(control));
     let api = match &opts.api_sock {
         Some(path) => {
             let ctl = Arc::new(MachineControl {
@@ -359,14 +360,16 @@ pub fn run(config: &MachineConfig, opts: &RunOptions) -> Result<u8, VmError> {
             });
             match ApiServer::start(path, ctl) {
                 Ok(server) => Some(server),
-                Err(e) => {
-                    threads.stop();
-                    return Err(VmError::Api(e));
-                }
+                Err(e) => return Err(VmError::Api(e)),
             }
         }
         None => None,
     };
+
+    if let Err(e) = threads.start(vcpus) {
+        threads.stop();
+        return Err(e.into());
+    }
 
     while exit.reason().is_none() {
         if let Err(e) = em.run() {
