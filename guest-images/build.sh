@@ -102,7 +102,7 @@ fi
 h() { sha256sum | cut -c1-16; }
 part_script=$(cat "$0" "$here/initramfs/mkcpio.py" | h)
 part_init=$(cat "$here/initramfs/init" | h)
-part_suite=$( (cd "$repo" && find guest-images/pmem-tests -type f -not -path '*/target/*' | LC_ALL=C sort | xargs sha256sum; sha256sum Cargo.lock Cargo.toml) | h)
+part_suite=$( (cd "$repo" && find guest-images/pmem-tests/src guest-images/pmem-tests/Cargo.toml -type f | LC_ALL=C sort | xargs sha256sum; sha256sum Cargo.lock Cargo.toml) | h)
 part_packages=$(echo "$versions" | h)
 part_kernel=$(echo "$kernel_id gzip=$gzip" | h)
 inputs=$(printf 'script %s\ninit %s\nsuite %s\npackages %s\nkernel %s\n' \
@@ -133,6 +133,9 @@ need apt-get "a Debian or Ubuntu host"
 need dpkg-deb "install dpkg"
 need objcopy "install binutils (reads kernel module dependencies)"
 need cargo "install Rust (rustup.rs)"
+need readelf "install binutils"
+libc_a=$(cc -print-file-name=libc.a 2>/dev/null || true)
+[ -f "$libc_a" ] || die "the suite links glibc statically and no libc.a was found: apt-get install libc6-dev gcc"
 [ $refresh = 0 ] || rm -rf "$cache"
 debs="$cache/debs"
 mkdir -p "$debs" "$out"
