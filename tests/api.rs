@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pmvm_tests::{kvm_or_skip, probe_elf, Pmvm};
+use pmvm_tests::{cachestat, kvm_or_skip, page_cache_or_skip, probe_elf, Pmvm};
 use serde_json::Value;
 
 const BOOT: Duration = Duration::from_secs(60);
@@ -289,58 +289,6 @@ fn read_file_range(path: &Path, offset: usize, len: usize) -> Vec<u8> {
     bytes[offset..offset + len].to_vec()
 }
 
-/// Page-cache state of `len` bytes at `offset` of a file.
-#[derive(Debug, Clone, Copy)]
-struct CacheStat {
-    dirty: u64,
-    writeback: u64,
-}
-
-/// cachestat(2) (Linux 6.5), or `None` where it cannot tell whether pages reached the disk:
-/// an older kernel, or tmpfs, whose pages never go anywhere.
-fn cachestat(path: &Path, offset: u64, len: u64) -> Option<CacheStat> {
-    use std::os::unix::io::AsRawFd;
-    const SYS_CACHESTAT: libc::c_long = 451;
-    #[repr(C)]
-    struct Range {
-        off: u64,
-        len: u64,
-    }
-    #[repr(C)]
-    #[derive(Default)]
-    struct Stat {
-        nr_cache: u64,
-        nr_dirty: u64,
-        nr_writeback: u64,
-        nr_evicted: u64,
-        nr_recently_evicted: u64,
-    }
-    let file = std::fs::File::open(path).unwrap();
-    // SAFETY: statfs writes only into the zeroed struct it is given, which outlives the call.
-    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `file` is open for the call and `fs` is a valid, writable statfs.
-    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) } != 0 || fs.f_type == libc::TMPFS_MAGIC {
-        return None;
-    }
-    let range = Range { off: offset, len };
-    let mut stat = Stat::default();
-    // SAFETY: cachestat reads `range` and writes `stat`, both live #[repr(C)] structs with
-    // the kernel's layout; `file` is open for the call; flags must be 0.
-    let rc = unsafe {
-        libc::syscall(
-            SYS_CACHESTAT,
-            file.as_raw_fd(),
-            &range as *const Range,
-            &mut stat as *mut Stat,
-            0u32,
-        )
-    };
-    (rc == 0).then_some(CacheStat {
-        dirty: stat.nr_dirty,
-        writeback: stat.nr_writeback,
-    })
-}
-
 // ---- the tests ----
 
 #[test]
@@ -395,15 +343,31 @@ fn guest_flushes_on_two_devices_are_counted_exactly_and_host_flush_reports_pages
     assert_eq!(pmem(&g.sock, "pmem1")["stats"]["flushes"], 2);
 
     // In the host's page cache, what the guest flushed is on disk and the rest is dirty.
-    let on_disk = cachestat(&g.file(0), 0, 0x1000);
-    if let Some(cs) = on_disk {
-        assert_eq!((cs.dirty, cs.writeback), (0, 0), "pmem0 page 0: {cs:?}");
+    let page_cache = page_cache_or_skip("api host flush: page-cache checks", g.dir.path());
+    if page_cache {
+        let cs = cachestat(&g.file(0), 0, 0x1000).unwrap();
+        assert_eq!(
+            (cs.nr_dirty, cs.nr_writeback),
+            (0, 0),
+            "pmem0 page 0: {cs:?}"
+        );
+        // Only the host flush should clean these, but a sync anywhere on the host (another
+        // test, the kernel under dirty-memory pressure) can get there first.
         let cs = cachestat(&g.file(0), 0x3000, 0x2000).unwrap();
-        assert_eq!(cs.dirty, 2, "pmem0 pages 3-4 before the host flush: {cs:?}");
+        assert!(cs.nr_dirty <= 2, "pmem0 pages 3-4: {cs:?}");
+        if cs.nr_dirty < 2 {
+            println!(
+                "note: the host kernel wrote back {} of pmem0's unflushed pages on its own; \
+                 the page-cache check after the host flush proves less this run",
+                2 - cs.nr_dirty
+            );
+        }
         let cs = cachestat(&g.file(1), 0, 0x2000).unwrap();
-        assert_eq!((cs.dirty, cs.writeback), (0, 0), "pmem1 pages 0-1: {cs:?}");
-    } else {
-        println!("cachestat unavailable here; checking durability through the stats only");
+        assert_eq!(
+            (cs.nr_dirty, cs.nr_writeback),
+            (0, 0),
+            "pmem1 pages 0-1: {cs:?}"
+        );
     }
 
     // A host flush writes back exactly the two pages the guest left dirty.
@@ -418,10 +382,10 @@ fn guest_flushes_on_two_devices_are_counted_exactly_and_host_flush_reports_pages
         read_file_range(&g.file(0), 0x3000, 0x2000),
         vec![0x33; 0x2000]
     );
-    if on_disk.is_some() {
-        let cs = cachestat(&g.file(0), 0, 64 << 20).unwrap();
+    if page_cache {
+        let cs = cachestat(&g.file(0), 0, 0).unwrap();
         assert_eq!(
-            (cs.dirty, cs.writeback),
+            (cs.nr_dirty, cs.nr_writeback),
             (0, 0),
             "pmem0 after the host flush: {cs:?}"
         );
@@ -978,8 +942,9 @@ fn guest_and_host_flushes_racing_on_one_device_are_all_counted() {
     );
     // The last round's byte is in the file, and on disk: nothing is left dirty.
     assert_eq!(read_file_range(&g.file(0), 0, 1), [(ROUNDS & 0xff) as u8]);
-    if let Some(cs) = cachestat(&g.file(0), 0, 64 << 20) {
-        assert_eq!((cs.dirty, cs.writeback), (0, 0), "{cs:?}");
+    if page_cache_or_skip("api concurrent flushes: page-cache check", g.dir.path()) {
+        let cs = cachestat(&g.file(0), 0, 0).unwrap();
+        assert_eq!((cs.nr_dirty, cs.nr_writeback), (0, 0), "{cs:?}");
     }
     g.shutdown();
 }
