@@ -22,6 +22,9 @@ use super::VmmControl;
 const SOCKET_PATH_MAX: usize = 107;
 /// Room for the VMM's flush path, which runs on the connection thread.
 const CONNECTION_STACK_BYTES: usize = 1 << 20;
+/// How long stopping waits for requests already being acted on to be answered, so that a
+/// shutdown's own 204 is written before the process exits.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Debug)]
 pub struct ServerOptions {
@@ -66,15 +69,18 @@ pub enum ServerError {
     Thread(#[source] io::Error),
 }
 
-/// A running control socket. [`ApiServer::stop`] or dropping it stops accepting and removes
-/// the socket file (unless another process has replaced it since). Requests already being
-/// handled finish on their own threads.
+/// A running control socket. [`ApiServer::stop`] or dropping it stops accepting, waits (up to
+/// [`DRAIN_TIMEOUT`]) for requests already read to be answered, and removes the socket file
+/// (unless another process has replaced it since). Connections still sending a request are
+/// abandoned.
 pub struct ApiServer {
     path: PathBuf,
     /// Device and inode of the socket we created, so we never remove someone else's.
     identity: (u64, u64),
     stop: EventFd,
     thread: Option<JoinHandle<()>>,
+    /// Requests read whole and not yet answered.
+    busy: Arc<AtomicUsize>,
 }
 
 impl ApiServer {
@@ -114,9 +120,11 @@ impl ApiServer {
             .try_clone()
             .map_err(ServerError::Thread)
             .map_err(cleanup)?;
+        let busy = Arc::new(AtomicUsize::new(0));
+        let busy_for_thread = Arc::clone(&busy);
         let thread = thread::Builder::new()
             .name("pmvm-api".into())
-            .spawn(move || accept_loop(listener, stop_for_thread, ctl, options))
+            .spawn(move || accept_loop(listener, stop_for_thread, ctl, options, busy_for_thread))
             .map_err(ServerError::Thread)
             .map_err(cleanup)?;
         Ok(ApiServer {
@@ -124,6 +132,7 @@ impl ApiServer {
             identity,
             stop,
             thread: Some(thread),
+            busy,
         })
     }
 
@@ -141,12 +150,28 @@ impl ApiServer {
         } else if thread.join().is_err() {
             log::warn!("api: the accept thread panicked");
         }
+        self.drain();
         let ours =
             fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.identity);
         if ours {
             if let Err(e) = fs::remove_file(&self.path) {
                 log::warn!("api: cannot remove {:?}: {e}", self.path);
             }
+        }
+    }
+
+    /// Waits until every request read so far has been answered, or [`DRAIN_TIMEOUT`].
+    fn drain(&self) {
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        while self.busy.load(Ordering::Acquire) > 0 {
+            if Instant::now() >= deadline {
+                log::warn!(
+                    "api: stopping with {} requests unanswered after {DRAIN_TIMEOUT:?}",
+                    self.busy.load(Ordering::Acquire)
+                );
+                return;
+            }
+            thread::sleep(Duration::from_millis(1));
         }
     }
 }
@@ -243,6 +268,7 @@ fn accept_loop(
     stop: EventFd,
     ctl: Arc<dyn VmmControl>,
     options: ServerOptions,
+    busy: Arc<AtomicUsize>,
 ) {
     let active = Arc::new(AtomicUsize::new(0));
     loop {
@@ -274,7 +300,7 @@ fn accept_loop(
         }
         loop {
             match listener.accept() {
-                Ok((stream, _)) => dispatch(stream, &ctl, &options, &active),
+                Ok((stream, _)) => dispatch(stream, &ctl, &options, &active, &busy),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -288,10 +314,18 @@ fn accept_loop(
     }
 }
 
-/// Decrements the count of active connections when a connection thread ends.
-struct ActiveSlot(Arc<AtomicUsize>);
+/// Holds one unit of a shared count (active connections, or requests being answered) and
+/// gives it back when dropped.
+struct CountSlot(Arc<AtomicUsize>);
 
-impl Drop for ActiveSlot {
+impl CountSlot {
+    fn take(count: &Arc<AtomicUsize>) -> CountSlot {
+        count.fetch_add(1, Ordering::AcqRel);
+        CountSlot(Arc::clone(count))
+    }
+}
+
+impl Drop for CountSlot {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
@@ -302,6 +336,7 @@ fn dispatch(
     ctl: &Arc<dyn VmmControl>,
     options: &ServerOptions,
     active: &Arc<AtomicUsize>,
+    busy: &Arc<AtomicUsize>,
 ) {
     // Only this thread increments, so the check cannot race with another increment.
     if active.load(Ordering::Acquire) >= options.max_connections {
@@ -312,17 +347,17 @@ fn dispatch(
         refuse(stream, &msg);
         return;
     }
-    active.fetch_add(1, Ordering::AcqRel);
-    let slot = ActiveSlot(Arc::clone(active));
+    let slot = CountSlot::take(active);
     let spare = stream.try_clone();
     let ctl = Arc::clone(ctl);
+    let busy = Arc::clone(busy);
     let timeout = options.request_timeout;
     let spawned = thread::Builder::new()
         .name("pmvm-api-conn".into())
         .stack_size(CONNECTION_STACK_BYTES)
         .spawn(move || {
             let _slot = slot;
-            serve_connection(stream, ctl.as_ref(), timeout);
+            serve_connection(stream, ctl.as_ref(), timeout, &busy);
         });
     if let Err(e) = spawned {
         log::warn!("api: cannot start a connection thread: {e}");
@@ -341,13 +376,24 @@ fn refuse(mut stream: UnixStream, msg: &str) {
     let _ = Response::error(503, msg).write_to(&mut stream);
 }
 
-fn serve_connection(mut stream: UnixStream, ctl: &dyn VmmControl, timeout: Duration) {
+fn serve_connection(
+    mut stream: UnixStream,
+    ctl: &dyn VmmControl,
+    timeout: Duration,
+    busy: &Arc<AtomicUsize>,
+) {
     let started = Instant::now();
     if stream.set_nonblocking(false).is_err() || stream.set_write_timeout(Some(timeout)).is_err() {
         return;
     }
+    // Held until the response is written: a shutdown must not end the process before its own
+    // 204 is out.
+    let mut answering = None;
     let response = match read_request(&mut stream, started, started + timeout) {
-        Ok(req) => route(ctl, &req.method, &req.path, &req.body),
+        Ok(req) => {
+            answering = Some(CountSlot::take(busy));
+            route(ctl, &req.method, &req.path, &req.body)
+        }
         Err(e) => match e.status() {
             Some(status) => Response::error(status, &e.to_string()),
             None => {
@@ -359,6 +405,7 @@ fn serve_connection(mut stream: UnixStream, ctl: &dyn VmmControl, timeout: Durat
     if let Err(e) = response.write_to(&mut stream) {
         log::debug!("api: writing the response failed: {e}");
     }
+    drop(answering);
 }
 
 #[cfg(test)]
@@ -367,7 +414,8 @@ mod tests {
 
     use super::super::fake::FakeVmm;
     use super::super::http::{parse_response, ClientResponse};
-    use super::super::types::PmemList;
+    use super::super::types::{PmemInfo, PmemList, VmInfo};
+    use super::super::{ApiError, FlushReport};
     use super::*;
 
     fn start(path: &Path, options: ServerOptions) -> ApiServer {
@@ -564,6 +612,88 @@ mod tests {
                 assert_eq!(list.devices.len(), 2);
             }
         }
+    }
+
+    /// A VMM whose pause takes a while, to catch a server that stops before answering.
+    struct SlowPause {
+        inner: FakeVmm,
+        started: std::sync::mpsc::Sender<()>,
+        finished: std::sync::atomic::AtomicBool,
+    }
+
+    impl VmmControl for SlowPause {
+        fn vm_info(&self) -> VmInfo {
+            self.inner.vm_info()
+        }
+        fn pmem_list(&self) -> Vec<PmemInfo> {
+            self.inner.pmem_list()
+        }
+        fn pmem_flush(&self, id: &str) -> Result<FlushReport, ApiError> {
+            self.inner.pmem_flush(id)
+        }
+        fn pause(&self) -> Result<(), ApiError> {
+            let _ = self.started.send(());
+            thread::sleep(Duration::from_millis(300));
+            self.finished.store(true, Ordering::Release);
+            self.inner.pause()
+        }
+        fn resume(&self) -> Result<(), ApiError> {
+            self.inner.resume()
+        }
+        fn shutdown(&self) -> Result<(), ApiError> {
+            self.inner.shutdown()
+        }
+    }
+
+    #[test]
+    fn stop_answers_requests_already_read_before_returning() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let vmm = Arc::new(SlowPause {
+            inner: FakeVmm::new(),
+            started: tx,
+            finished: std::sync::atomic::AtomicBool::new(false),
+        });
+        let server = ApiServer::start_with(&path, vmm.clone(), quick()).unwrap();
+        let client = {
+            let path = path.clone();
+            thread::spawn(move || exchange(&path, b"PUT /v1/vm/pause HTTP/1.1\r\n\r\n").0)
+        };
+        rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        // Like the VMM after a shutdown request: stop, then the process would exit.
+        server.stop();
+        assert!(
+            vmm.finished.load(Ordering::Acquire),
+            "stop returned while a request was still being acted on"
+        );
+        assert_eq!(client.join().unwrap().status, 204);
+    }
+
+    #[test]
+    fn stop_does_not_wait_for_clients_still_sending() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let options = ServerOptions {
+            request_timeout: Duration::from_secs(20),
+            ..quick()
+        };
+        let server = start(&path, options);
+        let _idle = UnixStream::connect(&path).unwrap();
+        let mut partial = UnixStream::connect(&path).unwrap();
+        partial.write_all(b"GET /v1/vm HTTP/1.1\r\n").unwrap();
+        // Let the server accept both.
+        assert_eq!(
+            exchange(&path, b"GET /v1/vm HTTP/1.1\r\n\r\n").0.status,
+            200
+        );
+        let started = Instant::now();
+        server.stop();
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "stop waited {:?} for idle clients",
+            started.elapsed()
+        );
     }
 
     #[test]
