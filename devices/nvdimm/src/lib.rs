@@ -13,6 +13,7 @@ pub mod group_commit;
 pub mod handler;
 pub mod metrics;
 pub mod mmap;
+pub mod pfn;
 pub mod size;
 pub mod stats;
 pub mod writeback;
