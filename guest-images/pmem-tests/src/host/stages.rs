@@ -12,6 +12,8 @@ pub enum Stage {
     KernelBanner,
     /// The kernel listed pmvm's NFIT.
     AcpiNfit,
+    /// The nfit driver bound the ACPI0012 device (built in, or loaded from the initramfs).
+    NfitBound,
     /// `Run /init as init process`.
     InitStarted,
     /// The suite (or the preflight init) printed a line: user space runs.
@@ -25,9 +27,10 @@ pub enum Stage {
 }
 
 impl Stage {
-    const MARKERS: [(Stage, &'static str); 7] = [
+    const MARKERS: [(Stage, &'static str); 8] = [
         (Stage::KernelBanner, "Linux version "),
         (Stage::AcpiNfit, "ACPI: NFIT 0x"),
+        (Stage::NfitBound, "nfit ACPI0012:"),
         (Stage::InitStarted, "Run /init as init process"),
         (Stage::UserSpace, "PMEMSUITE "),
         (Stage::NvdimmReady, "PMEMSUITE info nvdimm "),
@@ -55,6 +58,7 @@ impl fmt::Display for Stage {
             Stage::NoOutput => "no kernel output",
             Stage::KernelBanner => "kernel banner",
             Stage::AcpiNfit => "ACPI tables with the NFIT",
+            Stage::NfitBound => "nfit driver bound",
             Stage::InitStarted => "kernel ran /init",
             Stage::UserSpace => "guest user space",
             Stage::NvdimmReady => "fsdax namespaces ready",
@@ -134,7 +138,10 @@ fn known_blocker(bytes: &[u8]) -> Option<&'static str> {
 /// Whether the console shows the failure this project's emulating KVM hosts are known for:
 /// the kernel reaches /init, and the first system call of user space faults.
 pub fn userspace_blocked<S: AsRef<str>>(console: &[S]) -> bool {
-    Stage::reached(console) == Stage::InitStarted
+    console
+        .iter()
+        .any(|l| l.as_ref().contains("Run /init as init process"))
+        && Stage::reached(console) < Stage::UserSpace
         && console.iter().any(|l| {
             let l = l.as_ref();
             l.contains("Attempted to kill init")
@@ -157,17 +164,18 @@ pub fn tail<S: AsRef<str>>(console: &[S], n: usize) -> String {
 mod tests {
     use super::*;
 
-    /// The minimal kernel on an emulating host, as measured: /init runs, its first syscall
-    /// faults, init is killed.
-    const EMULATED: [&str; 8] = [
-        "[    0.000000] Linux version 6.1.192 (pmvm-minimal) #1 SMP",
-        "[    0.000000] ACPI: NFIT 0x00000000000E0400 0000E8 (v01 PMVM   PMVMNFIT 00000001 PMVM 00000001)",
-        "[    7.400000] Freeing unused kernel image (initmem) memory: 1024K",
-        "[    7.500000] Run /init as init process",
-        "[    7.600000] init[1]: segfault at 0 ip 0000000000401000 sp 00007ffc error 15",
-        "[    7.700000] Kernel panic - not syncing: Attempted to kill init! exitcode=0x0000000b",
-        "[    7.700001] Kernel Offset: disabled",
-        "[    7.700002] Rebooting in 1 seconds..",
+    /// The minimal kernel on an emulating host (measured): the nfit driver binds, /init runs,
+    /// its first system call faults, init is killed.
+    const EMULATED: [&str; 9] = [
+        "[    0.000000] Linux version 6.1.192 (root@vm) (gcc (Debian 12.2.0-14+deb12u1) 12.2.0, GNU ld (GNU Binutils for Debian) 2.40) #1 SMP Mon Nov 23 21:48:50 UTC 2026",
+        "[    3.629995] ACPI: NFIT 0x00000000000E0288 0001C8 (v01 PMVM   PMVMACPI 00000001 RVAT 01000000)",
+        "[   46.721133] nfit ACPI0012:00: changing numa node from -1 to 0 for nfit region [0x0000000100000000-0x000000010fffffff]",
+        "[   67.893480] Run /init as init process",
+        "[   68.333162] init[1]: segfault at ffffffff81400040 ip ffffffff81400040 sp 00007ffd3bff5ac0 error 15 likely on CPU 0 (core 0, socket 0)",
+        "[   68.363432] Code: Unable to access opcode bytes at 0xffffffff81400016.",
+        "[   68.377071] Kernel panic - not syncing: Attempted to kill init! exitcode=0x0000000b",
+        "[   68.385058] Kernel Offset: disabled",
+        "[   68.390673] Rebooting in 1 seconds..",
     ];
 
     #[test]
@@ -176,7 +184,7 @@ mod tests {
         assert!(userspace_blocked(&EMULATED));
         let why = death(&EMULATED, "").unwrap();
         assert!(
-            why.starts_with("a guest process segfaulted: [    7.600000] init[1]: segfault"),
+            why.starts_with("a guest process segfaulted: [   68.333162] init[1]: segfault"),
             "{why}"
         );
     }
