@@ -148,4 +148,6 @@ pub enum Command {
         #[command(flatten)]
         sock: SockArg,
     },
+    /// Format or inspect an NVDIMM backing file offline (`pmvm pmem format|info`).
+    Pmem(crate::pmem_format::PmemArgs),
 }

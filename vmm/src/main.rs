@@ -12,6 +12,7 @@ mod machine;
 mod memory;
 mod platform;
 mod pmem;
+mod pmem_format;
 mod signals;
 mod vcpu;
 mod vm;
@@ -52,6 +53,7 @@ fn run_client(cmd: cli::Command) -> ExitCode {
         Command::Shutdown { sock } => ClientCommand::Shutdown {
             sock: sock.api_sock,
         },
+        Command::Pmem(args) => return pmem_format::run(args),
     };
     match api::client::run_client(cmd) {
         Ok(()) => ExitCode::SUCCESS,
