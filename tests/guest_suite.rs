@@ -206,7 +206,7 @@ fn choose_boot(
         (true, _, _) => (image.kernel.clone(), "your kernel".to_string()),
         (false, Some(e), Some(min)) if e.kernel == "minimal" => (
             min.clone(),
-            "the minimal kernel (build-kernel.sh)".to_string(),
+            "the minimal kernel of build-kernel.sh".to_string(),
         ),
         _ => (image.kernel.clone(), format!("the {} kernel", image.kind)),
     };
