@@ -247,7 +247,13 @@ fn check_nfit(d: &Disassembly, desc: &PlatformDesc) {
         "0004 [NVDIMM Control Region]",
         "0006 [Flush Hint Address]",
     ];
-    assert_eq!(d.values("Subtable Type"), kinds.repeat(n));
+    let mut want = kinds.repeat(n);
+    if desc.persistence == crate::PersistenceDomain::MemoryController {
+        want.push("0007 [Platform Capabilities]");
+        assert_eq!(d.values("Highest Capability"), vec!["01"]);
+        assert_eq!(d.values("Capabilities (decoded below)"), vec!["00000002"]);
+    }
+    assert_eq!(d.values("Subtable Type"), want);
     let fmt = |f: &dyn Fn(&crate::NvdimmDesc) -> Vec<String>| -> Vec<String> {
         desc.nvdimms.iter().flat_map(f).collect()
     };
@@ -318,6 +324,15 @@ fn iasl_accepts_every_table_with_one_nvdimm() {
 fn iasl_accepts_every_table_with_eight_nvdimms() {
     if iasl_or_skip() {
         check_platform(&platform(8));
+    }
+}
+
+#[test]
+fn iasl_decodes_the_memory_controller_persistence_domain() {
+    if iasl_or_skip() {
+        let mut desc = platform(2);
+        desc.persistence = crate::PersistenceDomain::MemoryController;
+        check_platform(&desc);
     }
 }
 

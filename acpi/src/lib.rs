@@ -63,6 +63,23 @@ pub struct PlatformDesc {
     pub power: PowerDesc,
     /// The NVDIMMs, in NFIT device-handle order.
     pub nvdimms: Vec<NvdimmDesc>,
+    /// What the NFIT claims about where stores become persistent. Platform-wide: one claim
+    /// covers every NVDIMM.
+    pub persistence: PersistenceDomain,
+}
+
+/// The persistence domain the NFIT advertises, as a Platform Capabilities (type 7) structure.
+/// Linux shows it as a region's `persistence_domain`; PMDK reads it. CPU-cache persistence
+/// (eADR) is never claimed: it would make Linux and PMDK skip cache flushes, and pmvm only
+/// persists what a flush-hint write tells it to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PersistenceDomain {
+    /// No type-7 structure: stores are persistent only once flushed.
+    #[default]
+    NotReported,
+    /// A type-7 structure with "memory controller flush" only: stores that left the CPU
+    /// caches survive power loss (ADR).
+    MemoryController,
 }
 
 /// Ports of the HW-reduced ACPI power device.
@@ -167,7 +184,7 @@ pub fn build(
     let nfit = if desc.nvdimms.is_empty() {
         None
     } else {
-        let bytes = nfit::build(&desc.nvdimms, nfit::PersistenceDomain::NotReported);
+        let bytes = nfit::build(&desc.nvdimms, desc.persistence);
         Some(area.place(*b"NFIT", bytes)?)
     };
 
@@ -221,6 +238,26 @@ mod tests {
             prev_end = table.addr + table.bytes.len() as u64;
         }
         assert!(prev_end <= LAYOUT.end);
+    }
+
+    #[test]
+    fn the_nfit_carries_the_persistence_domain_asked_for() {
+        let mut desc = desc_with_nvdimms(2);
+        let caps = |desc: &PlatformDesc| {
+            let t = build(desc, LAYOUT.rsdp, LAYOUT.start, LAYOUT.end).unwrap();
+            nfit_check::check(&t.get(*b"NFIT").unwrap().bytes)
+                .unwrap()
+                .capabilities
+        };
+        assert_eq!(caps(&desc), None, "NotReported: no type-7 structure");
+        desc.persistence = PersistenceDomain::MemoryController;
+        assert_eq!(
+            caps(&desc),
+            Some(nfit_check::Capabilities {
+                highest_valid: 1,
+                capabilities: 0b10
+            })
+        );
     }
 
     #[test]

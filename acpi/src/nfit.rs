@@ -37,16 +37,7 @@ const DCR_FORMAT_CODE: u16 = 0x0301;
 /// Platform capabilities bit 1: the memory controller's buffers are flushed on power loss.
 const CAP_MEMORY_CONTROLLER_FLUSH: u32 = 1 << 1;
 
-/// What the NFIT claims about the persistence domain, as a Platform Capabilities (type 7)
-/// structure. Only `NotReported` is used: claiming CPU-cache persistence would make Linux skip
-/// cache flushes, and pmvm only persists what a flush-hint write tells it to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum PersistenceDomain {
-    /// No type-7 structure.
-    NotReported,
-    /// A type-7 structure with "memory controller flush" only.
-    MemoryController,
-}
+pub(crate) use crate::PersistenceDomain;
 
 /// Type 0: System Physical Address Range.
 #[repr(C, packed)]

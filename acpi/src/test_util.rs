@@ -52,6 +52,7 @@ pub(crate) fn desc_with_nvdimms(n: usize) -> PlatformDesc {
             s5_slp_typ: 5,
         },
         nvdimms: (0..n).map(nvdimm).collect(),
+        persistence: crate::PersistenceDomain::NotReported,
     }
 }
 

@@ -224,6 +224,20 @@ static int w_reboot(struct cursor *c)
 	return -1;
 }
 
+/* pmvm's test crash port (vmm/src/layout.rs TEST_CRASH_PORT): any byte written cuts the power. */
+#define PMVM_TEST_CRASH_PORT 0x610
+
+/* Asks pmvm for a power cut, as `PUT /v1/vm/power-cut` does: the VM ends without writing back
+ * anything the guest did not flush. */
+static int w_crash(struct cursor *c)
+{
+	(void)c;
+	say("crash");
+	outb(PMVM_TEST_CRASH_PORT, 1);
+	say("error crash: the power is still on");
+	return -1;
+}
+
 static const struct {
 	const char *name;
 	int (*run)(struct cursor *c);
@@ -243,6 +257,7 @@ static const struct {
 	{"emufail", w_emufail},
 	{"readline", w_readline},
 	{"reboot", w_reboot},
+	{"crash", w_crash},
 };
 
 int run_words(const struct word_list *list)

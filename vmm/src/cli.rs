@@ -72,9 +72,13 @@ pub struct MachineArgs {
     /// created sparse when `size` is given. `id` names it in the API (default pmemN).
     /// `readonly=on` maps it read-only. `hints` is the number of flush-hint addresses
     /// (default: vCPUs rounded up to a power of two, at most 16).
+    /// `persist=adr` (default): guest stores reach the file's page cache at once, flushes make
+    /// them durable. `persist=flush`: the file changes only at guest flushes (strict model).
+    /// `writeback-interval=MS` (adr only) also writes back every MS milliseconds.
+    /// `flush-log=PATH` appends every flush's pages to a new log (see `pmvm log`).
     #[arg(
         long,
-        value_name = "path=FILE[,size=SIZE][,id=NAME][,readonly=on][,hints=N]",
+        value_name = "path=FILE[,size=SIZE][,id=NAME][,readonly=on][,hints=N][,persist=adr|flush][,writeback-interval=MS][,flush-log=PATH]",
         verbatim_doc_comment
     )]
     pub pmem: Vec<String>,
@@ -148,6 +152,18 @@ pub enum Command {
         #[command(flatten)]
         sock: SockArg,
     },
+    /// Simulate power loss: stop the vCPUs at once and write nothing more back. A persist=flush
+    /// device's file keeps the image of its last flush. pmvm exits 3.
+    PowerCut {
+        #[command(flatten)]
+        sock: SockArg,
+        /// Ask through this device (`PUT /v1/pmem/{id}/crash`); the whole machine loses power.
+        #[arg(long, value_name = "NAME")]
+        id: Option<String>,
+    },
+    /// Read a flush-epoch log (`--pmem ...,flush-log=PATH`): list its epochs, rebuild the image
+    /// as of any flush, or build crash states between two flushes.
+    Log(crate::log_cmd::LogArgs),
     /// Format or inspect an NVDIMM backing file offline (`pmvm pmem format|info`).
     Pmem(crate::pmem_format::PmemArgs),
 }

@@ -8,7 +8,7 @@ use nvdimm::Nvdimm;
 use crate::api::types::{FlushReport, PmemInfo, VmInfo, VmState};
 use crate::api::{ApiError, VmmControl};
 use crate::devices::lock;
-use crate::exit::{ExitReason, ExitSignal};
+use crate::exit::{ExitReason, ExitSignal, PowerCutCause};
 use crate::vcpu::VcpuThreads;
 
 /// The running machine as the API sees it.
@@ -67,6 +67,9 @@ pub fn pmem_info(d: &Nvdimm) -> PmemInfo {
         readonly: d.readonly(),
         pending_dirty_pages: d.pending_pages(),
         stats: d.stats(),
+        persist: d.persist().to_string(),
+        writeback_interval_ms: d.writeback_interval().map(|i| i.as_millis() as u64),
+        flush_log: d.flush_log_path().map(|p| p.display().to_string()),
     }
 }
 
@@ -134,6 +137,29 @@ impl VmmControl for MachineControl {
     fn shutdown(&self) -> Result<(), ApiError> {
         self.refuse_if_stopping("shut down")?;
         self.exit.request(ExitReason::Shutdown);
+        Ok(())
+    }
+
+    fn power_cut(&self) -> Result<(), ApiError> {
+        self.cut(PowerCutCause::Api)
+    }
+
+    fn pmem_crash(&self, id: &str) -> Result<(), ApiError> {
+        self.device(id)?;
+        self.cut(PowerCutCause::ApiDevice)
+    }
+}
+
+impl MachineControl {
+    /// Devices first, so nothing becomes durable after the request; then the vCPUs, so the
+    /// guest stops storing. Both are done when the client gets its answer.
+    fn cut(&self, cause: PowerCutCause) -> Result<(), ApiError> {
+        self.refuse_if_stopping("cut the power of")?;
+        for d in &self.pmem {
+            d.power_cut();
+        }
+        self.exit.request(ExitReason::PowerCut(cause));
+        self.threads.stop();
         Ok(())
     }
 }

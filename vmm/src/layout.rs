@@ -61,9 +61,13 @@ pub const ACPI_RESET_PORT: u16 = 0x602;
 pub const ACPI_RESET_VALUE: u8 = 0x01;
 /// SLP_TYP for S5, as the DSDT's `\_S5_` package reports it.
 pub const ACPI_S5_SLP_TYP: u8 = 5;
+/// For tests: any byte written here cuts the power (like `PUT /v1/vm/power-cut`). No ACPI
+/// table mentions it; the probe's `crash` word uses it.
+pub const TEST_CRASH_PORT: u16 = 0x610;
 
 const _: () = assert!(ACPI_TABLES_START > RSDP_START + 36);
 const _: () = assert!(FLUSH_HINT_START >= MMIO_GAP_START);
 const _: () = assert!(FLUSH_HINT_START + MAX_NVDIMMS as u64 * FLUSH_HINT_PAGE_SIZE <= IOAPIC_START);
 const _: () = assert!(HIGH_RAM_START % NVDIMM_ALIGN == 0);
 const _: () = assert!(MMIO_GAP_END == HIGH_RAM_START);
+const _: () = assert!(TEST_CRASH_PORT > ACPI_RESET_PORT);

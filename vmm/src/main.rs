@@ -7,6 +7,7 @@ mod control;
 mod devices;
 mod exit;
 mod layout;
+mod log_cmd;
 mod logger;
 mod machine;
 mod memory;
@@ -53,7 +54,12 @@ fn run_client(cmd: cli::Command) -> ExitCode {
         Command::Shutdown { sock } => ClientCommand::Shutdown {
             sock: sock.api_sock,
         },
+        Command::PowerCut { sock, id } => ClientCommand::PowerCut {
+            sock: sock.api_sock,
+            id,
+        },
         Command::Pmem(args) => return pmem_format::run(args),
+        Command::Log(args) => return log_cmd::run(&args),
     };
     match api::client::run_client(cmd) {
         Ok(()) => ExitCode::SUCCESS,

@@ -37,6 +37,7 @@ pub fn describe(config: &MachineConfig, nvdimms: Vec<acpi::NvdimmDesc>) -> Platf
             s5_slp_typ: layout::ACPI_S5_SLP_TYP,
         },
         nvdimms,
+        persistence: crate::pmem::persistence_domain(&config.pmem),
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use nvdimm::config::PmemConfig;
+use nvdimm::config::{PersistMode, PmemConfig};
 use nvdimm::{Nvdimm, NvdimmError, NvdimmParams};
 
 use crate::layout;
@@ -78,6 +78,19 @@ pub fn nfit_descs(devices: &[Arc<Nvdimm>]) -> Vec<acpi::NvdimmDesc> {
         .collect()
 }
 
+/// The persistence domain the NFIT advertises for a set of devices. The claim is platform-wide,
+/// so it must hold for every device: memory-controller flush (ADR) when every device follows
+/// `persist=adr`, whose stores reach the file as soon as they leave the CPU; nothing as soon as
+/// one device is `persist=flush`, where only a flush makes stores durable. Read-only devices
+/// persist nothing and cannot take `persist=`, so they never change the claim.
+pub fn persistence_domain(configs: &[PmemConfig]) -> acpi::PersistenceDomain {
+    if configs.iter().any(|c| c.persist == PersistMode::Flush) {
+        acpi::PersistenceDomain::NotReported
+    } else {
+        acpi::PersistenceDomain::MemoryController
+    }
+}
+
 /// Routes MMIO exits to the NVDIMMs' flush-hint pages, and notices refused writes to
 /// read-only pmem.
 pub struct PmemBus {
@@ -87,6 +100,13 @@ pub struct PmemBus {
 impl PmemBus {
     pub fn new(devices: Vec<Arc<Nvdimm>>) -> Self {
         PmemBus { devices }
+    }
+
+    /// Cuts every device's power: when this returns no writeback runs or will start.
+    pub fn power_cut(&self) {
+        for d in &self.devices {
+            d.power_cut();
+        }
     }
 
     /// The device whose hint page holds `addr`, and the offset in that page.
@@ -108,11 +128,11 @@ impl PmemBus {
         }
     }
 
-    /// Handles a write; false if no NVDIMM claims `addr`. A guest flush runs to completion
-    /// here, on the vCPU thread, before the vCPU re-enters the guest.
-    pub fn write(&self, addr: u64, data: &[u8]) -> bool {
+    /// Handles a write by vCPU `vcpu`; false if no NVDIMM claims `addr`. A guest flush runs to
+    /// completion here, on the vCPU thread, before the vCPU re-enters the guest.
+    pub fn write(&self, vcpu: u8, addr: u64, data: &[u8]) -> bool {
         if let Some((dev, off)) = self.hint_target(addr) {
-            dev.mmio_write(off, data);
+            dev.mmio_write(u32::from(vcpu), off, data);
             return true;
         }
         if let Some(dev) = self
@@ -159,6 +179,21 @@ mod tests {
         assert_eq!(devices[0].guest_base(), 1 << 32);
         drop(devices);
         assert!(created.exists(), "a device set that opened lost its file");
+    }
+
+    #[test]
+    fn one_strict_device_withdraws_the_adr_claim() {
+        let cfg = |s: &str| s.parse::<PmemConfig>().unwrap();
+        use acpi::PersistenceDomain::{MemoryController, NotReported};
+        assert_eq!(persistence_domain(&[]), MemoryController);
+        assert_eq!(
+            persistence_domain(&[cfg("path=a"), cfg("path=b,readonly=on")]),
+            MemoryController
+        );
+        assert_eq!(
+            persistence_domain(&[cfg("path=a"), cfg("path=b,persist=flush")]),
+            NotReported
+        );
     }
 
     #[test]

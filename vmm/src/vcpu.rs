@@ -72,6 +72,11 @@ impl Vcpu {
                 self.exit.request(reason);
                 break;
             }
+            // Without power nothing runs on: stop at once rather than when the main thread
+            // gets round to it.
+            if self.exit.power_cut() {
+                break;
+            }
         }
     }
 
@@ -82,7 +87,7 @@ impl Vcpu {
             Ok(VcpuExit::IoIn(port, data)) => bus.pio_read(port, data),
             Ok(VcpuExit::IoOut(port, data)) => bus.pio_write(port, data),
             Ok(VcpuExit::MmioRead(addr, data)) => bus.mmio_read(addr, data),
-            Ok(VcpuExit::MmioWrite(addr, data)) => bus.mmio_write(addr, data),
+            Ok(VcpuExit::MmioWrite(addr, data)) => bus.mmio_write(self.id, addr, data),
             Ok(VcpuExit::Hlt) => std::thread::sleep(Duration::from_millis(1)),
             Ok(VcpuExit::Shutdown) => {
                 return Some(self.fatal("triple fault (KVM_EXIT_SHUTDOWN)".into()))

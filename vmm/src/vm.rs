@@ -366,8 +366,10 @@ pub fn run(config: &MachineConfig, opts: &RunOptions) -> Result<u8, VmError> {
         None => None,
     };
 
+    let background = start_background_writeback(&pmem_devices)?;
     if let Err(e) = threads.start(vcpus) {
         threads.stop();
+        stop_background_writeback(&pmem_devices, background);
         return Err(e.into());
     }
 
@@ -380,11 +382,20 @@ pub fn run(config: &MachineConfig, opts: &RunOptions) -> Result<u8, VmError> {
         server.stop();
     }
     threads.stop();
+    stop_background_writeback(&pmem_devices, background);
     drop(raw_terminal);
 
     let reason = exit.reason().unwrap_or(ExitReason::Shutdown);
-    if let ExitReason::Fatal(msg) = &reason {
-        eprintln!("pmvm: {msg}");
+    match &reason {
+        ExitReason::Fatal(msg) => eprintln!("pmvm: {msg}"),
+        ExitReason::PowerCut(cause) => {
+            // Already done by whoever cut the power; repeated for any device added since.
+            for d in &pmem_devices {
+                d.power_cut();
+            }
+            eprintln!("pmvm: power cut by {cause}: nothing unflushed was written back");
+        }
+        _ => {}
     }
     if reason.writes_back() {
         final_writeback(&pmem_devices);
@@ -395,9 +406,50 @@ pub fn run(config: &MachineConfig, opts: &RunOptions) -> Result<u8, VmError> {
     Ok(reason.exit_code())
 }
 
+/// Starts the `writeback-interval=` thread of every device that has one.
+fn start_background_writeback(
+    devices: &[Arc<nvdimm::Nvdimm>],
+) -> Result<Vec<std::thread::JoinHandle<()>>, VmError> {
+    let mut handles = Vec::new();
+    for d in devices.iter().filter(|d| d.writeback_interval().is_some()) {
+        let dev = d.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("wb-{}", d.id()))
+            .spawn(move || dev.run_background_writeback());
+        match spawned {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                stop_background_writeback(devices, handles);
+                return Err(host_err("a background writeback thread")(e));
+            }
+        }
+    }
+    Ok(handles)
+}
+
+/// Stops the background writeback threads; a round in progress finishes first.
+fn stop_background_writeback(
+    devices: &[Arc<nvdimm::Nvdimm>],
+    handles: Vec<std::thread::JoinHandle<()>>,
+) {
+    for d in devices {
+        d.stop_background_writeback();
+    }
+    for h in handles {
+        if h.join().is_err() {
+            log::error!("a background writeback thread panicked");
+        }
+    }
+}
+
 /// Makes what the guest left unflushed durable, when the host (not the guest) stopped the VM.
+/// Not for `persist=flush` devices: their file changes only at flushes, so what the guest did
+/// not flush is dropped, as a power cut would.
 fn final_writeback(devices: &[Arc<nvdimm::Nvdimm>]) {
-    for d in devices.iter().filter(|d| !d.readonly()) {
+    for d in devices
+        .iter()
+        .filter(|d| !d.readonly() && d.persist() == nvdimm::PersistMode::Adr)
+    {
         if let Err(e) = d.host_flush() {
             log::error!("final writeback: {}", crate::api::error_chain(&e));
         }

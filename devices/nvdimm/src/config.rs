@@ -1,8 +1,10 @@
-//! `--pmem` device configuration: `path=FILE[,size=SIZE][,id=NAME][,readonly=on|off][,hints=N]`.
+//! `--pmem` device configuration: `path=FILE[,size=SIZE][,id=NAME][,readonly=on|off][,hints=N]`
+//! `[,persist=adr|flush][,writeback-interval=MS][,flush-log=PATH]`.
 
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
 use crate::size::{format_size, parse_size, SizeError};
 use crate::{NvdimmError, MAX_DEVICES, MAX_HINTS, MAX_ID_LEN};
@@ -20,18 +22,56 @@ pub struct PmemConfig {
     pub readonly: bool,
     /// Number of flush-hint addresses to advertise; the VMM's default if unset.
     pub hints: Option<u32>,
+    /// Which persistence model the device follows.
+    pub persist: PersistMode,
+    /// `adr` only: write back what the guest dirtied this often, flush or not.
+    pub writeback_interval: Option<Duration>,
+    /// Append every flush's pages to this flush-epoch log.
+    pub flush_log: Option<PathBuf>,
 }
+
+/// When guest stores reach the backing file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PersistMode {
+    /// The guest's view is the file's page cache (a shared mapping): every store is in the
+    /// file at once, and a flush makes the dirtied pages durable on disk.
+    #[default]
+    Adr,
+    /// The guest's view is a private copy: the file changes only at flushes, which write the
+    /// dirtied pages into it. The file is always the durable image as of the last flush.
+    Flush,
+}
+
+impl PersistMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PersistMode::Adr => "adr",
+            PersistMode::Flush => "flush",
+        }
+    }
+}
+
+impl fmt::Display for PersistMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Bounds of `writeback-interval=`, in milliseconds: often enough to matter, rarely enough not
+/// to turn the writeback thread into a busy loop.
+pub const MIN_WRITEBACK_INTERVAL_MS: u64 = 10;
+pub const MAX_WRITEBACK_INTERVAL_MS: u64 = 3_600_000;
 
 /// Why a `--pmem` string was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
     #[error(
-        "empty --pmem value: expected path=FILE[,size=SIZE][,id=NAME][,readonly=on|off][,hints=N]"
+        "empty --pmem value: expected path=FILE[,size=SIZE][,id=NAME][,readonly=on|off][,hints=N][,persist=adr|flush][,writeback-interval=MS][,flush-log=PATH]"
     )]
     Empty,
     #[error("--pmem segment {segment:?} is not key=value (commas inside paths are not supported)")]
     NotKeyValue { segment: String },
-    #[error("--pmem has unknown key {key:?}: expected path, size, id, readonly or hints")]
+    #[error("--pmem has unknown key {key:?}: expected path, size, id, readonly or hints, or persist, writeback-interval or flush-log")]
     UnknownKey { key: String },
     #[error("--pmem gives {key}= twice")]
     DuplicateKey { key: String },
@@ -55,6 +95,16 @@ pub enum ConfigError {
     BadReadonly { value: String },
     #[error("--pmem hints={value:?} is not a number between 1 and {max}", max = MAX_HINTS)]
     BadHints { value: String },
+    #[error("--pmem persist={value:?} must be adr or flush")]
+    BadPersist { value: String },
+    #[error("--pmem writeback-interval={value:?} is not a number of milliseconds between {min} and {max}", min = MIN_WRITEBACK_INTERVAL_MS, max = MAX_WRITEBACK_INTERVAL_MS)]
+    BadWritebackInterval { value: String },
+    #[error("--pmem flush-log= is empty")]
+    EmptyFlushLog,
+    #[error("--pmem writeback-interval= needs persist=adr: with persist=flush the file may change only at guest flushes")]
+    WritebackNeedsAdr,
+    #[error("--pmem {key}= does not apply to a readonly=on device, whose file never changes")]
+    ReadonlyWith { key: &'static str },
 }
 
 impl PmemConfig {
@@ -76,6 +126,9 @@ impl FromStr for PmemConfig {
         let mut id = None;
         let mut readonly = None;
         let mut hints = None;
+        let mut persist = None;
+        let mut writeback_interval = None;
+        let mut flush_log = None;
         for segment in s.split(',') {
             let (key, value) = segment
                 .split_once('=')
@@ -93,6 +146,12 @@ impl FromStr for PmemConfig {
                     set_once(&mut readonly, parse_on_off(value)?).ok_or_else(duplicate)?
                 }
                 "hints" => set_once(&mut hints, parse_hints(value)?).ok_or_else(duplicate)?,
+                "persist" => set_once(&mut persist, parse_persist(value)?).ok_or_else(duplicate)?,
+                "writeback-interval" => set_once(&mut writeback_interval, parse_interval(value)?)
+                    .ok_or_else(duplicate)?,
+                "flush-log" => {
+                    set_once(&mut flush_log, parse_flush_log(value)?).ok_or_else(duplicate)?
+                }
                 _ => {
                     return Err(ConfigError::UnknownKey {
                         key: key.to_string(),
@@ -100,13 +159,42 @@ impl FromStr for PmemConfig {
                 }
             }
         }
-        Ok(PmemConfig {
+        let config = PmemConfig {
             path: path.ok_or(ConfigError::MissingPath)?,
             size,
             id,
             readonly: readonly.unwrap_or(false),
             hints,
-        })
+            persist: persist.unwrap_or_default(),
+            writeback_interval,
+            flush_log,
+        };
+        config.check_combination(persist.is_some())?;
+        Ok(config)
+    }
+}
+
+impl PmemConfig {
+    /// Options that are each valid but make no sense together.
+    fn check_combination(&self, persist_given: bool) -> Result<(), ConfigError> {
+        if self.readonly {
+            let key = if persist_given {
+                Some("persist")
+            } else if self.writeback_interval.is_some() {
+                Some("writeback-interval")
+            } else if self.flush_log.is_some() {
+                Some("flush-log")
+            } else {
+                None
+            };
+            if let Some(key) = key {
+                return Err(ConfigError::ReadonlyWith { key });
+            }
+        }
+        if self.writeback_interval.is_some() && self.persist != PersistMode::Adr {
+            return Err(ConfigError::WritebackNeedsAdr);
+        }
+        Ok(())
     }
 }
 
@@ -165,6 +253,34 @@ fn parse_on_off(value: &str) -> Result<bool, ConfigError> {
     }
 }
 
+fn parse_persist(value: &str) -> Result<PersistMode, ConfigError> {
+    match value {
+        "adr" => Ok(PersistMode::Adr),
+        "flush" => Ok(PersistMode::Flush),
+        _ => Err(ConfigError::BadPersist {
+            value: value.to_string(),
+        }),
+    }
+}
+
+fn parse_interval(value: &str) -> Result<Duration, ConfigError> {
+    match value.parse::<u64>() {
+        Ok(ms) if (MIN_WRITEBACK_INTERVAL_MS..=MAX_WRITEBACK_INTERVAL_MS).contains(&ms) => {
+            Ok(Duration::from_millis(ms))
+        }
+        _ => Err(ConfigError::BadWritebackInterval {
+            value: value.to_string(),
+        }),
+    }
+}
+
+fn parse_flush_log(value: &str) -> Result<PathBuf, ConfigError> {
+    if value.is_empty() {
+        return Err(ConfigError::EmptyFlushLog);
+    }
+    Ok(PathBuf::from(value))
+}
+
 fn parse_hints(value: &str) -> Result<u32, ConfigError> {
     match value.parse::<u32>() {
         Ok(n) if (1..=MAX_HINTS).contains(&n) => Ok(n),
@@ -189,6 +305,15 @@ impl fmt::Display for PmemConfig {
         }
         if let Some(hints) = self.hints {
             write!(f, ",hints={hints}")?;
+        }
+        if self.persist != PersistMode::Adr {
+            write!(f, ",persist={}", self.persist)?;
+        }
+        if let Some(interval) = self.writeback_interval {
+            write!(f, ",writeback-interval={}", interval.as_millis())?;
+        }
+        if let Some(log) = &self.flush_log {
+            write!(f, ",flush-log={}", log.display())?;
         }
         Ok(())
     }
@@ -237,7 +362,10 @@ mod tests {
                 size: None,
                 id: None,
                 readonly: false,
-                hints: None
+                hints: None,
+                persist: PersistMode::Adr,
+                writeback_interval: None,
+                flush_log: None,
             }
         );
         assert_eq!(c.id_or_default(3), "pmem3");
@@ -258,10 +386,28 @@ mod tests {
     }
 
     #[test]
+    fn persistence_keys() {
+        let c = parse("path=x").unwrap();
+        assert_eq!(c.persist, PersistMode::Adr);
+        assert_eq!((c.writeback_interval, c.flush_log), (None, None));
+        let c = parse("path=x,persist=flush,flush-log=/tmp/a=b.log").unwrap();
+        assert_eq!(c.persist, PersistMode::Flush);
+        assert_eq!(c.flush_log, Some(PathBuf::from("/tmp/a=b.log")));
+        let c = parse("path=x,persist=adr,writeback-interval=10").unwrap();
+        assert_eq!(c.writeback_interval, Some(Duration::from_millis(10)));
+        let c = parse("path=x,writeback-interval=3600000").unwrap();
+        assert_eq!(c.writeback_interval, Some(Duration::from_secs(3600)));
+        // Explicit persist=adr is the default and is not written back out.
+        assert_eq!(parse("path=x,persist=adr").unwrap().to_string(), "path=x");
+    }
+
+    #[test]
     fn display_round_trips() {
         for s in [
             "path=/a/b.img",
             "path=p,size=1536K,id=x,readonly=on,hints=2",
+            "path=p,persist=flush,flush-log=/l/og",
+            "path=p,writeback-interval=250,flush-log=x.log",
         ] {
             let c = parse(s).unwrap();
             assert_eq!(c.to_string(), s);
@@ -362,6 +508,61 @@ mod tests {
                 "path=a,hints=-1",
                 ConfigError::BadHints { value: "-1".into() },
             ),
+            (
+                "path=a,persist=eadr",
+                ConfigError::BadPersist {
+                    value: "eadr".into(),
+                },
+            ),
+            (
+                "path=a,persist=adr,persist=flush",
+                ConfigError::DuplicateKey {
+                    key: "persist".into(),
+                },
+            ),
+            (
+                "path=a,writeback-interval=9",
+                ConfigError::BadWritebackInterval { value: "9".into() },
+            ),
+            (
+                "path=a,writeback-interval=3600001",
+                ConfigError::BadWritebackInterval {
+                    value: "3600001".into(),
+                },
+            ),
+            (
+                "path=a,writeback-interval=1s",
+                ConfigError::BadWritebackInterval { value: "1s".into() },
+            ),
+            ("path=a,flush-log=", ConfigError::EmptyFlushLog),
+            (
+                "path=a,flush-log=x,flush-log=y",
+                ConfigError::DuplicateKey {
+                    key: "flush-log".into(),
+                },
+            ),
+            (
+                "path=a,persist=flush,writeback-interval=100",
+                ConfigError::WritebackNeedsAdr,
+            ),
+            (
+                "path=a,readonly=on,persist=flush",
+                ConfigError::ReadonlyWith { key: "persist" },
+            ),
+            (
+                "path=a,readonly=on,persist=adr",
+                ConfigError::ReadonlyWith { key: "persist" },
+            ),
+            (
+                "path=a,writeback-interval=100,readonly=on",
+                ConfigError::ReadonlyWith {
+                    key: "writeback-interval",
+                },
+            ),
+            (
+                "path=a,readonly=on,flush-log=l",
+                ConfigError::ReadonlyWith { key: "flush-log" },
+            ),
         ];
         for (input, want) in cases {
             assert_eq!(&parse(input).unwrap_err(), want, "input {input:?}");
@@ -395,6 +596,13 @@ mod tests {
         assert!(msg.contains("\"17\"") && msg.contains("16"), "{msg}");
         let msg = parse("path=a,colour=red").unwrap_err().to_string();
         assert!(msg.contains("colour"), "{msg}");
+        let msg = parse("path=a,writeback-interval=5")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("\"5\"") && msg.contains("10") && msg.contains("3600000"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -4,22 +4,29 @@
 //! The memslot owner (`MemSlot`) holds its own `Arc<Mapping>` and the `Arc<VmFd>`, and removes the
 //! slot (size 0) in its `Drop` before releasing them; it is also declared before `mapping` in
 //! `Nvdimm`, so the slot goes first even when the device is dropped as a whole.
+//!
+//! Persistence models (`docs/persistence.md`): with `persist=adr` the mapping is the file's page
+//! cache and a writeback makes dirtied pages durable in place; with `persist=flush` the mapping
+//! is private and a writeback copies dirtied pages into the file. After [`Nvdimm::power_cut`]
+//! no writeback starts again, whoever asks.
 
 use std::fmt;
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
 use kvm_ioctls::VmFd;
 
 use crate::backing::Backing;
-use crate::config::PmemConfig;
+use crate::config::{PersistMode, PmemConfig};
 use crate::dirty::{bitmap_words, DirtyError, DirtyLog, DirtyLogMode};
+use crate::flush_log::{self, AppendError, FlushLogWriter};
 use crate::group_commit::GroupCommit;
 use crate::handler::{self, FlushHintAccess, HINT_WIDTH};
 use crate::metrics::NvdimmMetrics;
-use crate::mmap::Mapping;
+use crate::mmap::{Mapping, Sharing};
 use crate::stats::{FlushReport, PmemStats};
 use crate::writeback::{self, count_pages, WritebackError, Written};
 use crate::{NvdimmError, MAX_HINTS, PAGE_SIZE};
@@ -49,6 +56,32 @@ pub enum FlushError {
     Harvest(#[source] DirtyError),
     #[error("writing dirty pages back failed")]
     Writeback(#[source] WritebackError),
+    #[error("logging the flush failed; the pages stay dirty and nothing was written back")]
+    Log(#[source] AppendError),
+    #[error("the device has lost power (power cut); nothing is written back any more")]
+    PoweredOff,
+}
+
+/// Who asked for a writeback: recorded in the flush-epoch log and the stats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlushSource {
+    /// A guest write to a flush hint, on this vCPU.
+    Vcpu(u32),
+    /// The API, or the final writeback when the host stops the VM.
+    Host,
+    /// The `writeback-interval=` thread.
+    Background,
+}
+
+impl FlushSource {
+    /// The `source` field of a flush-log epoch.
+    pub fn log_code(self) -> u32 {
+        match self {
+            FlushSource::Vcpu(id) => id.min(flush_log::SOURCE_BACKGROUND - 1),
+            FlushSource::Host => flush_log::SOURCE_HOST,
+            FlushSource::Background => flush_log::SOURCE_BACKGROUND,
+        }
+    }
 }
 
 /// The KVM memslot backed by the device's mapping; removing it on drop.
@@ -92,6 +125,17 @@ pub struct Nvdimm {
     pending: Mutex<Vec<u64>>,
     commit: GroupCommit<Result<Written, FlushError>>,
     metrics: NvdimmMetrics,
+    persist: PersistMode,
+    writeback_interval: Option<Duration>,
+    /// Created by [`Nvdimm::open_flush_log`]; appended to only inside a writeback, which the
+    /// group commit serialises.
+    flush_log: Mutex<Option<FlushLogWriter>>,
+    flush_log_path: Option<std::path::PathBuf>,
+    /// Set by [`Nvdimm::power_cut`]: no writeback starts after it.
+    power_lost: AtomicBool,
+    /// Set to stop the background writeback loop.
+    background_stop: Mutex<bool>,
+    background_wake: Condvar,
     mapping: Arc<Mapping>,
     backing: Backing,
 }
@@ -104,6 +148,7 @@ impl fmt::Debug for Nvdimm {
             .field("size", &self.size())
             .field("params", &self.params)
             .field("hints", &self.hints)
+            .field("persist", &self.persist)
             .field("attached", &self.attachment.get().is_some())
             .finish()
     }
@@ -139,12 +184,14 @@ impl Nvdimm {
             }
         }
         let backing = Backing::open(cfg, &id)?;
-        let mapping =
-            Mapping::new(backing.file(), backing.size(), !cfg.readonly).map_err(|source| {
-                NvdimmError::Map {
-                    id: id.clone(),
-                    source,
-                }
+        let sharing = match cfg.persist {
+            PersistMode::Adr => Sharing::Shared,
+            PersistMode::Flush => Sharing::Private,
+        };
+        let mapping = Mapping::with_sharing(backing.file(), backing.size(), !cfg.readonly, sharing)
+            .map_err(|source| NvdimmError::Map {
+                id: id.clone(),
+                source,
             })?;
         Ok(Nvdimm {
             pending: Mutex::new(vec![0; bitmap_words(backing.size())]),
@@ -155,6 +202,13 @@ impl Nvdimm {
             attaching: Mutex::new(()),
             commit: GroupCommit::new(),
             metrics: NvdimmMetrics::default(),
+            persist: cfg.persist,
+            writeback_interval: cfg.writeback_interval,
+            flush_log: Mutex::new(None),
+            flush_log_path: cfg.flush_log.clone(),
+            power_lost: AtomicBool::new(false),
+            background_stop: Mutex::new(false),
+            background_wake: Condvar::new(),
             mapping: Arc::new(mapping),
             backing,
         })
@@ -169,6 +223,7 @@ impl Nvdimm {
                 id: self.id.clone(),
             });
         }
+        self.open_flush_log()?;
         let flags = if self.readonly() {
             KVM_MEM_READONLY
         } else {
@@ -214,6 +269,25 @@ impl Nvdimm {
         Ok(())
     }
 
+    /// Creates the `flush-log=` file, if the device has one and it is not created yet. Attach
+    /// does this, so only a VM that runs creates a log (not `--dump-acpi`).
+    pub fn open_flush_log(&self) -> Result<(), NvdimmError> {
+        let Some(path) = &self.flush_log_path else {
+            return Ok(());
+        };
+        let mut log = lock(&self.flush_log);
+        if log.is_none() {
+            let writer = FlushLogWriter::create(path, self.size()).map_err(|source| {
+                NvdimmError::FlushLog {
+                    id: self.id.clone(),
+                    source,
+                }
+            })?;
+            *log = Some(writer);
+        }
+        Ok(())
+    }
+
     /// The VMM has all its devices: a backing file [`Nvdimm::open`] created is the user's now.
     pub fn keep_created_file(&mut self) {
         self.backing.keep();
@@ -237,6 +311,20 @@ impl Nvdimm {
 
     pub fn readonly(&self) -> bool {
         self.backing.readonly()
+    }
+
+    pub fn persist(&self) -> PersistMode {
+        self.persist
+    }
+
+    /// The `writeback-interval=`, if the device has a background writeback.
+    pub fn writeback_interval(&self) -> Option<Duration> {
+        self.writeback_interval
+    }
+
+    /// The `flush-log=` file, if any.
+    pub fn flush_log_path(&self) -> Option<&Path> {
+        self.flush_log_path.as_deref()
     }
 
     pub fn slot(&self) -> u32 {
@@ -266,12 +354,12 @@ impl Nvdimm {
         self.params.index as u32 + 1
     }
 
-    /// A guest write to the hint page at `offset`: the synchronous flush path. Runs on the vCPU
-    /// thread, which resumes only when the pages are durable. Never fails towards the guest:
-    /// errors are logged and counted.
-    pub fn mmio_write(&self, offset: u64, data: &[u8]) {
+    /// A guest write by vCPU `vcpu` to the hint page at `offset`: the synchronous flush path.
+    /// Runs on the vCPU thread, which resumes only when the pages are durable (and, with a
+    /// flush log, logged). Never fails towards the guest: errors are logged and counted.
+    pub fn mmio_write(&self, vcpu: u32, offset: u64, data: &[u8]) {
         match handler::decode_write(offset, data.len(), self.hints) {
-            FlushHintAccess::Flush { .. } => self.guest_flush(),
+            FlushHintAccess::Flush { .. } => self.guest_flush(vcpu),
             FlushHintAccess::BadWidth { len } => {
                 self.metrics.bad_width_writes.inc();
                 log::debug!(
@@ -291,9 +379,9 @@ impl Nvdimm {
         handler::read(data);
     }
 
-    fn guest_flush(&self) {
+    fn guest_flush(&self, vcpu: u32) {
         let arrived = Instant::now();
-        let outcome = self.flush();
+        let outcome = self.flush(FlushSource::Vcpu(vcpu));
         self.metrics.flushes.inc();
         self.metrics
             .latency
@@ -309,7 +397,7 @@ impl Nvdimm {
     /// and reporting its outcome.
     pub fn host_flush(&self) -> Result<FlushReport, NvdimmError> {
         let arrived = Instant::now();
-        let outcome = self.flush();
+        let outcome = self.flush(FlushSource::Host);
         self.metrics.host_flushes.inc();
         let latency_us = arrived.elapsed().as_micros() as u64;
         let written = outcome.map_err(|source| NvdimmError::Flush {
@@ -325,19 +413,36 @@ impl Nvdimm {
     }
 
     /// Waits for a writeback that started after this call and returns what it wrote.
-    fn flush(&self) -> Result<Written, FlushError> {
-        self.commit.commit(|| self.write_back_dirty()).outcome
+    fn flush(&self, source: FlushSource) -> Result<Written, FlushError> {
+        self.commit.commit(|| self.write_back_dirty(source)).outcome
     }
 
-    /// One writeback: harvest, write back, account. Serialised by the group commit.
-    fn write_back_dirty(&self) -> Result<Written, FlushError> {
+    /// One writeback: harvest, log, write back, account. Serialised by the group commit.
+    fn write_back_dirty(&self, source: FlushSource) -> Result<Written, FlushError> {
+        if self.power_lost.load(Ordering::Acquire) {
+            return Err(FlushError::PoweredOff);
+        }
         let result = self.harvest().and_then(|bitmap| {
             self.metrics.last_harvest_pages.set(count_pages(&bitmap));
-            writeback::write_back(self.backing.file(), &bitmap, self.size()).map_err(|e| {
+            let keep_pending = |e| {
                 // Not durable: keep the pages pending so the next flush retries them.
                 or_into(&mut lock(&self.pending), &bitmap);
-                FlushError::Writeback(e)
-            })
+                e
+            };
+            // Write-ahead: the epoch is durable in the log before the file changes, so a
+            // crash in between leaves the log ahead of the file, never behind it.
+            self.log_epoch(source, &bitmap)
+                .map_err(FlushError::Log)
+                .map_err(keep_pending)?;
+            let written = match self.persist {
+                PersistMode::Adr => {
+                    writeback::write_back(self.backing.file(), &bitmap, self.size())
+                }
+                PersistMode::Flush => {
+                    writeback::copy_back(self.backing.file(), &self.mapping, &bitmap, self.size())
+                }
+            };
+            written.map_err(FlushError::Writeback).map_err(keep_pending)
         });
         self.metrics.writebacks.inc();
         match &result {
@@ -345,6 +450,9 @@ impl Nvdimm {
                 self.metrics.pages_written.add(written.pages);
                 self.metrics.bytes_written.add(written.bytes);
                 self.metrics.runs.add(written.runs);
+                if source == FlushSource::Background {
+                    self.metrics.background_pages.add(written.pages);
+                }
             }
             Err(e) => {
                 self.metrics.errors.inc();
@@ -357,6 +465,100 @@ impl Nvdimm {
             }
         }
         result
+    }
+
+    /// Appends the epoch of one writeback to the flush log, if there is one. Empty background
+    /// writebacks change nothing on disk and add no epoch.
+    fn log_epoch(&self, source: FlushSource, bitmap: &[u64]) -> Result<(), AppendError> {
+        let mut log = lock(&self.flush_log);
+        let Some(log) = log.as_mut() else {
+            return Ok(());
+        };
+        let pages: Vec<u64> = writeback::runs(bitmap)
+            .into_iter()
+            .flat_map(|r| r.first_page..r.first_page + r.pages)
+            .filter(|&p| p < self.size() / PAGE_SIZE)
+            .collect();
+        if pages.is_empty() && source == FlushSource::Background {
+            return Ok(());
+        }
+        // The contents as the guest sees them now: for adr the file's page cache, for flush
+        // the private copy about to be written into the file.
+        let fill = |page: u64, buf: &mut [u8]| {
+            self.mapping
+                .read_at(page * PAGE_SIZE, buf)
+                .map_err(|_| AppendError::ReadPage {
+                    page,
+                    source: vmm_sys_util::errno::Error::new(libc::EFAULT),
+                })
+        };
+        log.append(source.log_code(), flush_log::now_ns(), &pages, fill)?;
+        self.metrics.log_epochs.inc();
+        Ok(())
+    }
+
+    /// Simulates losing power: no writeback starts from now on, and one already running has
+    /// finished when this returns. What is not durable yet stays that way: with `persist=flush`
+    /// the file keeps the image of the last flush; with `persist=adr` stores already in the
+    /// host page cache stay there (the host did not lose power). Stops the background loop.
+    pub fn power_cut(&self) {
+        self.power_lost.store(true, Ordering::Release);
+        self.stop_background_writeback();
+        // Waits out a writeback in progress; the run it leads itself does nothing.
+        let _ = self.commit.commit(|| Err(FlushError::PoweredOff));
+    }
+
+    /// Whether [`Nvdimm::power_cut`] has run.
+    pub fn lost_power(&self) -> bool {
+        self.power_lost.load(Ordering::Acquire)
+    }
+
+    /// The `writeback-interval=` loop: every interval, a writeback of whatever the guest
+    /// dirtied, through the same group commit as flushes. Returns at once without an interval;
+    /// otherwise blocks until [`Nvdimm::stop_background_writeback`] or a power cut. Run it on
+    /// a thread of its own.
+    pub fn run_background_writeback(&self) {
+        let Some(interval) = self.writeback_interval else {
+            return;
+        };
+        let mut stop = lock(&self.background_stop);
+        loop {
+            let deadline = Instant::now() + interval;
+            while !*stop {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                stop = self
+                    .background_wake
+                    .wait_timeout(stop, deadline - now)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+            if *stop {
+                return;
+            }
+            drop(stop);
+            self.background_flush();
+            stop = lock(&self.background_stop);
+        }
+    }
+
+    /// Ends [`Nvdimm::run_background_writeback`]; a round in progress finishes first.
+    pub fn stop_background_writeback(&self) {
+        *lock(&self.background_stop) = true;
+        self.background_wake.notify_all();
+    }
+
+    /// One background round, counted apart from flushes.
+    fn background_flush(&self) {
+        let committed = self
+            .commit
+            .commit(|| self.write_back_dirty(FlushSource::Background));
+        self.metrics.background_flushes.inc();
+        if let Err(FlushError::PoweredOff) = committed.outcome {
+            self.stop_background_writeback();
+        }
     }
 
     /// The pending pages merged with the dirty log (if attached and writable), all taken. On
@@ -471,6 +673,7 @@ mod tests {
     use super::*;
     use crate::backing::BackingError;
     use std::thread;
+    use std::time::Duration;
 
     const MIB: u64 = 1 << 20;
 
@@ -588,11 +791,11 @@ mod tests {
     fn hint_page_accesses_are_decoded_and_counted() {
         let dir = tempfile::tempdir().unwrap();
         let d = open(dir.path(), ",size=2M,hints=2", 0).unwrap();
-        d.mmio_write(0, &1u64.to_le_bytes());
-        d.mmio_write(8, &[0xff; 8]);
-        d.mmio_write(0, &[1, 0, 0, 0]);
-        d.mmio_write(16, &[0; 8]);
-        d.mmio_write(4, &[0; 8]);
+        d.mmio_write(0, 0, &1u64.to_le_bytes());
+        d.mmio_write(0, 8, &[0xff; 8]);
+        d.mmio_write(0, 0, &[1, 0, 0, 0]);
+        d.mmio_write(0, 16, &[0; 8]);
+        d.mmio_write(0, 4, &[0; 8]);
         let mut r = [0xaa; 8];
         d.mmio_read(0, &mut r);
         assert_eq!(r, [0; 8]);
@@ -663,6 +866,204 @@ mod tests {
         assert_eq!(ro.host_flush().unwrap().pages, 0);
     }
 
+    fn file_bytes(dir: &Path, offset: usize, len: usize) -> Vec<u8> {
+        std::fs::read(dir.join("pmem.img")).unwrap()[offset..offset + len].to_vec()
+    }
+
+    #[test]
+    fn strict_model_changes_the_file_only_at_flushes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = open(dir.path(), ",size=2M,persist=flush", 0).unwrap();
+        d.keep_created_file();
+        assert_eq!(d.persist(), PersistMode::Flush);
+        d.write_bytes(0, b"AAAA").unwrap();
+        assert_eq!(file_bytes(dir.path(), 0, 4), [0; 4], "no flush yet");
+        let mut seen = [0u8; 4];
+        d.read_bytes(0, &mut seen).unwrap();
+        assert_eq!(&seen, b"AAAA", "the guest sees its own stores");
+        assert_eq!(d.host_flush().unwrap().pages, 1);
+        assert_eq!(file_bytes(dir.path(), 0, 4), b"AAAA");
+        d.write_bytes(PAGE_SIZE, b"BBBB").unwrap();
+        d.write_bytes(0, b"aa").unwrap();
+        drop(d);
+        // Dropping the device without a flush is the power loss: the private copy is gone.
+        assert_eq!(file_bytes(dir.path(), 0, 4), b"AAAA");
+        assert_eq!(file_bytes(dir.path(), PAGE_SIZE as usize, 4), [0; 4]);
+        let d = open(dir.path(), ",persist=flush", 0).unwrap();
+        d.read_bytes(0, &mut seen).unwrap();
+        assert_eq!(&seen, b"AAAA", "the reboot sees the last flushed image");
+    }
+
+    #[test]
+    fn after_a_power_cut_nothing_is_written_back() {
+        for persist in ["adr", "flush"] {
+            let dir = tempfile::tempdir().unwrap();
+            let d = open(dir.path(), &format!(",size=2M,persist={persist}"), 0).unwrap();
+            d.write_bytes(0, b"A").unwrap();
+            d.host_flush().unwrap();
+            d.write_bytes(PAGE_SIZE, b"B").unwrap();
+            d.power_cut();
+            assert!(d.lost_power());
+            let err = d.host_flush().unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    NvdimmError::Flush {
+                        source: FlushError::PoweredOff,
+                        ..
+                    }
+                ),
+                "{err:?}"
+            );
+            d.mmio_write(0, 0, &[1; 8]);
+            let s = d.stats();
+            assert_eq!(
+                (s.pages_written, s.errors, s.writebacks),
+                (1, 0, 1),
+                "{persist}"
+            );
+            assert_eq!(d.pending_pages(), Some(1), "page B is still only in memory");
+            let b = file_bytes(dir.path(), PAGE_SIZE as usize, 1)[0];
+            // adr: the store is in the host's page cache, which did not lose power.
+            assert_eq!(b, if persist == "adr" { b'B' } else { 0 }, "{persist}");
+        }
+    }
+
+    #[test]
+    fn every_flush_appends_an_epoch_with_its_source_and_pages() {
+        use crate::flush_log::{FileSource, FlushLog, SOURCE_HOST};
+        for persist in ["adr", "flush"] {
+            let dir = tempfile::tempdir().unwrap();
+            let log_path = dir.path().join("flush.log");
+            let d = open(
+                dir.path(),
+                &format!(
+                    ",size=2M,persist={persist},flush-log={}",
+                    log_path.display()
+                ),
+                0,
+            )
+            .unwrap();
+            assert_eq!(d.flush_log_path(), Some(log_path.as_path()));
+            assert!(
+                !log_path.exists(),
+                "the log is created when the VM needs it"
+            );
+            d.open_flush_log().unwrap();
+            d.open_flush_log().unwrap();
+            d.write_bytes(0, &[0xa1; 4096]).unwrap();
+            d.host_flush().unwrap();
+            d.write_bytes(3 * PAGE_SIZE, &[0xb2; 4096]).unwrap();
+            d.write_bytes(PAGE_SIZE, &[0xc3; 10]).unwrap();
+            d.mmio_write(5, 0, &[1; 8]);
+            d.mmio_write(7, 0, &[1; 8]);
+            assert_eq!(d.stats().log_epochs, 3);
+            let src = FileSource::open(&log_path).unwrap();
+            let log = FlushLog::read(&src).unwrap();
+            assert_eq!(log.tail, None);
+            assert_eq!(log.header.device_size, 2 << 20);
+            let summary: Vec<(u64, u32, Vec<u64>)> = log
+                .epochs
+                .iter()
+                .map(|e| (e.number, e.source, e.pages.clone()))
+                .collect();
+            assert_eq!(
+                summary,
+                vec![
+                    (1, SOURCE_HOST, vec![0]),
+                    (2, 5, vec![1, 3]),
+                    (3, 7, vec![])
+                ],
+                "{persist}"
+            );
+            let mut page = vec![0u8; 4096];
+            log.read_page(&src, &log.epochs[1], 1, &mut page).unwrap();
+            assert!(page.iter().all(|&b| b == 0xb2));
+            log.read_page(&src, &log.epochs[1], 0, &mut page).unwrap();
+            assert_eq!(
+                &page[..11],
+                &[0xc3, 0xc3, 0xc3, 0xc3, 0xc3, 0xc3, 0xc3, 0xc3, 0xc3, 0xc3, 0]
+            );
+            drop(d);
+            let err = open(
+                dir.path(),
+                &format!(",size=2M,flush-log={}", log_path.display()),
+                0,
+            )
+            .unwrap()
+            .open_flush_log()
+            .unwrap_err();
+            assert!(matches!(err, NvdimmError::FlushLog { .. }), "{err:?}");
+        }
+    }
+
+    #[test]
+    fn background_writeback_writes_without_flushes_and_stops_cleanly() {
+        use crate::flush_log::{FileSource, FlushLog, SOURCE_BACKGROUND};
+        let dir = tempfile::tempdir().unwrap();
+        let log_path = dir.path().join("bg.log");
+        let d = Arc::new(
+            open(
+                dir.path(),
+                &format!(
+                    ",size=2M,writeback-interval=20,flush-log={}",
+                    log_path.display()
+                ),
+                0,
+            )
+            .unwrap(),
+        );
+        assert_eq!(d.writeback_interval(), Some(Duration::from_millis(20)));
+        d.open_flush_log().unwrap();
+        let runner = {
+            let d = d.clone();
+            thread::spawn(move || d.run_background_writeback())
+        };
+        d.write_bytes(2 * PAGE_SIZE, b"bg").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while d.stats().background_pages == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "no background writeback within 10 s"
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+        // Several empty rounds pass; they log nothing.
+        thread::sleep(Duration::from_millis(100));
+        d.stop_background_writeback();
+        runner.join().unwrap();
+        let s = d.stats();
+        assert!(s.background_flushes >= 2, "{s:?}");
+        assert_eq!((s.background_pages, s.pages_written, s.flushes), (1, 1, 0));
+        assert_eq!(d.pending_pages(), Some(0));
+        let log = FlushLog::read(&FileSource::open(&log_path).unwrap()).unwrap();
+        let summary: Vec<(u32, Vec<u64>)> = log
+            .epochs
+            .iter()
+            .map(|e| (e.source, e.pages.clone()))
+            .collect();
+        assert_eq!(summary, vec![(SOURCE_BACKGROUND, vec![2])]);
+        // A device without an interval returns at once.
+        let plain = open(&dir.path().join("x"), "", 0);
+        assert!(plain.is_err());
+        let other = tempfile::tempdir().unwrap();
+        let quick = open(other.path(), ",size=2M", 0).unwrap();
+        quick.run_background_writeback();
+    }
+
+    #[test]
+    fn a_power_cut_ends_the_background_loop() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Arc::new(open(dir.path(), ",size=2M,writeback-interval=3600000", 0).unwrap());
+        let runner = {
+            let d = d.clone();
+            thread::spawn(move || d.run_background_writeback())
+        };
+        d.power_cut();
+        runner.join().unwrap();
+        assert_eq!(d.stats().background_flushes, 0);
+    }
+
     #[test]
     fn concurrent_flushes_share_writebacks_and_stay_consistent() {
         let dir = tempfile::tempdir().unwrap();
@@ -679,7 +1080,7 @@ mod tests {
                     if r % 2 == 0 {
                         d.host_flush().unwrap();
                     } else {
-                        d.mmio_write(0, &[1; 8]);
+                        d.mmio_write(0, 0, &[1; 8]);
                     }
                 }
                 done.send(()).unwrap();

@@ -9,6 +9,7 @@ pub mod backing;
 pub mod config;
 pub mod device;
 pub mod dirty;
+pub mod flush_log;
 pub mod group_commit;
 pub mod handler;
 pub mod metrics;
@@ -19,8 +20,9 @@ pub mod stats;
 pub mod writeback;
 
 pub use backing::BackingError;
+pub use config::PersistMode;
 pub use config::{validate_set, ConfigError, PmemConfig};
-pub use device::{FlushError, Nvdimm, NvdimmParams};
+pub use device::{FlushError, FlushSource, Nvdimm, NvdimmParams};
 pub use dirty::enable_manual_protect;
 pub use size::{format_size, parse_size, SizeError};
 
@@ -82,6 +84,12 @@ pub enum NvdimmError {
         size: u64,
         #[source]
         source: kvm_ioctls::Error,
+    },
+    #[error("{id}: cannot set up its flush log")]
+    FlushLog {
+        id: String,
+        #[source]
+        source: flush_log::FlushLogError,
     },
     #[error("{id}: flush failed")]
     Flush {

@@ -116,6 +116,9 @@ pub struct NvdimmMetrics {
     pub outside_writes: Counter,
     pub writebacks: Counter,
     pub errors: Counter,
+    pub background_flushes: Counter,
+    pub background_pages: Counter,
+    pub log_epochs: Counter,
     pub last_harvest_pages: Gauge,
     pub latency: LatencyHistogram,
 }
@@ -135,6 +138,9 @@ impl NvdimmMetrics {
             outside_writes: self.outside_writes.get(),
             writebacks: self.writebacks.get(),
             errors: self.errors.get(),
+            background_flushes: self.background_flushes.get(),
+            background_pages: self.background_pages.get(),
+            log_epochs: self.log_epochs.get(),
         }
     }
 }

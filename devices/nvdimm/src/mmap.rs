@@ -1,10 +1,13 @@
-//! The only place that maps or unmaps memory: a shared mapping of the backing file.
+//! The only place that maps or unmaps memory: a mapping of the backing file.
 //!
-//! The same pages are guest memory (KVM's memslot points here) and the file's page cache, so a
-//! guest store dirties the file page directly and writeback never copies.
+//! Shared (`persist=adr`): the same pages are guest memory (KVM's memslot points here) and the
+//! file's page cache, so a guest store dirties the file page directly and writeback never
+//! copies. Private (`persist=flush`): a store copies the page on write, the file never sees it,
+//! and writeback copies the page into the file with [`Mapping::write_to_file`].
 
 use std::fs::File;
 use std::io;
+use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::ptr::NonNull;
 
@@ -23,9 +26,25 @@ pub enum MmapError {
     OutOfBounds { offset: u64, len: usize, size: u64 },
     #[error("the mapping is read-only")]
     ReadOnly,
+    #[error("writing {len} bytes at offset {offset:#x} into the backing file failed")]
+    FileWrite {
+        offset: u64,
+        len: usize,
+        #[source]
+        source: io::Error,
+    },
 }
 
-/// `len` bytes of a file mapped MAP_SHARED at `ptr`; unmapped on drop.
+/// Whether guest stores reach the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sharing {
+    /// MAP_SHARED: stores are the file's page cache.
+    Shared,
+    /// MAP_PRIVATE: stores go to private copies of the pages; the file is unchanged.
+    Private,
+}
+
+/// `len` bytes of a file mapped at `ptr`; unmapped on drop.
 ///
 /// Whoever registers the mapping with KVM must remove that memslot before this is dropped.
 #[derive(Debug)]
@@ -33,6 +52,7 @@ pub struct Mapping {
     ptr: NonNull<u8>,
     len: usize,
     writable: bool,
+    sharing: Sharing,
 }
 
 // SAFETY: the mapping is plain shared memory owned by this struct; it hands out no references
@@ -43,9 +63,20 @@ unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
-    /// Maps the first `len` bytes of `file`, writable if `writable` (the file must then be open
-    /// for writing). MAP_NORESERVE: a large sparse image must not need swap reserved for it.
+    /// Maps the first `len` bytes of `file` shared, writable if `writable` (the file must then
+    /// be open for writing). MAP_NORESERVE: a large sparse image must not need swap reserved.
     pub fn new(file: &File, len: u64, writable: bool) -> Result<Mapping, MmapError> {
+        Self::with_sharing(file, len, writable, Sharing::Shared)
+    }
+
+    /// Like [`Mapping::new`], shared or private. A private writable mapping still needs the
+    /// file open for writing only if [`Mapping::write_to_file`] is to be used.
+    pub fn with_sharing(
+        file: &File,
+        len: u64,
+        writable: bool,
+        sharing: Sharing,
+    ) -> Result<Mapping, MmapError> {
         if len == 0 {
             return Err(MmapError::Empty);
         }
@@ -58,6 +89,10 @@ impl Mapping {
         } else {
             libc::PROT_READ
         };
+        let flags = match sharing {
+            Sharing::Shared => libc::MAP_SHARED,
+            Sharing::Private => libc::MAP_PRIVATE,
+        };
         // SAFETY: a fresh mapping at an address the kernel chooses overlaps nothing we own; the
         // descriptor is valid for the call (borrowed from `file`) and the kernel keeps its own
         // reference to the file for the mapping's lifetime.
@@ -66,7 +101,7 @@ impl Mapping {
                 std::ptr::null_mut(),
                 map_len,
                 prot,
-                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                flags | libc::MAP_NORESERVE,
                 file.as_raw_fd(),
                 0,
             )
@@ -85,6 +120,7 @@ impl Mapping {
             ptr,
             len: map_len,
             writable,
+            sharing,
         })
     }
 
@@ -103,6 +139,10 @@ impl Mapping {
 
     pub fn writable(&self) -> bool {
         self.writable
+    }
+
+    pub fn sharing(&self) -> Sharing {
+        self.sharing
     }
 
     /// The start of `len` bytes at `offset`, if they lie inside the mapping.
@@ -148,6 +188,41 @@ impl Mapping {
     }
 }
 
+impl Mapping {
+    /// Copies `len` bytes at `offset` of the mapping to the same offset of `file` with
+    /// pwrite, which copies straight out of guest memory. Concurrent guest stores may tear the
+    /// copy; callers harvest the dirty log first, so such a page is logged again.
+    pub fn write_to_file(&self, file: &File, offset: u64, len: usize) -> Result<(), MmapError> {
+        let src = self.range(offset, len)?;
+        let mut done = 0usize;
+        while done < len {
+            // SAFETY: `range` checked that src..src+len lies in the mapping, which stays mapped
+            // while `self` is borrowed; the slice is only read (by pwrite, inside the kernel),
+            // and the guest writing it concurrently can only change which bytes are copied.
+            let chunk = unsafe { std::slice::from_raw_parts(src.add(done), len - done) };
+            match file.write_at(chunk, offset + done as u64) {
+                Ok(0) => {
+                    return Err(MmapError::FileWrite {
+                        offset,
+                        len,
+                        source: io::Error::from(io::ErrorKind::WriteZero),
+                    })
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(source) => {
+                    return Err(MmapError::FileWrite {
+                        offset,
+                        len,
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: ptr/len are exactly what mmap returned and nothing else unmaps them; owners
@@ -167,6 +242,7 @@ impl Drop for Mapping {
 mod tests {
     use super::*;
     use std::io::{Read, Seek, SeekFrom, Write};
+    use std::os::unix::fs::FileExt;
 
     fn file(len: u64) -> File {
         let f = tempfile::tempfile().unwrap();
@@ -244,6 +320,47 @@ mod tests {
         let err = Mapping::new(&ro, 4096, true).unwrap_err();
         assert!(matches!(err, MmapError::Map { len: 4096, .. }), "{err:?}");
         assert!(Mapping::new(&ro, 4096, false).is_ok());
+    }
+
+    #[test]
+    fn private_writes_stay_private_until_written_to_the_file() {
+        let mut f = file(3 * 4096);
+        f.write_all_at(b"old", 4096).unwrap();
+        let m = Mapping::with_sharing(&f, 3 * 4096, true, Sharing::Private).unwrap();
+        assert_eq!(m.sharing(), Sharing::Private);
+        let mut buf = [0u8; 3];
+        m.read_at(4096, &mut buf).unwrap();
+        assert_eq!(&buf, b"old", "a private mapping starts as the file");
+        m.write_at(4096, b"new").unwrap();
+        m.write_at(2 * 4096, b"two").unwrap();
+        let mut on_disk = [0u8; 3];
+        f.seek(SeekFrom::Start(4096)).unwrap();
+        f.read_exact(&mut on_disk).unwrap();
+        assert_eq!(&on_disk, b"old", "private stores must not reach the file");
+        m.write_to_file(&f, 4096, 4096).unwrap();
+        f.seek(SeekFrom::Start(4096)).unwrap();
+        f.read_exact(&mut on_disk).unwrap();
+        assert_eq!(&on_disk, b"new");
+        f.seek(SeekFrom::Start(2 * 4096)).unwrap();
+        f.read_exact(&mut on_disk).unwrap();
+        assert_eq!(on_disk, [0; 3], "only the page written out changed");
+        assert!(matches!(
+            m.write_to_file(&f, 2 * 4096, 4097),
+            Err(MmapError::OutOfBounds { .. })
+        ));
+        let ro = std::fs::File::open("/dev/null").unwrap();
+        let err = m.write_to_file(&ro, 0, 4096).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                MmapError::FileWrite {
+                    offset: 0,
+                    len: 4096,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
     }
 
     #[test]

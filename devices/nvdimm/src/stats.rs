@@ -35,6 +35,16 @@ pub struct PmemStats {
     /// pending and are retried by the next flush.
     #[serde(default)]
     pub errors: u64,
+    /// Rounds of the `writeback-interval=` thread, empty ones included. Not flushes: they
+    /// bound what a host crash can lose for a guest that never flushes.
+    #[serde(default)]
+    pub background_flushes: u64,
+    /// Pages those rounds wrote back (also counted in `pages_written`).
+    #[serde(default)]
+    pub background_pages: u64,
+    /// Epochs appended to the `flush-log=` file.
+    #[serde(default)]
+    pub log_epochs: u64,
 }
 
 /// A latency distribution in microseconds.

@@ -1,4 +1,4 @@
-//! The client side of the control socket: `pmvm stats|flush|pause|resume|shutdown`.
+//! The client side of the control socket: `pmvm stats|flush|pause|resume|shutdown|power-cut`.
 
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileTypeExt;
@@ -40,6 +40,11 @@ pub enum ClientCommand {
     },
     Shutdown {
         sock: PathBuf,
+    },
+    /// Simulated power loss, through one device when `id` is given.
+    PowerCut {
+        sock: PathBuf,
+        id: Option<String>,
     },
 }
 
@@ -140,6 +145,15 @@ fn run_to(
         ClientCommand::Pause { sock } => action(sock, "pause", "paused", out),
         ClientCommand::Resume { sock } => action(sock, "resume", "resumed", out),
         ClientCommand::Shutdown { sock } => action(sock, "shutdown", "shutdown requested", out),
+        ClientCommand::PowerCut { sock, id: None } => action(sock, "power-cut", "power cut", out),
+        ClientCommand::PowerCut { sock, id: Some(id) } => {
+            request(
+                sock,
+                "PUT",
+                &format!("/v1/pmem/{}/crash", encode_segment(id)),
+            )?;
+            writeln!(out, "power cut (through {id})").map_err(ClientError::Output)
+        }
     }
 }
 
@@ -591,9 +605,33 @@ pmem1        0      0         0.00       0       0       0        -
                 output(ClientCommand::Resume { sock: sock.clone() }, None).unwrap(),
                 "resumed\n"
             );
+            let err = output(
+                ClientCommand::PowerCut {
+                    sock: sock.clone(),
+                    id: Some("x y".into()),
+                },
+                None,
+            )
+            .unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "PUT /v1/pmem/x%20y/crash failed with 404: no pmem device with id \"x y\" (GET /v1/pmem lists them)"
+            );
             assert_eq!(
                 output(ClientCommand::Shutdown { sock: sock.clone() }, None).unwrap(),
                 "shutdown requested\n"
+            );
+            let err = output(
+                ClientCommand::PowerCut {
+                    sock: sock.clone(),
+                    id: None,
+                },
+                None,
+            )
+            .unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "PUT /v1/vm/power-cut failed with 409: cannot cut the power of the VM while it is shutting_down"
             );
         });
     }

@@ -62,6 +62,9 @@ pub fn sample_devices() -> Vec<PmemInfo> {
                 },
                 ..Default::default()
             },
+            persist: "adr".into(),
+            writeback_interval_ms: Some(1000),
+            flush_log: Some("/var/lib/pmvm/pmem0.log".into()),
         },
         PmemInfo {
             id: "pmem1".into(),
@@ -73,6 +76,9 @@ pub fn sample_devices() -> Vec<PmemInfo> {
             readonly: true,
             pending_dirty_pages: None,
             stats: PmemStats::default(),
+            persist: "adr".into(),
+            writeback_interval_ms: None,
+            flush_log: None,
         },
     ]
 }
@@ -121,6 +127,25 @@ impl VmmControl for FakeVmm {
 
     fn resume(&self) -> Result<(), ApiError> {
         self.transition("resume", VmState::Paused, VmState::Running)
+    }
+
+    fn power_cut(&self) -> Result<(), ApiError> {
+        let mut s = self.lock();
+        if s.0 == VmState::ShuttingDown {
+            return Err(ApiError::WrongState {
+                action: "cut the power of",
+                state: s.0,
+            });
+        }
+        s.0 = VmState::ShuttingDown;
+        Ok(())
+    }
+
+    fn pmem_crash(&self, id: &str) -> Result<(), ApiError> {
+        if !self.lock().1.iter().any(|d| d.id == id) {
+            return Err(ApiError::NoSuchDevice { id: id.to_string() });
+        }
+        self.power_cut()
     }
 
     fn shutdown(&self) -> Result<(), ApiError> {

@@ -8,6 +8,7 @@
 //! Endpoints (see `docs/api.md`):
 //! - `GET /v1/vm`, `GET /v1/pmem`, `GET /v1/pmem/{id}`, `GET /metrics`
 //! - `PUT /v1/pmem/{id}/flush`, `PUT /v1/vm/pause`, `PUT /v1/vm/resume`, `PUT /v1/vm/shutdown`
+//! - `PUT /v1/vm/power-cut`, `PUT /v1/pmem/{id}/crash` (simulated power loss)
 
 pub mod client;
 mod http;
@@ -42,6 +43,14 @@ pub trait VmmControl: Send + Sync + 'static {
     fn resume(&self) -> Result<(), ApiError>;
     /// Asks the VM to stop. Returns once the request is accepted; the process exits later.
     fn shutdown(&self) -> Result<(), ApiError>;
+
+    /// Cuts the power: no device writes anything back any more and the vCPUs stop. Returns
+    /// once both hold; the process then exits with status 3 without a final writeback.
+    fn power_cut(&self) -> Result<(), ApiError>;
+
+    /// The same power cut, asked for through one device (which must exist): a power cut
+    /// cannot spare the other devices of the machine.
+    fn pmem_crash(&self, id: &str) -> Result<(), ApiError>;
 }
 
 /// Why the VMM refused or failed an action. The HTTP status comes from [`ApiError::status_code`].

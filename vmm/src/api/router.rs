@@ -15,6 +15,7 @@ enum Endpoint<'a> {
     PmemList,
     Pmem(&'a str),
     PmemFlush(&'a str),
+    PmemCrash(&'a str),
     Metrics,
 }
 
@@ -23,6 +24,7 @@ enum VmAction {
     Pause,
     Resume,
     Shutdown,
+    PowerCut,
 }
 
 impl<'a> Endpoint<'a> {
@@ -33,9 +35,11 @@ impl<'a> Endpoint<'a> {
             ["v1", "vm", "pause"] => Endpoint::VmAction(VmAction::Pause),
             ["v1", "vm", "resume"] => Endpoint::VmAction(VmAction::Resume),
             ["v1", "vm", "shutdown"] => Endpoint::VmAction(VmAction::Shutdown),
+            ["v1", "vm", "power-cut"] => Endpoint::VmAction(VmAction::PowerCut),
             ["v1", "pmem"] => Endpoint::PmemList,
             ["v1", "pmem", id] if !id.is_empty() => Endpoint::Pmem(id),
             ["v1", "pmem", id, "flush"] if !id.is_empty() => Endpoint::PmemFlush(id),
+            ["v1", "pmem", id, "crash"] if !id.is_empty() => Endpoint::PmemCrash(id),
             ["metrics"] => Endpoint::Metrics,
             _ => return None,
         })
@@ -44,7 +48,7 @@ impl<'a> Endpoint<'a> {
     fn method(&self) -> &'static str {
         match self {
             Endpoint::Vm | Endpoint::PmemList | Endpoint::Pmem(_) | Endpoint::Metrics => "GET",
-            Endpoint::VmAction(_) | Endpoint::PmemFlush(_) => "PUT",
+            Endpoint::VmAction(_) | Endpoint::PmemFlush(_) | Endpoint::PmemCrash(_) => "PUT",
         }
     }
 }
@@ -85,11 +89,19 @@ pub fn route(ctl: &dyn VmmControl, method: &str, path: &str, body: &[u8]) -> Res
                 Err(e) => api_error(&e),
             },
         },
+        Endpoint::PmemCrash(raw) => match percent_decode(raw) {
+            Err(msg) => Response::error(400, &msg),
+            Ok(id) => match ctl.pmem_crash(&id) {
+                Ok(()) => Response::no_content(),
+                Err(e) => api_error(&e),
+            },
+        },
         Endpoint::VmAction(action) => {
             let result = match action {
                 VmAction::Pause => ctl.pause(),
                 VmAction::Resume => ctl.resume(),
                 VmAction::Shutdown => ctl.shutdown(),
+                VmAction::PowerCut => ctl.power_cut(),
             };
             match result {
                 Ok(()) => Response::no_content(),
@@ -349,6 +361,44 @@ mod tests {
                 "cannot resume the VM while it is running".into(),
             ),
             ("PUT", "/v1/vm/pause", "{}", 204, None, "", Value::Null),
+            ("PUT", "/v1/vm/power-cut", "", 204, None, "", Value::Null),
+            (
+                "GET",
+                "/v1/vm/power-cut",
+                "",
+                405,
+                Some("PUT"),
+                "",
+                Value::Null,
+            ),
+            (
+                "PUT",
+                "/v1/pmem/pmem1/crash",
+                "",
+                204,
+                None,
+                "",
+                Value::Null,
+            ),
+            (
+                "GET",
+                "/v1/pmem/pmem1/crash",
+                "",
+                405,
+                Some("PUT"),
+                "",
+                Value::Null,
+            ),
+            (
+                "PUT",
+                "/v1/pmem/ghost/crash",
+                "",
+                404,
+                None,
+                "/error",
+                "no pmem device with id \"ghost\" (GET /v1/pmem lists them)".into(),
+            ),
+            ("PUT", "/v1/pmem/%zz/crash", "", 400, None, "", Value::Null),
         ];
         for (method, path, body, status, allow, pointer, want) in cases {
             let fake = FakeVmm::new();
@@ -392,6 +442,20 @@ mod tests {
         assert_eq!(route(&fake, "PUT", "/v1/vm/shutdown", b"").status, 204);
         assert_eq!(fake.vm_info().state, VmState::ShuttingDown);
         assert_eq!(route(&fake, "PUT", "/v1/vm/pause", b"").status, 409);
+        assert_eq!(route(&fake, "PUT", "/v1/vm/shutdown", b"").status, 409);
+    }
+
+    #[test]
+    fn a_power_cut_ends_the_vm_once() {
+        let fake = FakeVmm::new();
+        assert_eq!(route(&fake, "PUT", "/v1/pmem/pmem0/crash", b"").status, 204);
+        assert_eq!(fake.vm_info().state, VmState::ShuttingDown);
+        let again = route(&fake, "PUT", "/v1/vm/power-cut", b"");
+        assert_eq!(again.status, 409);
+        assert_eq!(
+            body_json(&again)["error"],
+            "cannot cut the power of the VM while it is shutting_down"
+        );
         assert_eq!(route(&fake, "PUT", "/v1/vm/shutdown", b"").status, 409);
     }
 

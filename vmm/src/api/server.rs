@@ -643,6 +643,12 @@ mod tests {
         fn shutdown(&self) -> Result<(), ApiError> {
             self.inner.shutdown()
         }
+        fn power_cut(&self) -> Result<(), ApiError> {
+            self.inner.power_cut()
+        }
+        fn pmem_crash(&self, id: &str) -> Result<(), ApiError> {
+            self.inner.pmem_crash(id)
+        }
     }
 
     #[test]

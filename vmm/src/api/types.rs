@@ -60,6 +60,19 @@ pub struct PmemInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending_dirty_pages: Option<u64>,
     pub stats: PmemStats,
+    /// The persistence model, `adr` or `flush` (docs/persistence.md).
+    #[serde(default = "default_persist")]
+    pub persist: String,
+    /// The background writeback period, for `writeback-interval=` devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writeback_interval_ms: Option<u64>,
+    /// The flush-epoch log, for `flush-log=` devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flush_log: Option<String>,
+}
+
+fn default_persist() -> String {
+    "adr".into()
 }
 
 /// `GET /v1/pmem`.
@@ -105,11 +118,24 @@ mod tests {
             readonly: false,
             pending_dirty_pages: None,
             stats: PmemStats::default(),
+            persist: "adr".into(),
+            writeback_interval_ms: None,
+            flush_log: None,
         };
         let json = serde_json::to_value(&info).unwrap();
         assert!(json.get("pending_dirty_pages").is_none());
+        assert!(json.get("flush_log").is_none() && json.get("writeback_interval_ms").is_none());
+        assert_eq!(json["persist"], "adr");
+        assert_eq!(json["stats"]["background_flushes"], 0);
         assert_eq!(json["stats"]["latency_us"]["p99"], 0);
-        let back: PmemInfo = serde_json::from_value(json).unwrap();
+        let back: PmemInfo = serde_json::from_value(json.clone()).unwrap();
         assert_eq!(back, info);
+        // A document from a pmvm before persistence models still reads.
+        let mut old = json;
+        old.as_object_mut().unwrap().remove("persist");
+        for key in ["background_flushes", "background_pages", "log_epochs"] {
+            old["stats"].as_object_mut().unwrap().remove(key);
+        }
+        assert_eq!(serde_json::from_value::<PmemInfo>(old).unwrap(), info);
     }
 }

@@ -5,7 +5,7 @@ pub mod serial;
 
 use std::sync::{Arc, Mutex};
 
-use crate::exit::ExitSignal;
+use crate::exit::{ExitReason, ExitSignal, PowerCutCause};
 use crate::layout;
 use crate::pmem::PmemBus;
 
@@ -18,6 +18,7 @@ pub struct Bus {
     i8042: Mutex<I8042>,
     power: PowerDevice,
     pmem: PmemBus,
+    exit: Arc<ExitSignal>,
 }
 
 impl Bus {
@@ -25,9 +26,17 @@ impl Bus {
         Bus {
             serial,
             i8042: Mutex::new(power::i8042(exit.clone())),
-            power: PowerDevice::new(exit),
+            power: PowerDevice::new(exit.clone()),
             pmem,
+            exit,
         }
+    }
+
+    /// Cuts the power: no NVDIMM writes anything back from now on, and the VM stops. What the
+    /// guest did not flush is lost (for `persist=flush` devices; see docs/persistence.md).
+    pub fn power_cut(&self, cause: PowerCutCause) {
+        self.pmem.power_cut();
+        self.exit.request(ExitReason::PowerCut(cause));
     }
 
     /// A guest `in`. Ports nobody decodes read as all ones, like an empty ISA bus.
@@ -66,6 +75,7 @@ impl Bus {
                 // The reset trigger cannot fail: it only records the exit reason.
                 let _ = lock(&self.i8042).write((port - layout::I8042_DATA_PORT) as u8, value);
             }
+            layout::TEST_CRASH_PORT => self.power_cut(PowerCutCause::Guest),
             p => self.power.write(p, value),
         }
     }
@@ -79,9 +89,9 @@ impl Bus {
         }
     }
 
-    /// A guest MMIO write outside every memslot, or to a read-only slot.
-    pub fn mmio_write(&self, addr: u64, data: &[u8]) {
-        if !self.pmem.write(addr, data) {
+    /// A guest MMIO write by vCPU `vcpu` outside every memslot, or to a read-only slot.
+    pub fn mmio_write(&self, vcpu: u8, addr: u64, data: &[u8]) {
+        if !self.pmem.write(vcpu, addr, data) {
             log::debug!("unclaimed MMIO write of {} bytes at {addr:#x}", data.len());
         }
     }
