@@ -69,7 +69,7 @@ pub fn render_metrics(vm: &VmInfo, devices: &[PmemInfo]) -> String {
         "1 if the guest cannot write the device.",
         |d| Some(u64::from(d.readonly).to_string()),
     );
-    let counters: [StatField; 10] = [
+    let counters: [StatField; 13] = [
         (
             "pmvm_pmem_flushes_total",
             "Guest flushes: 8-byte writes to a flush hint.",
@@ -119,6 +119,21 @@ pub fn render_metrics(vm: &VmInfo, devices: &[PmemInfo]) -> String {
             "pmvm_pmem_writeback_errors_total",
             "Writebacks that failed; their pages stay pending for the next flush.",
             |s| s.errors,
+        ),
+        (
+            "pmvm_pmem_background_writebacks_total",
+            "Rounds of the writeback-interval thread, empty ones included; not flushes.",
+            |s| s.background_flushes,
+        ),
+        (
+            "pmvm_pmem_background_pages_total",
+            "Pages the writeback-interval thread wrote back.",
+            |s| s.background_pages,
+        ),
+        (
+            "pmvm_pmem_flush_log_epochs_total",
+            "Epochs appended to the flush-epoch log.",
+            |s| s.log_epochs,
         ),
     ];
     for (name, help, get) in counters {
@@ -350,6 +365,9 @@ mod tests {
         s.outside_writes = 4;
         s.writebacks = 9;
         s.errors = 2;
+        s.background_flushes = 11;
+        s.background_pages = 6;
+        s.log_epochs = 5;
         let fake = FakeVmm::new();
         let text = render_metrics(&fake.vm_info(), &devices);
         for line in [
@@ -358,6 +376,10 @@ mod tests {
             "pmvm_pmem_writeback_errors_total{id=\"pmem0\"} 2",
             "pmvm_pmem_writeback_errors_total{id=\"pmem1\"} 0",
             "# TYPE pmvm_pmem_writeback_errors_total counter",
+            "pmvm_pmem_background_writebacks_total{id=\"pmem0\"} 11",
+            "pmvm_pmem_background_pages_total{id=\"pmem0\"} 6",
+            "pmvm_pmem_flush_log_epochs_total{id=\"pmem0\"} 5",
+            "pmvm_pmem_flush_log_epochs_total{id=\"pmem1\"} 0",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
