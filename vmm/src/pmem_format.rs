@@ -128,7 +128,7 @@ pub enum FormatError {
     NotADirectory { dir: PathBuf },
     #[error("mkfs.ext4 was not found; install e2fsprogs")]
     NoMkfs,
-    #[error("the files of {} (about {need} bytes) do not fit in an ext4 filesystem of {have} bytes (the data area); give a larger --size: mkfs.ext4 said: {detail}", .dir.display(), need = format_size_approx(*.need), have = format_size(*.have))]
+    #[error("the files of {} (about {need}) do not fit in an ext4 filesystem of {have} (the data area); give a larger --size: mkfs.ext4 said: {detail}", .dir.display(), need = format_size_approx(*.need), have = format_size(*.have))]
     Ext4DoesNotFit {
         dir: PathBuf,
         need: u64,
