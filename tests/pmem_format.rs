@@ -190,6 +190,13 @@ fn unaligned_size_is_refused_with_a_suggestion() {
         "{err}"
     );
     assert_eq!(snapshot(&img), before);
+    let err = refused(&["pmem", "format", s(&img), "--mode", "raw"]);
+    assert!(
+        err.contains(
+            "is 4096 bytes long, not a positive multiple of 2 MiB; give --size (e.g. --size 2M)"
+        ),
+        "{err}"
+    );
     let err = refused(&["pmem", "format", s(&img), "--size", "64Q", "--mode", "raw"]);
     assert!(err.contains("--size \"64Q\" is not a size"), "{err}");
     let err = refused(&[

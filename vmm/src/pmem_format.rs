@@ -100,6 +100,12 @@ pub enum FormatError {
     NoSize { path: PathBuf },
     #[error("--size {size} is not a positive multiple of 2 MiB; try {suggestion}", size = format_size(*.size))]
     SizeMisaligned { size: u64, suggestion: String },
+    #[error("{} is {len} bytes long, not a positive multiple of 2 MiB; give --size (e.g. --size {suggestion})", .path.display())]
+    FileLenMisaligned {
+        path: PathBuf,
+        len: u64,
+        suggestion: String,
+    },
     #[error("cannot lay out {}", .path.display())]
     Layout {
         path: PathBuf,
@@ -201,10 +207,14 @@ fn plan(args: &FormatArgs, existing_len: Option<u64>) -> Result<Plan, FormatErro
         })?,
     };
     if size == 0 || size % SIZE_ALIGN != 0 {
-        let up = size.div_ceil(SIZE_ALIGN).max(1) * SIZE_ALIGN;
-        return Err(FormatError::SizeMisaligned {
-            size,
-            suggestion: format_size(up),
+        let suggestion = format_size(size.div_ceil(SIZE_ALIGN).max(1) * SIZE_ALIGN);
+        return Err(match args.size {
+            Some(_) => FormatError::SizeMisaligned { size, suggestion },
+            None => FormatError::FileLenMisaligned {
+                path: args.file.clone(),
+                len: size,
+                suggestion,
+            },
         });
     }
     let align = parse_size(&args.align).map_err(|source| FormatError::BadAlign {
