@@ -71,7 +71,10 @@ fi
 mkdir -p "$cache_root"
 # One build per key at a time: a second caller waits and then finds the cached kernel.
 exec 9>"$cache_root/.lock"
-step "waiting for the cache lock" && flock 9
+if ! flock -n 9; then
+  step "another build holds $cache_root/.lock; waiting for it"
+  flock 9
+fi
 if [ -s "$out/vmlinux" ]; then
   step "cached (built by another process): key $hash"
   echo "$out/vmlinux"
@@ -83,6 +86,9 @@ build="$out/build"
 rm -rf "$out"
 mkdir -p "$build"
 log="$out/build.log"
+# A failed build leaves its log but not its tree (a gigabyte or more).
+cleanup() { [ -s "$out/vmlinux" ] || [ "${PMVM_KERNEL_KEEP:-0}" = 1 ] || rm -rf "$build"; }
+trap cleanup EXIT
 
 # 3. Unpack and patch.
 step "unpacking $source_id into $build"
