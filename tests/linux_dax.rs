@@ -490,3 +490,76 @@ fn a_raw_namespace_refuses_the_dax_root() {
         vm.transcript()
     );
 }
+
+/// The strict model (`persist=flush`): the file changes only at the guest's flushes, so a power
+/// cut right after the mount leaves it as of the mount's last flush. A second boot must mount it
+/// again with a consistent ext4 journal.
+#[test]
+fn strict_model_power_cut_after_the_mount_leaves_a_root_that_mounts_again() {
+    let test = "linux dax power cut";
+    if !kvm_or_skip(test) || !mkfs_or_skip(test) {
+        return;
+    }
+    let Some(vmlinux) = kernel_or_skip(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let root = rootfs(dir.path());
+    let img = dir.path().join("root.img");
+    pmem_format(&img, "fsdax", &root);
+    let pmem = format!("path={},persist=flush", img.display());
+    let cmd = cmdline("root=/dev/pmem0 rootflags=dax rw init=/init");
+
+    for (boot, tag) in [(1, "power cut, boot 1"), (2, "power cut, boot 2")] {
+        let sock = dir.path().join(format!("api{boot}.sock"));
+        let mut args: Vec<&str> = vec!["--kernel", vmlinux.to_str().unwrap()];
+        args.extend(CPU_ARGS);
+        args.extend([
+            "--pmem",
+            &pmem,
+            "--api-sock",
+            sock.to_str().unwrap(),
+            "--cmdline",
+            &cmd,
+        ]);
+        let start = Instant::now();
+        let mut vm = Pmvm::spawn(&PathBuf::from(env!("CARGO_BIN_EXE_pmvm")), &args);
+        wait_api(&sock, Duration::from_secs(30)).unwrap();
+        let mut m = Milestones::new(&vm, tag, start);
+        m.reach(
+            "ext4 mounted on pmem0",
+            "EXT4-fs (pmem0): mounted filesystem",
+        );
+        m.reach(
+            "root mounted (rootflags=dax)",
+            "VFS: Mounted root (ext4 filesystem)",
+        );
+        let problems: Vec<String> = vm
+            .lines()
+            .into_iter()
+            .filter(|l| {
+                l.contains("EXT4-fs error")
+                    || l.contains("EXT4-fs warning")
+                    || l.contains("JBD2: Invalid")
+                    || l.contains("corrupt")
+            })
+            .collect();
+        assert!(
+            problems.is_empty(),
+            "boot {boot}: ext4 complained: {problems:#?}\n{}",
+            vm.transcript()
+        );
+        if boot == 1 {
+            // Right after the mount: whatever the guest has not flushed is lost.
+            let (status, body) = api_request(&sock, "PUT", "/v1/vm/power-cut").unwrap();
+            assert_eq!(status, 204, "power cut: {body}");
+            let (exit, stderr) = vm.wait_exit(Duration::from_secs(60)).unwrap();
+            assert_eq!(exit.code(), Some(3), "a power cut exits 3: {stderr}");
+        } else {
+            m.reach("init started", "Run /init as init process");
+            let (status, body) = api_request(&sock, "PUT", "/v1/vm/shutdown").unwrap();
+            assert_eq!(status, 204, "shutdown: {body}");
+            vm.wait_exit(Duration::from_secs(60)).unwrap();
+        }
+    }
+}
