@@ -316,6 +316,22 @@ fn settled_stats(sock: &Path, quiet: Duration, timeout: Duration) -> serde_json:
     }
 }
 
+/// Boots `vmlinux` with the CI CPU profile, one NVDIMM and `cmd`; with `sock`, also the
+/// control socket, waited for until it answers.
+fn boot(vmlinux: &Path, pmem: &str, sock: Option<&Path>, cmd: &str) -> Pmvm {
+    let mut args: Vec<&str> = vec!["--kernel", vmlinux.to_str().unwrap()];
+    args.extend(CPU_ARGS);
+    args.extend(["--pmem", pmem, "--cmdline", cmd]);
+    if let Some(sock) = sock {
+        args.extend(["--api-sock", sock.to_str().unwrap()]);
+    }
+    let vm = Pmvm::spawn(&PathBuf::from(env!("CARGO_BIN_EXE_pmvm")), &args);
+    if let Some(sock) = sock {
+        wait_api(sock, Duration::from_secs(30)).unwrap();
+    }
+    vm
+}
+
 #[test]
 fn minimal_kernel_mounts_an_fsdax_ext4_root_and_its_flushes_reach_the_file() {
     let test = "linux dax root";
@@ -337,18 +353,7 @@ fn minimal_kernel_mounts_an_fsdax_ext4_root_and_its_flushes_reach_the_file() {
     let start = Instant::now();
     let pmem = format!("path={}", img.display());
     let cmd = cmdline("root=/dev/pmem0 rootflags=dax rw init=/init");
-    let mut args: Vec<&str> = vec!["--kernel", vmlinux.to_str().unwrap()];
-    args.extend(CPU_ARGS);
-    args.extend([
-        "--pmem",
-        &pmem,
-        "--api-sock",
-        sock.to_str().unwrap(),
-        "--cmdline",
-        &cmd,
-    ]);
-    let mut vm = Pmvm::spawn(&PathBuf::from(env!("CARGO_BIN_EXE_pmvm")), &args);
-    wait_api(&sock, Duration::from_secs(30)).unwrap();
+    let mut vm = boot(&vmlinux, &pmem, Some(&sock), &cmd);
 
     let mut m = Milestones::new(&vm, "fsdax", start);
     m.reach("kernel banner", "Linux version 6.1");
@@ -466,10 +471,7 @@ fn a_raw_namespace_refuses_the_dax_root() {
     let start = Instant::now();
     let pmem = format!("path={}", img.display());
     let cmd = cmdline("root=/dev/pmem0 rootflags=dax rw init=/init");
-    let mut args: Vec<&str> = vec!["--kernel", vmlinux.to_str().unwrap()];
-    args.extend(CPU_ARGS);
-    args.extend(["--pmem", &pmem, "--cmdline", &cmd]);
-    let vm = Pmvm::spawn(&PathBuf::from(env!("CARGO_BIN_EXE_pmvm")), &args);
+    let vm = boot(&vmlinux, &pmem, None, &cmd);
     let mut m = Milestones::new(&vm, "raw control", start);
     m.reach(
         "nd_pmem probes namespace0.0",
@@ -510,21 +512,10 @@ fn strict_model_power_cut_after_the_mount_leaves_a_root_that_mounts_again() {
     let pmem = format!("path={},persist=flush", img.display());
     let cmd = cmdline("root=/dev/pmem0 rootflags=dax rw init=/init");
 
-    for (boot, tag) in [(1, "power cut, boot 1"), (2, "power cut, boot 2")] {
-        let sock = dir.path().join(format!("api{boot}.sock"));
-        let mut args: Vec<&str> = vec!["--kernel", vmlinux.to_str().unwrap()];
-        args.extend(CPU_ARGS);
-        args.extend([
-            "--pmem",
-            &pmem,
-            "--api-sock",
-            sock.to_str().unwrap(),
-            "--cmdline",
-            &cmd,
-        ]);
+    for (n, tag) in [(1, "power cut, boot 1"), (2, "power cut, boot 2")] {
+        let sock = dir.path().join(format!("api{n}.sock"));
         let start = Instant::now();
-        let mut vm = Pmvm::spawn(&PathBuf::from(env!("CARGO_BIN_EXE_pmvm")), &args);
-        wait_api(&sock, Duration::from_secs(30)).unwrap();
+        let mut vm = boot(&vmlinux, &pmem, Some(&sock), &cmd);
         let mut m = Milestones::new(&vm, tag, start);
         m.reach(
             "ext4 mounted on pmem0",
@@ -546,10 +537,10 @@ fn strict_model_power_cut_after_the_mount_leaves_a_root_that_mounts_again() {
             .collect();
         assert!(
             problems.is_empty(),
-            "boot {boot}: ext4 complained: {problems:#?}\n{}",
+            "boot {n}: ext4 complained: {problems:#?}\n{}",
             vm.transcript()
         );
-        if boot == 1 {
+        if n == 1 {
             // Right after the mount: whatever the guest has not flushed is lost.
             let (status, body) = api_request(&sock, "PUT", "/v1/vm/power-cut").unwrap();
             assert_eq!(status, 204, "power cut: {body}");
