@@ -48,7 +48,8 @@ pub fn open_all(
             default_hints: default_hints(cpus),
             manual_protect,
         };
-        let dev = Nvdimm::open(cfg, params)?;
+        let opened: Vec<&Nvdimm> = devices.iter().collect();
+        let dev = Nvdimm::open_among(cfg, params, &opened)?;
         next = base_after(next, dev.size());
         devices.push(dev);
     }

@@ -10,7 +10,6 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
 
 use crate::config::PmemConfig;
 use crate::size::format_size;
@@ -137,15 +136,6 @@ fn same_file_error(file: &OpenedFile, other: &OpenedFile) -> BackingError {
     }
 }
 
-/// Backing files currently open in this process. Two opens of one file are each other's lock
-/// holders, so without this list the second would be misreported as "in use by another process".
-static OPENED: Mutex<Vec<OpenedFile>> = Mutex::new(Vec::new());
-
-fn opened_files() -> MutexGuard<'static, Vec<OpenedFile>> {
-    // The list stays consistent even if a holder panicked: entries are pushed or removed whole.
-    OPENED.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// An open, locked, size-checked backing file.
 #[derive(Debug)]
 pub struct Backing {
@@ -160,6 +150,16 @@ pub struct Backing {
 impl Backing {
     /// Opens, checks and locks the backing file of `cfg` for the device named `id`.
     pub fn open(cfg: &PmemConfig, id: &str) -> Result<Backing, BackingError> {
+        Self::open_among(cfg, id, &[])
+    }
+
+    /// Like `open`, for a device opened after `already_open`: the same file among them is
+    /// refused as such, since our own lock on it would otherwise read as another process's.
+    pub fn open_among(
+        cfg: &PmemConfig,
+        id: &str,
+        already_open: &[OpenedFile],
+    ) -> Result<Backing, BackingError> {
         let path = cfg.path.clone();
         let (file, created) = open_or_create(cfg)?;
         // From here on, a failure must not leave a file we created behind.
@@ -177,8 +177,7 @@ impl Backing {
             identity: FileIdentity::of(&meta),
         };
 
-        let mut registry = opened_files();
-        if let Some(other) = find_same_file(opened.identity, &registry) {
+        if let Some(other) = find_same_file(opened.identity, already_open) {
             return Err(same_file_error(&opened, other));
         }
         lock(&file, &path, cfg.readonly)?;
@@ -193,8 +192,6 @@ impl Backing {
         } else {
             checked_size(&path, cfg.size, meta.len())?
         };
-        registry.push(opened.clone());
-        drop(registry);
 
         Ok(Backing {
             file,
@@ -247,7 +244,6 @@ impl Backing {
 
 impl Drop for Backing {
     fn drop(&mut self) {
-        opened_files().retain(|o| o.identity != self.opened.identity);
         if self.remove_on_drop {
             remove_created(&self.opened.path);
         }
@@ -520,7 +516,6 @@ mod tests {
             !path.exists(),
             "the file created for the device must be removed"
         );
-        assert!(opened_files().iter().all(|o| o.path != path));
     }
 
     #[test]
@@ -665,7 +660,7 @@ mod tests {
         try_flock(&reader, libc::LOCK_SH).unwrap();
         let b = Backing::open(&cfg(&path, ",readonly=on"), "pmem0").unwrap();
         assert!(b.readonly());
-        let err = Backing::open(&cfg(&path, ""), "pmem1").unwrap_err();
+        let err = Backing::open_among(&cfg(&path, ""), "pmem1", &[b.opened().clone()]).unwrap_err();
         assert!(matches!(err, BackingError::SameFile { .. }), "{err:?}");
         drop(b);
         let err = Backing::open(&cfg(&path, ""), "pmem1").unwrap_err();
@@ -684,7 +679,8 @@ mod tests {
         let first = Backing::open(&cfg(&path, ",id=a"), "a").unwrap();
         for other in [&link, &hard] {
             for extra in ["", ",readonly=on"] {
-                let err = Backing::open(&cfg(other, extra), "b").unwrap_err();
+                let err = Backing::open_among(&cfg(other, extra), "b", &[first.opened().clone()])
+                    .unwrap_err();
                 let msg = err.to_string();
                 assert!(matches!(err, BackingError::SameFile { .. }), "{err:?}");
                 assert!(

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
 use kvm_ioctls::VmFd;
 
-use crate::backing::Backing;
+use crate::backing::{Backing, OpenedFile};
 use crate::config::{PersistMode, PmemConfig};
 use crate::dirty::{bitmap_words, DirtyError, DirtyLog, DirtyLogMode};
 use crate::flush_log::{self, AppendError, FlushLogWriter};
@@ -170,6 +170,16 @@ impl Nvdimm {
     /// this created is removed again when the device is dropped, until
     /// [`Nvdimm::keep_created_file`], so a VMM whose next device fails leaves nothing behind.
     pub fn open(cfg: &PmemConfig, params: NvdimmParams) -> Result<Nvdimm, NvdimmError> {
+        Self::open_among(cfg, params, &[])
+    }
+
+    /// Like `open`, for a device opened after `already_open` ones: naming the same file as one
+    /// of them is refused as such (see [`Backing::open_among`]).
+    pub fn open_among(
+        cfg: &PmemConfig,
+        params: NvdimmParams,
+        already_open: &[&Nvdimm],
+    ) -> Result<Nvdimm, NvdimmError> {
         let id = cfg.id_or_default(params.index);
         let hints = cfg.hints.unwrap_or(params.default_hints);
         if hints == 0 || hints > MAX_HINTS {
@@ -183,7 +193,11 @@ impl Nvdimm {
                 return Err(NvdimmError::Misaligned { id, what, addr });
             }
         }
-        let backing = Backing::open(cfg, &id)?;
+        let opened: Vec<OpenedFile> = already_open
+            .iter()
+            .map(|d| d.backing.opened().clone())
+            .collect();
+        let backing = Backing::open_among(cfg, &id, &opened)?;
         let sharing = match cfg.persist {
             PersistMode::Adr => Sharing::Shared,
             PersistMode::Flush => Sharing::Private,
@@ -779,8 +793,11 @@ mod tests {
             matches!(err, NvdimmError::Backing(BackingError::Missing { .. })),
             "{err:?}"
         );
-        let _first = open(dir.path(), ",size=2M", 0).unwrap();
-        let err = open(dir.path(), "", 1).unwrap_err();
+        let first = open(dir.path(), ",size=2M", 0).unwrap();
+        let cfg: PmemConfig = format!("path={}", dir.path().join("pmem.img").display())
+            .parse()
+            .unwrap();
+        let err = Nvdimm::open_among(&cfg, params(1), &[&first]).unwrap_err();
         assert!(
             err.to_string().contains("pmem1") && err.to_string().contains("pmem0"),
             "{err}"
