@@ -1,0 +1,170 @@
+//! pmvm's flush path against the host's own writeback, in one VM per (device size, dirty
+//! pages) cell: each round the guest dirties the pages and writes the flush hint; at the exit
+//! the bench times `Nvdimm::mmio_write` (harvest, writeback, fdatasync), then dirties the same
+//! pages of a same-sized host file and times each host-only method on it.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use kvm_ioctls::Kvm;
+use nvdimm::{enable_manual_protect, Nvdimm, NvdimmError, NvdimmParams, PmemConfig};
+
+use crate::common::{Exit, TinyVm};
+use crate::error::BenchError;
+use crate::guest::{self, page_offset, EXIT_GPA, SLOT_GPA};
+use crate::host_sync::HostFile;
+use crate::stats::micros;
+
+/// One round's latencies in microseconds.
+#[derive(Clone, Copy, Debug)]
+pub struct Round {
+    /// pmvm: the whole synchronous flush of the hint exit.
+    pub pmvm: f64,
+    /// Host: sync_file_range(WRITE) per run, then fdatasync.
+    pub submit: f64,
+    /// Host: msync(MS_SYNC) of the whole mapping.
+    pub msync: f64,
+    /// Host: fsync of the file.
+    pub fsync: f64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn timed(f: impl FnOnce() -> Result<(), BenchError>) -> Result<f64, BenchError> {
+    let start = Instant::now();
+    f()?;
+    Ok(micros(start.elapsed()))
+}
+
+/// The round at one hint exit: pmvm's flush, then the host methods on freshly dirtied pages.
+fn round(
+    dev: &Nvdimm,
+    host: &HostFile,
+    pages: u64,
+    exit: (u64, &[u8]),
+    stamp: u64,
+) -> Result<Round, BenchError> {
+    let (addr, data) = exit;
+    if !(EXIT_GPA..EXIT_GPA + guest::PAGE).contains(&addr) {
+        return Err(BenchError::Check(format!(
+            "the guest wrote {addr:#x}, outside the flush-hint page at {EXIT_GPA:#x}"
+        )));
+    }
+    let pmvm = timed(|| {
+        dev.mmio_write(0, addr - EXIT_GPA, data);
+        Ok(())
+    })?;
+    host.dirty(pages, stamp)?;
+    let submit = timed(|| host.submit_then_fdatasync(pages))?;
+    host.dirty(pages, stamp + 1)?;
+    let msync = timed(|| host.msync_all())?;
+    host.dirty(pages, stamp + 2)?;
+    let fsync = timed(|| host.fsync())?;
+    Ok(Round {
+        pmvm,
+        submit,
+        msync,
+        fsync,
+    })
+}
+
+/// What one cell measured.
+pub struct Measured {
+    pub rounds: Vec<Round>,
+    /// Microseconds of one `KVM_GET_DIRTY_LOG` of the device's slot with nothing dirty (the
+    /// bitmap copy-out alone, a part of every harvest), median of `GET_LOG_TIMES`.
+    pub get_log_us: f64,
+}
+
+const GET_LOG_TIMES: usize = 9;
+
+/// `rounds` measured rounds (after one warm-up round, which also allocates the files' blocks)
+/// of flushing `pages` dirty pages on a sparse device of `size` bytes in `dir`.
+pub fn measure(
+    kvm: &Kvm,
+    dir: &Path,
+    size: u64,
+    pages: u64,
+    rounds: u64,
+) -> Result<Measured, BenchError> {
+    if pages > guest::max_pages() || page_offset(pages) > size {
+        return Err(BenchError::Check(format!(
+            "{pages} dirty pages {} pages apart do not fit in a {size}-byte device below the \
+             guest's mapped {} MiB",
+            guest::STRIDE_PAGES,
+            guest::MAPPED_END >> 20
+        )));
+    }
+    let mut vm = TinyVm::new(kvm);
+    let manual_protect = enable_manual_protect(&vm.vm)?;
+    let image = dir.join(format!("pmem-{}M-{pages}.img", size >> 20));
+    let cfg: PmemConfig = format!("path={},size={}M", image.display(), size >> 20)
+        .parse()
+        .map_err(NvdimmError::from)?;
+    let params = NvdimmParams {
+        index: 0,
+        slot: 1,
+        guest_base: SLOT_GPA,
+        hint_page: EXIT_GPA,
+        default_hints: 1,
+        manual_protect,
+    };
+    let dev = Arc::new(Nvdimm::open(&cfg, params)?);
+    dev.attach(&vm.vm)?;
+    let host = HostFile::create(&dir.join(format!("host-{}M-{pages}.img", size >> 20)), size)?;
+    vm.boot(&guest::dirty_then_flush(pages, rounds + 1));
+
+    let results = Arc::new(Mutex::new(Vec::new()));
+    let (d, r) = (dev.clone(), results.clone());
+    let exits = vm.run(move |exit| {
+        if let Exit::MmioWrite(addr, data) = exit {
+            let stamp = 3 * lock(&r).len() as u64;
+            let outcome = round(&d, &host, pages, (*addr, data), stamp);
+            lock(&r).push(outcome);
+        }
+    });
+    let want = rounds + 1;
+    let hint_exits = exits
+        .iter()
+        .filter(|e| matches!(e, Exit::MmioWrite(..)))
+        .count() as u64;
+    if hint_exits != want || exits.last() != Some(&Exit::Hlt) {
+        return Err(BenchError::Check(format!(
+            "the guest made {hint_exits} flush-hint exits (want {want}) and ended with {:?}",
+            exits.last()
+        )));
+    }
+    let st = dev.stats();
+    if st.flushes != want || st.pages_written != want * pages || st.errors != 0 {
+        return Err(BenchError::Check(format!(
+            "{want} flushes of {pages} pages should write {} pages; the device counted {} \
+             flushes, {} pages, {} errors",
+            want * pages,
+            st.flushes,
+            st.pages_written,
+            st.errors
+        )));
+    }
+    let outcomes = std::mem::take(&mut *lock(&results));
+    let mut measured = Vec::new();
+    for outcome in outcomes.into_iter().skip(1) {
+        measured.push(outcome?);
+    }
+    // The guest has halted and the last flush took everything, so these GETs find (and in
+    // GET-clears mode consume) nothing.
+    let mut get_log = Vec::new();
+    for _ in 0..GET_LOG_TIMES {
+        let start = Instant::now();
+        vm.vm
+            .get_dirty_log(dev.slot(), size as usize)
+            .map_err(BenchError::kvm("read the device's dirty log"))?;
+        get_log.push(micros(start.elapsed()));
+    }
+    Ok(Measured {
+        rounds: measured,
+        get_log_us: crate::stats::median(&get_log),
+    })
+}

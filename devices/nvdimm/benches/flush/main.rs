@@ -1,0 +1,258 @@
+//! The flush benchmark: pmvm's synchronous flush path against the host's own ways of making
+//! the same dirty pages durable, the cost of dirty tracking on guest stores, and the VMM's
+//! start CPU and memory. Every figure it judges is a ratio or a budget measured in one run.
+//!
+//! `cargo bench -p pmvm-nvdimm --bench flush -- [--quick] [--write-docs] [--pmvm PATH]
+//! [--probe PATH]`; `scripts/bench.sh` builds pmvm and the probe and regenerates
+//! docs/benchmarks.md and docs/bench/*.svg. Needs /dev/kvm.
+
+#[path = "../../tests/common/mod.rs"]
+mod common;
+mod error;
+mod flush_path;
+mod guest;
+mod host_sync;
+mod logging;
+mod machine;
+mod plot;
+mod report;
+mod stats;
+mod vmm_start;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use error::{chain, BenchError};
+use machine::Machine;
+use report::{FlushCell, LoggingCell, Results, VmmResults};
+use vmm_start::Pmvm;
+
+const GIB: u64 = 1 << 30;
+const LOGGING_PAIRS: usize = 5;
+
+/// What one run measures, and how often.
+struct Plan {
+    sizes: Vec<u64>,
+    pages: Vec<u64>,
+    logging_pages: Vec<u64>,
+    start_runs: usize,
+    memory_runs: usize,
+    quick: bool,
+}
+
+impl Plan {
+    fn full() -> Plan {
+        Plan {
+            sizes: vec![GIB, 16 * GIB, 64 * GIB],
+            pages: vec![0, 1, 16, 256, 4096, 65536],
+            logging_pages: vec![256, 4096, 65536],
+            start_runs: 11,
+            memory_runs: 3,
+            quick: false,
+        }
+    }
+
+    /// A smoke run of a minute: fewer cells and rounds.
+    fn quick() -> Plan {
+        Plan {
+            sizes: vec![GIB, 64 * GIB],
+            pages: vec![0, 1, 16, 256, 4096],
+            logging_pages: vec![4096],
+            start_runs: 3,
+            memory_runs: 1,
+            quick: true,
+        }
+    }
+
+    /// Measured rounds of a flush cell: fewer where one round writes back hundreds of MiB
+    /// (four times: pmvm and three host methods).
+    fn flush_rounds(&self, pages: u64) -> u64 {
+        match (self.quick, pages) {
+            (true, p) if p <= 256 => 5,
+            (true, _) => 3,
+            (false, p) if p <= 256 => 49,
+            (false, p) if p <= 4096 => 25,
+            (false, _) => 9,
+        }
+    }
+
+    /// Rounds per VM of a dirty-tracking cell; `LOGGING_PAIRS` logged and unlogged VMs take
+    /// turns, so drift of the host hits both alike.
+    fn logging_rounds(&self, pages: u64) -> u64 {
+        match (self.quick, pages) {
+            (true, _) => 5,
+            (false, p) if p <= 4096 => 15,
+            (false, _) => 5,
+        }
+    }
+}
+
+struct Args {
+    quick: bool,
+    write_docs: bool,
+    pmvm: Option<PathBuf>,
+    probe: Option<PathBuf>,
+}
+
+const USAGE: &str = "usage: cargo bench -p pmvm-nvdimm --bench flush -- [--quick] \
+                     [--write-docs] [--pmvm PATH] [--probe PATH]";
+
+/// Parses the arguments; None when not run by `cargo bench` (which passes `--bench`), so a
+/// `cargo test --benches` does not spend minutes on it.
+fn parse_args() -> Result<Option<Args>, BenchError> {
+    let mut args = Args {
+        quick: false,
+        write_docs: false,
+        pmvm: std::env::var_os("PMVM_BIN").map(PathBuf::from),
+        probe: std::env::var_os("PMVM_PROBE").map(PathBuf::from),
+    };
+    let mut benching = false;
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut path = |name: &str| {
+            it.next()
+                .map(PathBuf::from)
+                .ok_or_else(|| BenchError::Usage(format!("{name} needs a path; {USAGE}")))
+        };
+        match a.as_str() {
+            "--bench" => benching = true,
+            "--quick" => args.quick = true,
+            "--write-docs" => args.write_docs = true,
+            "--pmvm" => args.pmvm = Some(path("--pmvm")?),
+            "--probe" => args.probe = Some(path("--probe")?),
+            other => {
+                return Err(BenchError::Usage(format!(
+                    "unknown argument {other:?}; {USAGE}"
+                )))
+            }
+        }
+    }
+    if args.quick && args.write_docs {
+        return Err(BenchError::Usage(
+            "--quick results are too thin for the docs: drop --quick or --write-docs".into(),
+        ));
+    }
+    Ok(benching.then_some(args))
+}
+
+fn measure_vmm(args: &Args, plan: &Plan, dir: &std::path::Path) -> VmmResults {
+    let (Some(bin), Some(probe)) = (args.pmvm.clone(), args.probe.clone()) else {
+        return VmmResults::Skipped(
+            "no --pmvm/--probe given (scripts/bench.sh passes both)".into(),
+        );
+    };
+    for p in [&bin, &probe] {
+        if !p.is_file() {
+            return VmmResults::Skipped(format!("{} does not exist", p.display()));
+        }
+    }
+    let pmvm = Pmvm { bin, probe };
+    let run = || -> Result<VmmResults, BenchError> {
+        eprintln!("bench: pmvm start CPU, {} runs", plan.start_runs);
+        let starts = vmm_start::start_cpu(&pmvm, dir, plan.start_runs)?;
+        let mut memories = Vec::new();
+        for i in 0..plan.memory_runs {
+            eprintln!("bench: pmvm memory, run {}", i + 1);
+            memories.push(vmm_start::memory(&pmvm, dir, &format!("mem{i}"))?);
+        }
+        Ok(VmmResults::Measured { starts, memories })
+    };
+    run().unwrap_or_else(|e| VmmResults::Failed(chain(&e)))
+}
+
+fn run(args: &Args) -> Result<(), BenchError> {
+    let plan = if args.quick {
+        Plan::quick()
+    } else {
+        Plan::full()
+    };
+    let Some(kvm) = common::kvm_or_skip("flush benchmark") else {
+        return Err(BenchError::Check(
+            "the flush benchmark needs /dev/kvm (guest stores must go through KVM's dirty log)"
+                .into(),
+        ));
+    };
+    let scratch = machine::scratch_dir()?;
+    let dir = scratch.path();
+    let machine = Machine::probe(dir);
+    eprintln!(
+        "bench: scratch files in {} ({})",
+        dir.display(),
+        machine.scratch_fs
+    );
+    let began = Instant::now();
+
+    let mut flush = Vec::new();
+    for &size in &plan.sizes {
+        for &pages in &plan.pages {
+            let rounds = plan.flush_rounds(pages);
+            eprintln!(
+                "bench: flush, {} device, {pages} dirty pages, {rounds} rounds",
+                stats::fmt_size(size)
+            );
+            let m = flush_path::measure(&kvm, dir, size, pages, rounds)?;
+            flush.push(FlushCell {
+                size,
+                pages,
+                rounds: m.rounds,
+                get_log_us: m.get_log_us,
+            });
+        }
+    }
+    let mut logging = Vec::new();
+    for &pages in &plan.logging_pages {
+        let rounds = plan.logging_rounds(pages);
+        eprintln!("bench: dirty tracking, {pages} pages, {LOGGING_PAIRS} x {rounds} rounds each");
+        let mut cell = LoggingCell {
+            pages,
+            pairs: Vec::new(),
+        };
+        for pair in 0..LOGGING_PAIRS {
+            // Alternate which goes first, so neither always runs on a warmer host.
+            let first = pair % 2 == 0;
+            let a = logging::measure(&kvm, pages, rounds, first)?;
+            let b = logging::measure(&kvm, pages, rounds, !first)?;
+            let (logged, unlogged) = if first { (a, b) } else { (b, a) };
+            cell.pairs.push((logged, unlogged));
+        }
+        logging.push(cell);
+    }
+    let vmm = measure_vmm(args, &plan, dir);
+    let results = Results {
+        machine,
+        flush,
+        logging,
+        vmm,
+        seconds: began.elapsed().as_secs_f64(),
+    };
+    print!("{}", report::text(&results));
+    if args.write_docs {
+        let docs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs");
+        report::write_docs(&results, &docs)?;
+        eprintln!("bench: wrote {}", docs.join("benchmarks.md").display());
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(Some(args)) => args,
+        Ok(None) => {
+            println!("flush benchmark: run it with `cargo bench` or scripts/bench.sh");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("bench: {}", chain(&e));
+            return ExitCode::from(2);
+        }
+    };
+    match run(&args) {
+        // A missed target is a result, not a failure of the bench: the output says by how much.
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: {}", chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,830 @@
+//! The results: tables, the PASS/FAIL lines of the issue's targets, and docs/benchmarks.md.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use crate::error::BenchError;
+use crate::flush_path::Round;
+use crate::guest::{MAPPED_END, STRIDE_PAGES};
+use crate::machine::Machine;
+use crate::stats::{fmt_ratio, fmt_size, fmt_us, median};
+use crate::vmm_start::{Memory, Start, MEMORY_MIB, PMEM_MIB};
+use crate::{plot, GIB};
+
+/// Largest device over smallest, for the flush of one dirty page.
+pub const SIZE_LIMIT: f64 = 1.2;
+/// pmvm's flush over the host-only writeback of the same pages, from `HOST_MIN_PAGES` on.
+pub const HOST_LIMIT: f64 = 1.3;
+pub const HOST_MIN_PAGES: u64 = 16;
+pub const START_LIMIT_MS: f64 = 8.0;
+pub const OVERHEAD_LIMIT_MIB: f64 = 5.0;
+
+/// The rounds of one (device size, dirty pages) cell.
+pub struct FlushCell {
+    pub size: u64,
+    pub pages: u64,
+    pub rounds: Vec<Round>,
+    /// One `KVM_GET_DIRTY_LOG` of the slot with nothing dirty, µs.
+    pub get_log_us: f64,
+}
+
+impl FlushCell {
+    fn med(&self, f: fn(&Round) -> f64) -> f64 {
+        median(&self.rounds.iter().map(f).collect::<Vec<_>>())
+    }
+    pub fn pmvm(&self) -> f64 {
+        self.med(|r| r.pmvm)
+    }
+    pub fn submit(&self) -> f64 {
+        self.med(|r| r.submit)
+    }
+    pub fn msync(&self) -> f64 {
+        self.med(|r| r.msync)
+    }
+    pub fn fsync(&self) -> f64 {
+        self.med(|r| r.fsync)
+    }
+}
+
+/// Store rounds into a logged and an unlogged memslot, in microseconds, by pair of VMs.
+pub struct LoggingCell {
+    pub pages: u64,
+    /// (logged rounds, unlogged rounds) of each pair.
+    pub pairs: Vec<(Vec<f64>, Vec<f64>)>,
+}
+
+impl LoggingCell {
+    pub fn logged(&self) -> Vec<f64> {
+        self.pairs
+            .iter()
+            .flat_map(|p| p.0.iter().copied())
+            .collect()
+    }
+
+    pub fn unlogged(&self) -> Vec<f64> {
+        self.pairs
+            .iter()
+            .flat_map(|p| p.1.iter().copied())
+            .collect()
+    }
+
+    /// Lowest and highest logged/unlogged ratio of the pairs' medians: the noise of the host.
+    pub fn pair_ratio_range(&self) -> (f64, f64) {
+        self.pairs
+            .iter()
+            .map(|(l, u)| median(l) / median(u))
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), r| {
+                (lo.min(r), hi.max(r))
+            })
+    }
+}
+
+pub enum VmmResults {
+    Measured {
+        starts: Vec<Start>,
+        memories: Vec<Memory>,
+    },
+    Skipped(String),
+    Failed(String),
+}
+
+pub struct Results {
+    pub machine: Machine,
+    pub flush: Vec<FlushCell>,
+    pub logging: Vec<LoggingCell>,
+    pub vmm: VmmResults,
+    pub seconds: f64,
+}
+
+impl Results {
+    pub fn cell(&self, size: u64, pages: u64) -> Option<&FlushCell> {
+        self.flush
+            .iter()
+            .find(|c| c.size == size && c.pages == pages)
+    }
+
+    /// Median `KVM_GET_DIRTY_LOG` time of a device size, over its cells.
+    pub fn get_log_us(&self, size: u64) -> f64 {
+        let v: Vec<f64> = self
+            .flush
+            .iter()
+            .filter(|c| c.size == size)
+            .map(|c| c.get_log_us)
+            .collect();
+        median(&v)
+    }
+
+    pub fn sizes(&self) -> Vec<u64> {
+        let mut s: Vec<u64> = self.flush.iter().map(|c| c.size).collect();
+        s.dedup();
+        s
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    Fail,
+    Skip,
+}
+
+/// One target's verdict line, and for a FAIL what the run itself shows about why.
+pub struct Target {
+    pub verdict: Verdict,
+    pub line: String,
+    pub why: Vec<String>,
+}
+
+fn verdict(ok: bool) -> Verdict {
+    if ok {
+        Verdict::Pass
+    } else {
+        Verdict::Fail
+    }
+}
+
+fn over(ratio: f64, limit: f64) -> String {
+    format!("over by {:.0}%", (ratio / limit - 1.0) * 100.0)
+}
+
+fn bitmap_kib(size: u64) -> u64 {
+    size / 4096 / 8 / 1024
+}
+
+fn size_target(r: &Results) -> Target {
+    let sizes = r.sizes();
+    let (Some(&small), Some(&large)) = (sizes.first(), sizes.last()) else {
+        return skip("flush of 1 dirty page against device size: no flush cells measured");
+    };
+    let (Some(a), Some(b)) = (r.cell(small, 1), r.cell(large, 1)) else {
+        return skip("flush of 1 dirty page against device size: no 1-page cells measured");
+    };
+    let ratio = b.pmvm() / a.pmvm();
+    let ok = ratio <= SIZE_LIMIT;
+    let mut line = format!(
+        "{} flush of 1 dirty page: {} device {} µs = {} the {} device's {} µs (limit {SIZE_LIMIT}x",
+        tag(verdict(ok)),
+        fmt_size(large),
+        fmt_us(b.pmvm()),
+        fmt_ratio(ratio),
+        fmt_size(small),
+        fmt_us(a.pmvm()),
+    );
+    if !ok {
+        write!(line, ", {}", over(ratio, SIZE_LIMIT)).unwrap();
+    }
+    line.push(')');
+    let mut why = Vec::new();
+    if !ok {
+        if let (Some(e0), Some(e1)) = (r.cell(small, 0), r.cell(large, 0)) {
+            why.push(format!(
+                "An empty flush (nothing dirty, so the harvest alone: pmvm neither clears \
+                 the log nor calls fdatasync) costs {} µs on {} against {} µs on {}: {} µs \
+                 more, where the 1-page flushes differ by {} µs. It is O(device size): KVM keeps a {} \
+                 KiB dirty bitmap for {} ({} KiB for {}). KVM_GET_DIRTY_LOG alone, copying it \
+                 out, takes {} µs there against {} µs; the other {} µs of the empty flush is \
+                 pmvm's own work over bitmaps of that size (allocating, merging, counting and \
+                 scanning them for runs). The host page cache \
+                 tracks dirtiness per page, so the host-only methods do not grow with the \
+                 file (host submit+fdatasync of 1 page: {} µs on {}, {} µs on {}).",
+                fmt_us(e1.pmvm()),
+                fmt_size(large),
+                fmt_us(e0.pmvm()),
+                fmt_size(small),
+                fmt_us(e1.pmvm() - e0.pmvm()),
+                fmt_us(b.pmvm() - a.pmvm()),
+                bitmap_kib(large),
+                fmt_size(large),
+                bitmap_kib(small),
+                fmt_size(small),
+                fmt_us(r.get_log_us(large)),
+                fmt_us(r.get_log_us(small)),
+                fmt_us(e1.pmvm() - r.get_log_us(large)),
+                fmt_us(b.submit()),
+                fmt_size(large),
+                fmt_us(a.submit()),
+                fmt_size(small),
+            ));
+            why.push(
+                "The KVM dirty ring (KVM_CAP_DIRTY_LOG_RING) reports dirty pages as a list, \
+                 O(dirty pages), and removes the bitmap walk; a flush of 1 page should then cost \
+                 about the same on any device size."
+                    .into(),
+            );
+        }
+    }
+    Target {
+        verdict: verdict(ok),
+        line,
+        why,
+    }
+}
+
+fn host_targets(r: &Results) -> Vec<Target> {
+    let mut out = Vec::new();
+    for size in r.sizes() {
+        let cells: Vec<&FlushCell> = r
+            .flush
+            .iter()
+            .filter(|c| c.size == size && c.pages >= HOST_MIN_PAGES)
+            .collect();
+        if cells.is_empty() {
+            continue;
+        }
+        let ratio = |c: &FlushCell| c.pmvm() / c.submit();
+        let worst = cells
+            .iter()
+            .copied()
+            .max_by(|a, b| ratio(a).total_cmp(&ratio(b)))
+            .expect("cells is not empty");
+        let failed: Vec<&FlushCell> = cells
+            .iter()
+            .copied()
+            .filter(|c| ratio(c) > HOST_LIMIT)
+            .collect();
+        let ok = failed.is_empty();
+        let mut line = format!(
+            "{} {} device: pmvm's flush within {HOST_LIMIT}x of host-only writeback for k >= \
+             {HOST_MIN_PAGES} pages: worst {} at k={}",
+            tag(verdict(ok)),
+            fmt_size(size),
+            fmt_ratio(ratio(worst)),
+            worst.pages
+        );
+        for c in &failed {
+            write!(
+                line,
+                "; k={} {} ({})",
+                c.pages,
+                fmt_ratio(ratio(c)),
+                over(ratio(c), HOST_LIMIT)
+            )
+            .unwrap();
+        }
+        let mut why = Vec::new();
+        if !ok {
+            let smallest = r.sizes().first().copied().unwrap_or(size);
+            let empty = r.cell(size, 0).map(FlushCell::pmvm);
+            for c in &failed {
+                let mut w = format!(
+                    "{} device, k={}: pmvm {} µs, host {} µs: {} µs more",
+                    fmt_size(size),
+                    c.pages,
+                    fmt_us(c.pmvm()),
+                    fmt_us(c.submit()),
+                    fmt_us(c.pmvm() - c.submit())
+                );
+                if let Some(e) = empty {
+                    write!(
+                        w,
+                        "; an empty pmvm flush (the harvest of a {} KiB bitmap alone) costs \
+                         {} µs here",
+                        bitmap_kib(size),
+                        fmt_us(e)
+                    )
+                    .unwrap();
+                }
+                if let Some(s) = r.cell(smallest, c.pages).filter(|_| smallest != size) {
+                    write!(
+                        w,
+                        "; the same {} pages on {} cost pmvm {} µs more than the host",
+                        c.pages,
+                        fmt_size(smallest),
+                        fmt_us(s.pmvm() - s.submit())
+                    )
+                    .unwrap();
+                }
+                w.push('.');
+                why.push(w);
+            }
+        }
+        out.push(Target {
+            verdict: verdict(ok),
+            line,
+            why,
+        });
+    }
+    out
+}
+
+fn skip(what: &str) -> Target {
+    Target {
+        verdict: Verdict::Skip,
+        line: format!("SKIP {what}"),
+        why: Vec::new(),
+    }
+}
+
+fn vmm_targets(r: &Results) -> Vec<Target> {
+    let (starts, memories) = match &r.vmm {
+        VmmResults::Measured { starts, memories } => (starts, memories),
+        VmmResults::Skipped(why) | VmmResults::Failed(why) => {
+            return vec![
+                skip(&format!("VMM start to API socket ready: {why}")),
+                skip(&format!("VMM memory overhead: {why}")),
+            ]
+        }
+    };
+    let cpu = median(&starts.iter().map(|s| s.process_ms).collect::<Vec<_>>());
+    let vcpu = median(&starts.iter().map(|s| s.vcpu_ms).collect::<Vec<_>>());
+    let ok = cpu <= START_LIMIT_MS;
+    let mut line = format!(
+        "{} VMM start to API socket ready: {cpu:.2} ms CPU, median of {} (limit \
+         {START_LIMIT_MS} ms",
+        tag(verdict(ok)),
+        starts.len()
+    );
+    if !ok {
+        write!(line, ", {}", over(cpu, START_LIMIT_MS)).unwrap();
+    }
+    write!(line, "); vCPU threads {vcpu:.2} ms of it").unwrap();
+    let start = Target {
+        verdict: verdict(ok),
+        line,
+        why: Vec::new(),
+    };
+
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let overheads: Vec<f64> = memories.iter().map(|m| mib(m.overhead_kib())).collect();
+    let overhead = median(&overheads);
+    let Some(m) = memories
+        .iter()
+        .min_by(|a, b| {
+            (mib(a.overhead_kib()) - overhead)
+                .abs()
+                .total_cmp(&(mib(b.overhead_kib()) - overhead).abs())
+        })
+        .cloned()
+    else {
+        return vec![start, skip("VMM memory overhead: no run measured")];
+    };
+    let ok = overhead <= OVERHEAD_LIMIT_MIB;
+    let mut line = format!(
+        "{} VMM memory overhead: {overhead:.2} MiB RSS beyond guest memory (RSS {:.2} MiB, \
+         guest touched {:.2} MiB; limit {OVERHEAD_LIMIT_MIB} MiB",
+        tag(verdict(ok)),
+        mib(m.rss_kib),
+        mib(m.guest_kib)
+    );
+    if !ok {
+        write!(line, ", {}", over(overhead, OVERHEAD_LIMIT_MIB)).unwrap();
+    }
+    line.push(')');
+    let mut why = Vec::new();
+    if !ok {
+        why.push(format!(
+            "Largest resident mappings besides guest memory: {}",
+            top(&m)
+        ));
+    }
+    vec![
+        start,
+        Target {
+            verdict: verdict(ok),
+            line,
+            why,
+        },
+    ]
+}
+
+fn top(m: &Memory) -> String {
+    m.top
+        .iter()
+        .map(|(n, kib)| format!("{n} {kib} KiB"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn tag(v: Verdict) -> &'static str {
+    match v {
+        Verdict::Pass => "PASS",
+        Verdict::Fail => "FAIL",
+        Verdict::Skip => "SKIP",
+    }
+}
+
+pub fn targets(r: &Results) -> Vec<Target> {
+    let mut t = vec![size_target(r)];
+    t.extend(host_targets(r));
+    t.extend(vmm_targets(r));
+    t
+}
+
+/// A table as rows of cells; the first row is the header.
+struct Table(Vec<Vec<String>>);
+
+impl Table {
+    fn text(&self) -> String {
+        let cols = self.0.first().map_or(0, Vec::len);
+        let widths: Vec<usize> = (0..cols)
+            .map(|i| {
+                self.0
+                    .iter()
+                    .map(|r| r[i].chars().count())
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let mut out = String::new();
+        for row in &self.0 {
+            let cells: Vec<String> = row
+                .iter()
+                .zip(&widths)
+                .map(|(c, w)| format!("{c:>w$}"))
+                .collect();
+            writeln!(out, "{}", cells.join("  ")).unwrap();
+        }
+        out
+    }
+
+    fn markdown(&self) -> String {
+        let mut out = String::new();
+        for (i, row) in self.0.iter().enumerate() {
+            writeln!(out, "| {} |", row.join(" | ")).unwrap();
+            if i == 0 {
+                writeln!(out, "|{}", "---|".repeat(row.len())).unwrap();
+            }
+        }
+        out
+    }
+}
+
+fn flush_table(r: &Results) -> Table {
+    let mut rows = vec![[
+        "device",
+        "dirty pages",
+        "rounds",
+        "pmvm flush µs",
+        "host submit+fdatasync µs",
+        "host msync µs",
+        "host fsync µs",
+        "pmvm / host",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for c in &r.flush {
+        rows.push(vec![
+            fmt_size(c.size),
+            c.pages.to_string(),
+            c.rounds.len().to_string(),
+            fmt_us(c.pmvm()),
+            fmt_us(c.submit()),
+            fmt_us(c.msync()),
+            fmt_us(c.fsync()),
+            fmt_ratio(c.pmvm() / c.submit()),
+        ]);
+    }
+    Table(rows)
+}
+
+/// Per device size: the bitmap a harvest reads, one GET of it, and a whole empty flush.
+fn harvest_table(r: &Results) -> Table {
+    let mut rows = vec![[
+        "device",
+        "dirty bitmap KiB",
+        "KVM_GET_DIRTY_LOG µs",
+        "empty pmvm flush µs",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for size in r.sizes() {
+        let get = r.get_log_us(size);
+        rows.push(vec![
+            fmt_size(size),
+            bitmap_kib(size).to_string(),
+            fmt_us(get),
+            r.cell(size, 0).map_or("-".into(), |c| fmt_us(c.pmvm())),
+        ]);
+    }
+    Table(rows)
+}
+
+fn logging_table(r: &Results) -> Table {
+    let mut rows = vec![[
+        "pages stored to",
+        "rounds",
+        "unlogged µs",
+        "logged µs",
+        "unlogged ns/page",
+        "logged ns/page",
+        "logged / unlogged",
+        "same, per VM pair",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for c in &r.logging {
+        let (logged, unlogged) = (c.logged(), c.unlogged());
+        let (l, u) = (median(&logged), median(&unlogged));
+        let per_page = |us: f64| format!("{:.0}", us * 1000.0 / c.pages as f64);
+        let (lo, hi) = c.pair_ratio_range();
+        rows.push(vec![
+            c.pages.to_string(),
+            format!(
+                "{} x {}",
+                c.pairs.len(),
+                logged.len() / c.pairs.len().max(1)
+            ),
+            fmt_us(u),
+            fmt_us(l),
+            per_page(u),
+            per_page(l),
+            fmt_ratio(l / u),
+            format!("{} to {}", fmt_ratio(lo), fmt_ratio(hi)),
+        ]);
+    }
+    Table(rows)
+}
+
+fn vmm_table(r: &Results) -> Option<Table> {
+    let VmmResults::Measured { starts, memories } = &r.vmm else {
+        return None;
+    };
+    let mut rows = vec![["measure", "runs", "median", "min", "max"]
+        .map(String::from)
+        .to_vec()];
+    let mut add = |name: &str, unit: &str, v: Vec<f64>| {
+        let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        rows.push(vec![
+            format!("{name} ({unit})"),
+            v.len().to_string(),
+            format!("{:.2}", median(&v)),
+            format!("{min:.2}"),
+            format!("{max:.2}"),
+        ]);
+    };
+    add(
+        "CPU, exec to API socket accepting",
+        "ms",
+        starts.iter().map(|s| s.process_ms).collect(),
+    );
+    add(
+        "of which vCPU threads",
+        "ms",
+        starts.iter().map(|s| s.vcpu_ms).collect(),
+    );
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    add(
+        "VmRSS, probe in `wait`",
+        "MiB",
+        memories.iter().map(|m| mib(m.rss_kib)).collect(),
+    );
+    add(
+        "guest RAM + NVDIMM resident",
+        "MiB",
+        memories.iter().map(|m| mib(m.guest_kib)).collect(),
+    );
+    add(
+        "VMM overhead (VmRSS minus guest)",
+        "MiB",
+        memories.iter().map(|m| mib(m.overhead_kib())).collect(),
+    );
+    Some(Table(rows))
+}
+
+fn vmm_note(r: &Results) -> String {
+    match &r.vmm {
+        VmmResults::Measured { memories, .. } => memories
+            .first()
+            .map(|m| format!("largest other resident mappings: {}\n", top(m)))
+            .unwrap_or_default(),
+        VmmResults::Skipped(why) => format!("VMM start and memory not measured: {why}\n"),
+        VmmResults::Failed(why) => format!("VMM start and memory failed: {why}\n"),
+    }
+}
+
+/// Everything for stdout.
+pub fn text(r: &Results) -> String {
+    let mut out = String::new();
+    writeln!(out, "\n== flush latency (median µs)").unwrap();
+    out.push_str(&flush_table(r).text());
+    writeln!(out, "\n== harvest cost against device size (nothing dirty)").unwrap();
+    out.push_str(&harvest_table(r).text());
+    writeln!(out, "\n== dirty tracking on guest stores (median µs/round)").unwrap();
+    out.push_str(&logging_table(r).text());
+    writeln!(out, "\n== VMM start and memory").unwrap();
+    if let Some(t) = vmm_table(r) {
+        out.push_str(&t.text());
+    }
+    out.push_str(&vmm_note(r));
+    writeln!(out, "\n== targets").unwrap();
+    let ts = targets(r);
+    for t in &ts {
+        writeln!(out, "{}", t.line).unwrap();
+        for w in &t.why {
+            writeln!(out, "  why: {w}").unwrap();
+        }
+    }
+    let count = |v: Verdict| ts.iter().filter(|t| t.verdict == v).count();
+    writeln!(
+        out,
+        "targets met: {} of {} ({} missed, {} not measured)",
+        count(Verdict::Pass),
+        ts.len(),
+        count(Verdict::Fail),
+        count(Verdict::Skip)
+    )
+    .unwrap();
+    writeln!(out, "\n(whole run: {:.0} s)", r.seconds).unwrap();
+    out
+}
+
+/// Writes `docs/benchmarks.md` and its plots under `docs/bench/`.
+pub fn write_docs(r: &Results, docs: &Path) -> Result<(), BenchError> {
+    let bench_dir = docs.join("bench");
+    std::fs::create_dir_all(&bench_dir)
+        .map_err(BenchError::io(format!("creating {}", bench_dir.display())))?;
+    plot::latency_vs_pages(r, &bench_dir.join("flush-vs-pages.svg"))?;
+    plot::latency_vs_size(r, &bench_dir.join("flush-vs-size.svg"))?;
+    let path = docs.join("benchmarks.md");
+    std::fs::write(&path, markdown(r))
+        .map_err(BenchError::io(format!("writing {}", path.display())))
+}
+
+fn markdown(r: &Results) -> String {
+    let m = &r.machine;
+    let mut out = String::new();
+    let w = &mut out;
+    writeln!(
+        w,
+        "# Benchmarks: the flush path, dirty tracking, VMM start and memory\n"
+    )
+    .unwrap();
+    writeln!(
+        w,
+        "Generated by `scripts/bench.sh` on {} (the whole run took {:.0} s). Rerun it to \
+         refresh this page and its plots; absolute numbers vary between machines, so every \
+         target below is a ratio or a budget measured in the same run.\n",
+        m.date, r.seconds
+    )
+    .unwrap();
+    writeln!(w, "## Machine\n").unwrap();
+    writeln!(w, "- CPU: {} ({} logical CPUs)", m.cpu, m.cpus).unwrap();
+    writeln!(w, "- memory: {}", m.memory).unwrap();
+    writeln!(w, "- host kernel: {}", m.kernel).unwrap();
+    writeln!(w, "- KVM: {}", m.kvm).unwrap();
+    writeln!(w, "- scratch files on: {}\n", m.scratch_fs).unwrap();
+
+    writeln!(w, "## Targets\n\n```").unwrap();
+    let ts = targets(r);
+    for t in &ts {
+        writeln!(w, "{}", t.line).unwrap();
+    }
+    writeln!(w, "```\n").unwrap();
+    let whys: Vec<&String> = ts.iter().flat_map(|t| &t.why).collect();
+    if !whys.is_empty() {
+        writeln!(w, "What this run shows about the misses:\n").unwrap();
+        for why in whys {
+            writeln!(w, "- {why}").unwrap();
+        }
+        writeln!(w).unwrap();
+    }
+
+    writeln!(w, "## Flush latency\n").unwrap();
+    writeln!(
+        w,
+        "Median microseconds per flush. *pmvm flush* is the whole synchronous flush path of one \
+         flush-hint exit; the host columns make the same dirty pages of a same-sized file \
+         durable without pmvm.\n"
+    )
+    .unwrap();
+    out.push_str(&flush_table(r).markdown());
+    let w = &mut out;
+    writeln!(
+        w,
+        "\n![flush latency against dirty pages](bench/flush-vs-pages.svg)\n\n\
+         ![flush latency against device size](bench/flush-vs-size.svg)\n"
+    )
+    .unwrap();
+
+    writeln!(
+        w,
+        "What a harvest costs when nothing is dirty, against device size: KVM's dirty bitmap \
+         has one bit per 4 KiB page, and pmvm reads all of it at every flush.\n"
+    )
+    .unwrap();
+    out.push_str(&harvest_table(r).markdown());
+    let w = &mut out;
+    writeln!(w, "\n## Dirty tracking on guest stores\n").unwrap();
+    writeln!(
+        w,
+        "Median microseconds for one round of guest stores, one 8-byte store per page, into a \
+         memslot with KVM dirty logging and into one without; rounds are pairs of VMs (one \
+         logged, one not, taking turns to go first) times rounds per VM.\n"
+    )
+    .unwrap();
+    out.push_str(&logging_table(r).markdown());
+    let w = &mut out;
+    if m.kvm.starts_with("PVM") {
+        writeln!(
+            w,
+            "\nOn this host's PVM the guest's kernel-mode code, this store loop included, is \
+             emulated at about 2 million instructions a second, so a store costs microseconds \
+             whether its page is logged or not, and logged/unlogged stays within the spread \
+             between pairs of VMs (last column), which is this host's noise. What logging adds on hardware KVM, a write-protect fault (or a PML entry) \
+             for the first store to each page after every harvest, is hidden behind that here; \
+             rerun on a host with hardware KVM to see it."
+        )
+        .unwrap();
+    }
+
+    writeln!(w, "\n## VMM start and memory\n").unwrap();
+    if let Some(t) = vmm_table(r) {
+        out.push_str(&t.markdown());
+        out.push('\n');
+    }
+    out.push_str(&vmm_note(r));
+    let w = &mut out;
+
+    let gib = |b: u64| b / GIB;
+    let sizes: Vec<String> = r.sizes().iter().map(|&s| fmt_size(s)).collect();
+    writeln!(w, "\n## How it is measured\n").unwrap();
+    writeln!(
+        w,
+        "Everything runs on /dev/kvm in one `cargo bench -p pmvm-nvdimm --bench flush` process; \
+         scratch files go to a directory on a disk-backed filesystem (the system temp dir, or \
+         the cargo target dir when that is tmpfs).\n"
+    )
+    .unwrap();
+    writeln!(
+        w,
+        "- **pmvm flush.** For each device size ({}) and dirty-page count, one small VM (the \
+         nvdimm tests' `TinyVm`, guest code in 64-bit mode) with an `Nvdimm` of that size on a \
+         fresh sparse file (`persist=adr`, manual dirty-log protect where KVM has it, as pmvm \
+         uses it). Each round the guest stores 8 bytes into each of k pages of the device, \
+         {STRIDE_PAGES} pages apart (so each is a run of its own, within the first {} MiB the \
+         guest maps), then writes 1 to the flush hint. The store exits to the bench, which \
+         times `Nvdimm::mmio_write`: harvest of the dirty log, `sync_file_range(WRITE)` per \
+         run, one `fdatasync`. The first round allocates the file's blocks and is not counted.",
+        sizes.join(", "),
+        MAPPED_END >> 20
+    )
+    .unwrap();
+    writeln!(
+        w,
+        "- **Host-only baselines**, in the same exit right after pmvm's flush, on a second \
+         sparse file of the same size mapped `MAP_SHARED`: the host stores 8 bytes into the \
+         same k pages, then makes them durable. *submit+fdatasync*: `sync_file_range(WRITE)` \
+         per run, then one `fdatasync`, the physical limit. *msync*: `msync(MS_SYNC)` of the \
+         whole mapping, what Firecracker's virtio-pmem does per flush. *fsync*: `fsync` of \
+         the file, what QEMU's and Cloud Hypervisor's virtio-pmem do. The host re-dirties the \
+         pages before each method."
+    )
+    .unwrap();
+    // "25 rounds at 0, 1, 16, 256 pages; 15 at 4096 pages; ..."
+    let mut groups: Vec<(usize, Vec<u64>)> = Vec::new();
+    for c in &r.flush {
+        match groups.iter_mut().find(|(n, _)| *n == c.rounds.len()) {
+            Some((_, pages)) if !pages.contains(&c.pages) => pages.push(c.pages),
+            Some(_) => {}
+            None => groups.push((c.rounds.len(), vec![c.pages])),
+        }
+    }
+    let rounds: Vec<String> = groups
+        .iter()
+        .map(|(n, pages)| {
+            let pages: Vec<String> = pages.iter().map(u64::to_string).collect();
+            format!("{n} rounds at {} pages", pages.join(", "))
+        })
+        .collect();
+    writeln!(
+        w,
+        "- **Rounds.** Medians of {} (fewer where one round writes back hundreds of MiB four \
+         times; with {} GiB the largest device this keeps the whole run to minutes on 2 \
+         cores). The 0-page row is an empty flush: for pmvm the harvest alone (with nothing \
+         to write it skips the `fdatasync`), for the host methods an `fdatasync`, `msync` or \
+         `fsync` with nothing to write.",
+        rounds.join("; "),
+        r.sizes().last().map_or(0, |&s| gib(s))
+    )
+    .unwrap();
+    writeln!(
+        w,
+        "- **Dirty tracking.** A VM whose guest stores 8 bytes into each of N pages of a \
+         memfd-backed memslot, between two marker exits; timed from the vCPU's resuming after \
+         the first marker to the second. Logged: `KVM_MEM_LOG_DIRTY_PAGES`, with the log read \
+         and cleared (`KVM_GET_DIRTY_LOG`) at each first marker as a flush would, so each \
+         round's first store to a page faults to re-enable logging. Unlogged: the same slot \
+         without the flag. One warm-up round each; the guest code is the same loop, so the \
+         difference is the tracking."
+    )
+    .unwrap();
+    writeln!(
+        w,
+        "- **VMM start.** The release `pmvm` with the probe guest running `wait`, \
+         `--memory {MEMORY_MIB}M`, one `--pmem` of {PMEM_MIB} MiB on a new sparse file and \
+         `--api-sock`. The bench polls `connect()` on the socket every 50 µs; at the first \
+         success it reads the child's whole CPU time (all threads, `clock_getcpuclockid`), \
+         then kills it. pmvm binds the socket before it starts the vCPU threads, whose share \
+         is listed apart."
+    )
+    .unwrap();
+    writeln!(
+        w,
+        "- **VMM memory.** The same VM, once the probe prints `waiting`: `VmRSS` from \
+         /proc/PID/status minus the resident pages of guest RAM (the {MEMORY_MIB} MiB \
+         anonymous mapping) and of the NVDIMM mapping, both from /proc/PID/smaps."
+    )
+    .unwrap();
+    out
+}
