@@ -21,15 +21,17 @@ use kvm_ioctls::VmFd;
 
 use crate::backing::{Backing, OpenedFile};
 use crate::config::{PersistMode, PmemConfig};
-use crate::dirty::{bitmap_words, DirtyError, DirtyLog, DirtyLogMode};
+use crate::dirty::{DirtyError, DirtyLog, DirtyLogMode};
+use crate::dirty_ring::{DirtyRingError, DirtyRings};
 use crate::flush_log::{self, AppendError, FlushLogWriter};
 use crate::group_commit::GroupCommit;
 use crate::handler::{self, FlushHintAccess, HINT_WIDTH};
 use crate::metrics::NvdimmMetrics;
 use crate::mmap::{Mapping, Sharing};
+use crate::page_set::{run_pages, PageSet, Run};
 use crate::stats::{FlushReport, PmemStats};
-use crate::writeback::{self, count_pages, WritebackError, Written};
-use crate::{NvdimmError, MAX_HINTS, PAGE_SIZE};
+use crate::writeback::{self, WritebackError, Written};
+use crate::{error_chain as chain, NvdimmError, MAX_HINTS, PAGE_SIZE};
 
 /// Where the VMM puts a device; everything here comes from the VMM's layout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,6 +56,8 @@ pub struct NvdimmParams {
 pub enum FlushError {
     #[error("harvesting the dirty log failed")]
     Harvest(#[source] DirtyError),
+    #[error("harvesting the dirty rings failed")]
+    Ring(#[source] DirtyRingError),
     #[error("writing dirty pages back failed")]
     Writeback(#[source] WritebackError),
     #[error("logging the flush failed; the pages stay dirty and nothing was written back")]
@@ -106,12 +110,29 @@ impl Drop for MemSlot {
     }
 }
 
+/// Where a device learns which pages the guest wrote.
+enum Tracker {
+    /// The memslot's own bitmap: a harvest costs O(device size).
+    Log(DirtyLog),
+    /// The VM's per-vCPU dirty rings, which fill the device's pending set: O(pages written).
+    Ring(Arc<DirtyRings>),
+}
+
 /// What attaching to a VM set up.
 struct Attachment {
     /// Declared first: dropped (slot removed) before the dirty log's VM reference goes.
-    _memslot: MemSlot,
+    memslot: MemSlot,
     /// None for read-only devices, which are not logged.
-    dirty: Option<DirtyLog>,
+    dirty: Option<Tracker>,
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        // Before the slot goes: the rings may re-register a slot they know of.
+        if let Some(Tracker::Ring(rings)) = &self.dirty {
+            rings.unregister(self.memslot.region.slot);
+        }
+    }
 }
 
 /// A file-backed NVDIMM. `Send + Sync`: share it as `Arc<Nvdimm>`.
@@ -121,8 +142,9 @@ pub struct Nvdimm {
     hints: u32,
     attachment: OnceLock<Attachment>,
     attaching: Mutex<()>,
-    /// Pages known dirty but not in KVM's log: host writes, and pages of failed writebacks.
-    pending: Mutex<Vec<u64>>,
+    /// Pages known dirty that no writeback has taken yet: host writes, pages of failed
+    /// writebacks, and with the dirty ring every harvested page. Shared with the rings.
+    pending: Arc<Mutex<PageSet>>,
     commit: GroupCommit<Result<Written, FlushError>>,
     metrics: NvdimmMetrics,
     persist: PersistMode,
@@ -157,12 +179,6 @@ impl fmt::Debug for Nvdimm {
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section leaves its data whole, so a panic elsewhere does not poison it.
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn or_into(acc: &mut [u64], bits: &[u64]) {
-    for (a, b) in acc.iter_mut().zip(bits) {
-        *a |= b;
-    }
 }
 
 impl Nvdimm {
@@ -208,7 +224,7 @@ impl Nvdimm {
                 source,
             })?;
         Ok(Nvdimm {
-            pending: Mutex::new(vec![0; bitmap_words(backing.size())]),
+            pending: Arc::new(Mutex::new(PageSet::new(backing.size() / PAGE_SIZE))),
             id,
             params,
             hints,
@@ -230,7 +246,22 @@ impl Nvdimm {
 
     /// Registers the pmem range as a KVM memslot: dirty-logged if writable, `KVM_MEM_READONLY`
     /// if not (guest writes then exit as MMIO and never reach the file). Once per device.
+    /// Harvests read the slot's dirty bitmap (`NvdimmParams::manual_protect` says how).
     pub fn attach(&self, vm: &Arc<VmFd>) -> Result<(), NvdimmError> {
+        self.attach_tracked(vm, None)
+    }
+
+    /// Like [`Nvdimm::attach`], on a VM whose dirty ring is on: the rings feed this device's
+    /// pending pages, and harvests cost O(pages written).
+    pub fn attach_ring(&self, vm: &Arc<VmFd>, rings: &Arc<DirtyRings>) -> Result<(), NvdimmError> {
+        self.attach_tracked(vm, Some(rings))
+    }
+
+    fn attach_tracked(
+        &self,
+        vm: &Arc<VmFd>,
+        rings: Option<&Arc<DirtyRings>>,
+    ) -> Result<(), NvdimmError> {
         let _serial = lock(&self.attaching);
         if self.attachment.get().is_some() {
             return Err(NvdimmError::AlreadyAttached {
@@ -270,12 +301,19 @@ impl Nvdimm {
         } else {
             DirtyLogMode::GetClears
         };
-        let dirty = (!self.readonly())
-            .then(|| DirtyLog::new(vm.clone(), region.slot, region.memory_size, mode));
-        let attached = Attachment {
-            _memslot: memslot,
-            dirty,
-        };
+        let dirty = (!self.readonly()).then(|| match rings {
+            Some(rings) => {
+                rings.register(region.slot, self.pending.clone());
+                Tracker::Ring(rings.clone())
+            }
+            None => Tracker::Log(DirtyLog::new(
+                vm.clone(),
+                region.slot,
+                region.memory_size,
+                mode,
+            )),
+        });
+        let attached = Attachment { memslot, dirty };
         if self.attachment.set(attached).is_err() {
             // Unreachable: `attaching` serialises attach and we checked above.
             log::error!("{}: attached twice", self.id);
@@ -436,24 +474,22 @@ impl Nvdimm {
         if self.power_lost.load(Ordering::Acquire) {
             return Err(FlushError::PoweredOff);
         }
-        let result = self.harvest().and_then(|bitmap| {
-            self.metrics.last_harvest_pages.set(count_pages(&bitmap));
+        let result = self.harvest().and_then(|runs| {
+            self.metrics.last_harvest_pages.set(run_pages(&runs));
             let keep_pending = |e| {
                 // Not durable: keep the pages pending so the next flush retries them.
-                or_into(&mut lock(&self.pending), &bitmap);
+                lock(&self.pending).insert_runs(&runs);
                 e
             };
             // Write-ahead: the epoch is durable in the log before the file changes, so a
             // crash in between leaves the log ahead of the file, never behind it.
-            self.log_epoch(source, &bitmap)
+            self.log_epoch(source, &runs)
                 .map_err(FlushError::Log)
                 .map_err(keep_pending)?;
             let written = match self.persist {
-                PersistMode::Adr => {
-                    writeback::write_back(self.backing.file(), &bitmap, self.size())
-                }
+                PersistMode::Adr => writeback::write_back(self.backing.file(), &runs, self.size()),
                 PersistMode::Flush => {
-                    writeback::copy_back(self.backing.file(), &self.mapping, &bitmap, self.size())
+                    writeback::copy_back(self.backing.file(), &self.mapping, &runs, self.size())
                 }
             };
             written.map_err(FlushError::Writeback).map_err(keep_pending)
@@ -483,13 +519,13 @@ impl Nvdimm {
 
     /// Appends the epoch of one writeback to the flush log, if there is one. Empty background
     /// writebacks change nothing on disk and add no epoch.
-    fn log_epoch(&self, source: FlushSource, bitmap: &[u64]) -> Result<(), AppendError> {
+    fn log_epoch(&self, source: FlushSource, runs: &[Run]) -> Result<(), AppendError> {
         let mut log = lock(&self.flush_log);
         let Some(log) = log.as_mut() else {
             return Ok(());
         };
-        let pages: Vec<u64> = writeback::runs(bitmap)
-            .into_iter()
+        let pages: Vec<u64> = runs
+            .iter()
             .flat_map(|r| r.first_page..r.first_page + r.pages)
             .filter(|&p| p < self.size() / PAGE_SIZE)
             .collect();
@@ -575,37 +611,48 @@ impl Nvdimm {
         }
     }
 
-    /// The pending pages merged with the dirty log (if attached and writable), all taken. On
-    /// failure whatever was taken goes back to pending.
-    fn harvest(&self) -> Result<Vec<u64>, FlushError> {
-        let mut bitmap = std::mem::replace(
-            &mut *lock(&self.pending),
-            vec![0; bitmap_words(self.size())],
-        );
-        if let Some(dirty) = self.attachment.get().and_then(|a| a.dirty.as_ref()) {
-            if let Err(e) = dirty.harvest_into(&mut bitmap) {
-                or_into(&mut lock(&self.pending), &bitmap);
-                return Err(FlushError::Harvest(e));
+    /// Takes the pending pages merged with what the guest dirtied (if attached and writable),
+    /// in runs. Whatever a failed harvest already took stays pending.
+    fn harvest(&self) -> Result<Vec<Run>, FlushError> {
+        match self.attachment.get().and_then(|a| a.dirty.as_ref()) {
+            Some(Tracker::Log(log)) => log
+                .harvest_into(&mut lock(&self.pending))
+                .map_err(FlushError::Harvest)?,
+            // Not under the pending lock: collecting takes it (rings first, then pending).
+            Some(Tracker::Ring(rings)) => {
+                rings.collect().map_err(FlushError::Ring)?;
             }
+            None => {}
         }
-        Ok(bitmap)
+        Ok(lock(&self.pending).take_runs())
     }
 
-    /// Dirty pages the next flush would write. Exact with manual protect (a GET without CLEAR)
+    /// Dirty pages the next flush would write. Exact with the dirty ring (collecting moves
+    /// pages into the pending set and loses none), with manual protect (a GET without CLEAR)
     /// and before attach; None in GET-clears mode, where reading the log would consume it.
     pub fn pending_pages(&self) -> Option<u64> {
-        let mut bitmap = lock(&self.pending).clone();
-        if let Some(dirty) = self.attachment.get().and_then(|a| a.dirty.as_ref()) {
-            match dirty.peek() {
-                Ok(Some(logged)) => or_into(&mut bitmap, &logged),
-                Ok(None) => return None,
-                Err(e) => {
-                    log::warn!("{}: cannot peek at the dirty log: {}", self.id, chain(&e));
-                    return None;
-                }
-            }
+        let peeked = match self.attachment.get().and_then(|a| a.dirty.as_ref()) {
+            Some(Tracker::Log(log)) => log.peek_union(&lock(&self.pending)).map_err(|e| chain(&e)),
+            Some(Tracker::Ring(rings)) => rings
+                .collect()
+                .map(|_| Some(lock(&self.pending).len()))
+                .map_err(|e| chain(&e)),
+            None => Ok(Some(lock(&self.pending).len())),
+        };
+        peeked.unwrap_or_else(|e| {
+            log::warn!("{}: cannot peek at the dirty pages: {e}", self.id);
+            None
+        })
+    }
+
+    /// How this device tracks guest writes: "ring", "bitmap", or "none" (read-only or not
+    /// attached).
+    pub fn dirty_tracking(&self) -> &'static str {
+        match self.attachment.get().and_then(|a| a.dirty.as_ref()) {
+            Some(Tracker::Log(_)) => "bitmap",
+            Some(Tracker::Ring(_)) => "ring",
+            None => "none",
         }
-        Some(count_pages(&bitmap))
     }
 
     pub fn stats(&self) -> PmemStats {
@@ -656,7 +703,7 @@ impl Nvdimm {
             let last = (offset + data.len() as u64 - 1) / PAGE_SIZE;
             let mut pending = lock(&self.pending);
             for page in first..=last {
-                pending[(page / 64) as usize] |= 1 << (page % 64);
+                pending.insert(page);
             }
         }
         Ok(())
@@ -668,18 +715,6 @@ fn fnv1a32(bytes: &[u8]) -> u32 {
     bytes.iter().fold(0x811c_9dc5u32, |h, &b| {
         (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
     })
-}
-
-/// An error and its sources joined by ": ".
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 #[cfg(test)]

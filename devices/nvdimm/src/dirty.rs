@@ -13,18 +13,23 @@
 
 use std::sync::Arc;
 
+use std::sync::{Mutex, MutexGuard};
+
 use kvm_bindings::{
-    kvm_clear_dirty_log, kvm_clear_dirty_log__bindgen_ty_1, kvm_enable_cap, KVMIO,
-    KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
+    kvm_clear_dirty_log, kvm_clear_dirty_log__bindgen_ty_1, kvm_dirty_log,
+    kvm_dirty_log__bindgen_ty_1, kvm_enable_cap, KVMIO, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+    KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
 };
 use kvm_ioctls::VmFd;
 use vmm_sys_util::errno;
 use vmm_sys_util::ioctl::ioctl_with_ref;
-use vmm_sys_util::ioctl_iowr_nr;
+use vmm_sys_util::{ioctl_iow_nr, ioctl_iowr_nr};
 
+use crate::page_set::PageSet;
 use crate::PAGE_SIZE;
 
 ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
+ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
 
 /// A dirty-log ioctl failed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -88,6 +93,8 @@ pub struct DirtyLog {
     slot: u32,
     size: u64,
     mode: DirtyLogMode,
+    /// The bitmap KVM fills, allocated once: a flush allocates nothing of the device's size.
+    buffer: Mutex<Vec<u64>>,
 }
 
 impl DirtyLog {
@@ -99,6 +106,7 @@ impl DirtyLog {
             slot,
             size,
             mode,
+            buffer: Mutex::new(vec![0; bitmap_words(size)]),
         }
     }
 
@@ -106,15 +114,12 @@ impl DirtyLog {
         self.mode
     }
 
-    /// ORs the pages written since the last harvest into `bitmap` (one bit per page, at least
-    /// [`bitmap_words`] long); they are write-protected and logged afresh. If clearing fails,
-    /// `bitmap` still holds them, so the caller can keep them pending. Concurrent harvests of
-    /// one slot must be serialised by the caller.
-    pub fn harvest_into(&self, bitmap: &mut [u64]) -> Result<(), DirtyError> {
+    /// Adds the pages written since the last harvest to `set` (sized for the slot); they are
+    /// write-protected and logged afresh. If clearing fails, `set` still holds them, so they
+    /// stay pending. Concurrent harvests of one slot must be serialised by the caller.
+    pub fn harvest_into(&self, set: &mut PageSet) -> Result<(), DirtyError> {
         let logged = self.get()?;
-        for (acc, bits) in bitmap.iter_mut().zip(&logged) {
-            *acc |= bits;
-        }
+        set.or_bitmap(&logged);
         if self.mode == DirtyLogMode::ManualProtect {
             // Exactly the bits GET returned: pages dirtied since stay logged for the next one.
             self.clear(&logged)?;
@@ -122,25 +127,36 @@ impl DirtyLog {
         Ok(())
     }
 
-    /// The pages a harvest would return now, without clearing them. None in `GetClears` mode,
-    /// where reading the log consumes it.
-    pub fn peek(&self) -> Result<Option<Vec<u64>>, DirtyError> {
+    /// How many pages of the union of `set` and the log a harvest would take now, without
+    /// clearing anything. None in `GetClears` mode, where reading the log consumes it.
+    pub fn peek_union(&self, set: &PageSet) -> Result<Option<u64>, DirtyError> {
         match self.mode {
-            DirtyLogMode::ManualProtect => self.get().map(Some),
+            DirtyLogMode::ManualProtect => Ok(Some(set.union_len(&self.get()?))),
             DirtyLogMode::GetClears => Ok(None),
         }
     }
 
-    fn get(&self) -> Result<Vec<u64>, DirtyError> {
-        let bitmap = self
-            .vm
-            .get_dirty_log(self.slot, self.size as usize)
-            .map_err(|source| DirtyError::Get {
+    /// KVM_GET_DIRTY_LOG into the reused buffer, returned locked.
+    fn get(&self) -> Result<MutexGuard<'_, Vec<u64>>, DirtyError> {
+        let mut buffer = self.buffer.lock().unwrap_or_else(|e| e.into_inner());
+        let log = kvm_dirty_log {
+            slot: self.slot,
+            padding1: 0,
+            __bindgen_anon_1: kvm_dirty_log__bindgen_ty_1 {
+                dirty_bitmap: buffer.as_mut_ptr() as *mut libc::c_void,
+            },
+        };
+        // SAFETY: the VM fd is valid (owned by `self.vm`); `log` points at `buffer`, which holds
+        // bitmap_words(size) u64 words, exactly what KVM writes for a slot of `size` bytes, and
+        // stays locked and alive across the call.
+        let rc = unsafe { ioctl_with_ref(self.vm.as_ref(), KVM_GET_DIRTY_LOG(), &log) };
+        if rc != 0 {
+            return Err(DirtyError::Get {
                 slot: self.slot,
-                source,
-            })?;
-        debug_assert_eq!(bitmap.len(), bitmap_words(self.size));
-        Ok(bitmap)
+                source: errno::Error::last(),
+            });
+        }
+        Ok(buffer)
     }
 
     /// Clears exactly the bits set in `bitmap`, in one call spanning the words that have any.
@@ -195,5 +211,7 @@ mod tests {
         // _IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log): 24-byte argument.
         assert_eq!(std::mem::size_of::<kvm_clear_dirty_log>(), 24);
         assert_eq!(KVM_CLEAR_DIRTY_LOG(), 0xc018_aec0);
+        // _IOW(KVMIO, 0x42, struct kvm_dirty_log): 16-byte argument.
+        assert_eq!(KVM_GET_DIRTY_LOG(), 0x4010_ae42);
     }
 }

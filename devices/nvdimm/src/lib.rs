@@ -1,19 +1,21 @@
 //! pmvm's NVDIMM: a host file mapped into the guest as persistent memory, whose flush hints
 //! trap into a synchronous writeback of exactly the pages the guest dirtied.
 //!
-//! The flush path is [`handler`] (decode the MMIO write) → [`dirty`] (harvest the KVM dirty log)
-//! → [`writeback`] (make exactly those file pages durable). [`device::Nvdimm`] ties them together
-//! and is all the VMM needs.
+//! The flush path is [`handler`] (decode the MMIO write) → [`dirty_ring`] or [`dirty`] (harvest
+//! what the guest wrote) → [`page_set`] (the pages, in runs) → [`writeback`] (make exactly those
+//! file pages durable). [`device::Nvdimm`] ties them together and is all the VMM needs.
 
 pub mod backing;
 pub mod config;
 pub mod device;
 pub mod dirty;
+pub mod dirty_ring;
 pub mod flush_log;
 pub mod group_commit;
 pub mod handler;
 pub mod metrics;
 pub mod mmap;
+pub mod page_set;
 pub mod pfn;
 pub mod size;
 pub mod stats;
@@ -24,6 +26,7 @@ pub use config::PersistMode;
 pub use config::{validate_set, ConfigError, PmemConfig};
 pub use device::{FlushError, FlushSource, Nvdimm, NvdimmParams};
 pub use dirty::enable_manual_protect;
+pub use dirty_ring::{DirtyRings, VcpuRingHandle};
 pub use size::{format_size, parse_size, SizeError};
 
 /// Most NVDIMMs one VM may have. The layout has room for 32 hint pages; 16 keeps the NFIT and
@@ -38,6 +41,18 @@ pub const MAX_ID_LEN: usize = 32;
 pub const SIZE_ALIGN: u64 = 2 << 20;
 /// The dirty-log granule: one bit per 4 KiB guest page.
 pub const PAGE_SIZE: u64 = 4096;
+
+/// An error and its sources joined by ": ", for one-line messages.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
 
 /// Everything that can go wrong setting up or running an NVDIMM.
 #[derive(Debug, thiserror::Error)]

@@ -1,4 +1,5 @@
-//! The only place that maps or unmaps memory: a mapping of the backing file.
+//! The only place that maps or unmaps memory: a mapping of the backing file, or of a vCPU's
+//! dirty ring.
 //!
 //! Shared (`persist=adr`): the same pages are guest memory (KVM's memslot points here) and the
 //! file's page cache, so a guest store dirties the file page directly and writeback never
@@ -10,6 +11,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::ptr::NonNull;
+use std::sync::atomic::AtomicU32;
 
 /// Why a mapping or an access through it failed.
 #[derive(Debug, thiserror::Error)]
@@ -56,10 +58,11 @@ pub struct Mapping {
 }
 
 // SAFETY: the mapping is plain shared memory owned by this struct; it hands out no references
-// into it, only volatile byte copies, so using it from several threads is no different from the
-// guest's vCPUs writing it concurrently.
+// into it but atomics, only volatile byte copies, so using it from several threads is no
+// different from the guest's vCPUs writing it concurrently.
 unsafe impl Send for Mapping {}
-// SAFETY: as for Send: every access through `&self` is a bounds-checked volatile copy.
+// SAFETY: as for Send: every access through `&self` is a bounds-checked volatile copy or an
+// atomic.
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
@@ -80,10 +83,6 @@ impl Mapping {
         if len == 0 {
             return Err(MmapError::Empty);
         }
-        let map_len = usize::try_from(len).map_err(|_| MmapError::Map {
-            len,
-            source: io::Error::from_raw_os_error(libc::ENOMEM),
-        })?;
         let prot = if writable {
             libc::PROT_READ | libc::PROT_WRITE
         } else {
@@ -93,34 +92,38 @@ impl Mapping {
             Sharing::Shared => libc::MAP_SHARED,
             Sharing::Private => libc::MAP_PRIVATE,
         };
-        // SAFETY: a fresh mapping at an address the kernel chooses overlaps nothing we own; the
-        // descriptor is valid for the call (borrowed from `file`) and the kernel keeps its own
-        // reference to the file for the mapping's lifetime.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                map_len,
-                prot,
-                flags | libc::MAP_NORESERVE,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(MmapError::Map {
-                len,
-                source: io::Error::last_os_error(),
-            });
-        }
-        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or(MmapError::Map {
-            len,
-            source: io::Error::from_raw_os_error(libc::EFAULT),
-        })?;
+        let ptr = map_fd(file.as_raw_fd(), len, prot, flags | libc::MAP_NORESERVE, 0)?;
         Ok(Mapping {
             ptr,
-            len: map_len,
+            len: len as usize,
             writable,
             sharing,
+        })
+    }
+
+    /// Maps the dirty ring of a vCPU: `len` bytes of the vCPU fd at page `page_offset`
+    /// (`KVM_DIRTY_LOG_PAGE_OFFSET`), shared and writable, since the VMM marks entries harvested.
+    pub fn vcpu_dirty_ring(
+        vcpu_fd: &impl AsRawFd,
+        len: u64,
+        page_offset: u64,
+    ) -> Result<Mapping, MmapError> {
+        if len == 0 {
+            return Err(MmapError::Empty);
+        }
+        let offset = page_offset * crate::PAGE_SIZE;
+        let ptr = map_fd(
+            vcpu_fd.as_raw_fd(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            offset,
+        )?;
+        Ok(Mapping {
+            ptr,
+            len: len as usize,
+            writable: true,
+            sharing: Sharing::Shared,
         })
     }
 
@@ -189,6 +192,23 @@ impl Mapping {
 }
 
 impl Mapping {
+    /// The naturally aligned 32-bit word at `offset`, for memory shared with KVM that both
+    /// sides update atomically (a dirty-ring entry's flags).
+    pub fn atomic_u32(&self, offset: u64) -> Result<&AtomicU32, MmapError> {
+        let p = self.range(offset, 4)?;
+        if (p as usize) % std::mem::align_of::<AtomicU32>() != 0 {
+            return Err(MmapError::OutOfBounds {
+                offset,
+                len: 4,
+                size: self.len as u64,
+            });
+        }
+        // SAFETY: the 4 bytes are inside the mapping, aligned, and stay mapped while `self` is
+        // borrowed; AtomicU32 has u32's layout and any bit pattern is valid; the other party
+        // (KVM) also accesses the word atomically.
+        Ok(unsafe { &*p.cast::<AtomicU32>() })
+    }
+
     /// Copies `len` bytes at `offset` of the mapping to the same offset of `file` with
     /// pwrite, which copies straight out of guest memory. Concurrent guest stores may tear the
     /// copy; callers harvest the dirty log first, so such a page is logged again.
@@ -221,6 +241,29 @@ impl Mapping {
         }
         Ok(())
     }
+}
+
+/// mmap of `len` bytes of `fd` at `offset`, at an address the kernel chooses.
+fn map_fd(
+    fd: std::os::unix::io::RawFd,
+    len: u64,
+    prot: libc::c_int,
+    flags: libc::c_int,
+    offset: u64,
+) -> Result<NonNull<u8>, MmapError> {
+    let failed = |source| MmapError::Map { len, source };
+    let map_len =
+        usize::try_from(len).map_err(|_| failed(io::Error::from_raw_os_error(libc::ENOMEM)))?;
+    let offset = libc::off_t::try_from(offset)
+        .map_err(|_| failed(io::Error::from_raw_os_error(libc::EINVAL)))?;
+    // SAFETY: a fresh mapping at an address the kernel chooses overlaps nothing we own; the
+    // descriptor is valid for the call (borrowed by the caller) and the kernel keeps its own
+    // reference to the file for the mapping's lifetime.
+    let ptr = unsafe { libc::mmap(std::ptr::null_mut(), map_len, prot, flags, fd, offset) };
+    if ptr == libc::MAP_FAILED {
+        return Err(failed(io::Error::last_os_error()));
+    }
+    NonNull::new(ptr.cast::<u8>()).ok_or_else(|| failed(io::Error::from_raw_os_error(libc::EFAULT)))
 }
 
 impl Drop for Mapping {

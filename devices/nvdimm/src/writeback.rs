@@ -1,4 +1,4 @@
-//! Makes exactly the pages of a dirty bitmap durable in the backing file.
+//! Makes exactly the dirty pages durable in the backing file.
 //!
 //! Each contiguous run of pages is submitted with `sync_file_range(SYNC_FILE_RANGE_WRITE)`,
 //! which starts I/O without waiting, and one `fdatasync` then waits for all of it and flushes
@@ -13,14 +13,8 @@ use std::os::unix::io::AsRawFd;
 use vmm_sys_util::errno;
 
 use crate::mmap::{Mapping, MmapError};
+pub use crate::page_set::Run;
 use crate::PAGE_SIZE;
-
-/// A contiguous range of dirty pages.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Run {
-    pub first_page: u64,
-    pub pages: u64,
-}
 
 /// What one writeback covered.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -54,47 +48,11 @@ pub enum WritebackError {
     },
 }
 
-/// Pages set in a bitmap (bit `i` of word `w` is page `64 * w + i`).
-pub fn count_pages(bitmap: &[u64]) -> u64 {
-    bitmap.iter().map(|w| u64::from(w.count_ones())).sum()
-}
-
-/// The maximal runs of set bits, in page order. Runs continue across word boundaries.
-pub fn runs(bitmap: &[u64]) -> Vec<Run> {
-    let mut out = Vec::new();
-    let mut current: Option<Run> = None;
-    for (w, &word) in bitmap.iter().enumerate() {
-        let base = w as u64 * 64;
-        let mut bits = word;
-        while bits != 0 {
-            let start = bits.trailing_zeros();
-            let len = (bits >> start).trailing_ones();
-            let first_page = base + u64::from(start);
-            match current.as_mut() {
-                Some(run) if run.first_page + run.pages == first_page => {
-                    run.pages += u64::from(len)
-                }
-                _ => {
-                    out.extend(current.take());
-                    current = Some(Run {
-                        first_page,
-                        pages: u64::from(len),
-                    });
-                }
-            }
-            let end = start + len;
-            bits = if end >= 64 { 0 } else { bits & (!0u64 << end) };
-        }
-    }
-    out.extend(current);
-    out
-}
-
-/// Writes back the pages set in `bitmap` that lie below `size` bytes and waits until they are
-/// durable. With no pages set it does nothing at all.
-pub fn write_back(file: &File, bitmap: &[u64], size: u64) -> Result<Written, WritebackError> {
+/// Writes back the pages of `runs` (in page order) that lie below `size` bytes and waits until
+/// they are durable. With no pages it does nothing at all.
+pub fn write_back(file: &File, runs: &[Run], size: u64) -> Result<Written, WritebackError> {
     let mut written = Written::default();
-    for run in runs(bitmap) {
+    for run in runs {
         let offset = run.first_page * PAGE_SIZE;
         if offset >= size {
             break;
@@ -113,16 +71,16 @@ pub fn write_back(file: &File, bitmap: &[u64], size: u64) -> Result<Written, Wri
     Ok(written)
 }
 
-/// Copies the pages set in `bitmap` that lie below `size` bytes from `mapping` into `file`
-/// (pwrite, run by run), then waits until they are durable. With no pages set it does nothing.
+/// Copies the pages of `runs` (in page order) that lie below `size` bytes from `mapping` into
+/// `file` (pwrite, run by run), then waits until they are durable. With no pages it does nothing.
 pub fn copy_back(
     file: &File,
     mapping: &Mapping,
-    bitmap: &[u64],
+    runs: &[Run],
     size: u64,
 ) -> Result<Written, WritebackError> {
     let mut written = Written::default();
-    for run in runs(bitmap) {
+    for run in runs {
         let offset = run.first_page * PAGE_SIZE;
         if offset >= size {
             break;
@@ -179,93 +137,16 @@ fn submit(file: &File, offset: u64, len: u64) -> Result<(), WritebackError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
 
-    /// Page-by-page oracle: a run is extended while the next page is set.
-    fn oracle_runs(bitmap: &[u64]) -> Vec<Run> {
-        let mut out: Vec<Run> = Vec::new();
-        for page in 0..bitmap.len() as u64 * 64 {
-            if bitmap[(page / 64) as usize] >> (page % 64) & 1 == 0 {
-                continue;
-            }
-            match out.last_mut() {
-                Some(run) if run.first_page + run.pages == page => run.pages += 1,
-                _ => out.push(Run {
-                    first_page: page,
-                    pages: 1,
-                }),
-            }
-        }
-        out
-    }
-
-    #[test]
-    fn runs_of_simple_bitmaps() {
-        assert_eq!(runs(&[]), vec![]);
-        assert_eq!(runs(&[0, 0]), vec![]);
-        assert_eq!(
-            runs(&[0b1011]),
-            vec![
-                Run {
-                    first_page: 0,
-                    pages: 2
-                },
-                Run {
-                    first_page: 3,
-                    pages: 1
-                }
-            ]
-        );
-        assert_eq!(
-            runs(&[!0, !0]),
-            vec![Run {
-                first_page: 0,
-                pages: 128
-            }]
-        );
-        assert_eq!(
-            runs(&[1 << 63, 1]),
-            vec![Run {
-                first_page: 63,
-                pages: 2
-            }]
-        );
-        assert_eq!(
-            runs(&[1 << 63, 0, 1]),
-            vec![
-                Run {
-                    first_page: 63,
-                    pages: 1
-                },
-                Run {
-                    first_page: 128,
-                    pages: 1
-                }
-            ]
-        );
-        assert_eq!(count_pages(&[0b1011, 1 << 63]), 4);
-    }
-
-    proptest! {
-        #[test]
-        fn runs_match_the_page_by_page_oracle(
-            // Mix dense, sparse and all-ones words so runs cross word boundaries.
-            bitmap in proptest::collection::vec(
-                prop_oneof![Just(0u64), Just(!0u64), any::<u64>(), (0u32..64).prop_map(|b| 1u64 << b)],
-                0..12,
-            )
-        ) {
-            let got = runs(&bitmap);
-            prop_assert_eq!(&got, &oracle_runs(&bitmap));
-            prop_assert_eq!(got.iter().map(|r| r.pages).sum::<u64>(), count_pages(&bitmap));
-        }
+    fn bits(bitmap: &[u64]) -> Vec<Run> {
+        crate::page_set::runs(bitmap)
     }
 
     #[test]
     fn writes_back_exact_pages() {
         let f = tempfile::tempfile().unwrap();
         f.set_len(256 * PAGE_SIZE).unwrap();
-        let w = write_back(&f, &[0b0110_0001, 1], 256 * PAGE_SIZE).unwrap();
+        let w = write_back(&f, &bits(&[0b0110_0001, 1]), 256 * PAGE_SIZE).unwrap();
         assert_eq!(
             w,
             Written {
@@ -275,7 +156,7 @@ mod tests {
             }
         );
         assert_eq!(
-            write_back(&f, &[0, 0], 256 * PAGE_SIZE).unwrap(),
+            write_back(&f, &bits(&[0, 0]), 256 * PAGE_SIZE).unwrap(),
             Written::default()
         );
     }
@@ -284,7 +165,7 @@ mod tests {
     fn pages_past_the_device_end_are_ignored() {
         let f = tempfile::tempfile().unwrap();
         f.set_len(4 * PAGE_SIZE).unwrap();
-        let w = write_back(&f, &[0b11_1000], 4 * PAGE_SIZE).unwrap();
+        let w = write_back(&f, &bits(&[0b11_1000]), 4 * PAGE_SIZE).unwrap();
         assert_eq!(
             w,
             Written {
@@ -307,7 +188,7 @@ mod tests {
                 .unwrap();
         }
         // Pages 0, 63 and 64 are "dirty"; 1 and 129 were written but are not in the bitmap.
-        let w = copy_back(&f, &m, &[1 | 1 << 63, 1, 0], 130 * PAGE_SIZE).unwrap();
+        let w = copy_back(&f, &m, &bits(&[1 | 1 << 63, 1, 0]), 130 * PAGE_SIZE).unwrap();
         assert_eq!(
             w,
             Written {
@@ -322,11 +203,11 @@ mod tests {
             assert!(buf.iter().all(|&b| b == want), "page {page}");
         }
         assert_eq!(
-            copy_back(&f, &m, &[0, 0, 0], 130 * PAGE_SIZE).unwrap(),
+            copy_back(&f, &m, &bits(&[0, 0, 0]), 130 * PAGE_SIZE).unwrap(),
             Written::default()
         );
         let ro = File::open("/dev/null").unwrap();
-        let err = copy_back(&ro, &m, &[0b10], 130 * PAGE_SIZE).unwrap_err();
+        let err = copy_back(&ro, &m, &bits(&[0b10]), 130 * PAGE_SIZE).unwrap_err();
         assert!(
             matches!(
                 err,
@@ -344,7 +225,7 @@ mod tests {
     fn submit_errors_name_the_range() {
         // sync_file_range refuses character devices with ESPIPE.
         let dev_null = File::open("/dev/null").unwrap();
-        let err = write_back(&dev_null, &[0b10], 8192).unwrap_err();
+        let err = write_back(&dev_null, &bits(&[0b10]), 8192).unwrap_err();
         assert!(
             matches!(
                 err,

@@ -16,6 +16,7 @@ use std::time::Duration;
 use kvm_bindings::{kvm_segment, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use nvdimm::mmap::Mapping;
+use nvdimm::{DirtyRings, VcpuRingHandle};
 
 pub const RAM_SIZE: u64 = 0x10000;
 const GDT: u64 = 0x500;
@@ -86,6 +87,30 @@ impl Code {
             .store(Reg::Rsi, Reg::Rdx)
     }
 
+    /// `add $imm32, %reg` (sign-extended): REX.W 81 /0 id.
+    pub fn add_imm(mut self, reg: Reg, imm: i32) -> Self {
+        self.0.extend([0x48, 0x81, 0xc0 | reg as u8]);
+        self.0.extend(imm.to_le_bytes());
+        self
+    }
+
+    /// Stores `value` at the start of `count` consecutive pages from `addr`, in a loop (clobbers
+    /// rax, rbx, rcx): `mov %rbx,(%rax); add $4096,%rax; dec %rcx; jnz` back.
+    pub fn write_pages(self, addr: u64, count: u64, value: u64) -> Self {
+        let mut code = self
+            .mov_imm(Reg::Rax, addr)
+            .mov_imm(Reg::Rbx, value)
+            .mov_imm(Reg::Rcx, count);
+        let top = code.0.len();
+        code = code.store(Reg::Rax, Reg::Rbx).add_imm(Reg::Rax, 4096);
+        // dec %rcx: REX.W FF /1.
+        code.0.extend([0x48, 0xff, 0xc9]);
+        // jnz rel8 back to the store.
+        let rel = top as i64 - (code.0.len() as i64 + 2);
+        code.0.extend([0x75, rel as i8 as u8]);
+        code
+    }
+
     pub fn hlt(mut self) -> Self {
         self.0.push(0xf4);
         self
@@ -97,8 +122,18 @@ impl Code {
 pub enum Exit {
     MmioWrite(u64, Vec<u8>),
     MmioRead(u64, usize),
+    /// KVM_EXIT_DIRTY_RING_FULL: harvest the rings before re-entering.
+    DirtyRingFull,
     Hlt,
 }
+
+/// KVM_EXIT_DIRTY_RING_FULL, which kvm-ioctls reports as an unsupported exit.
+const KVM_EXIT_DIRTY_RING_FULL: u32 = 31;
+
+/// Guest code of vCPU `id` lives in its own 2 KiB at CODE.
+const CODE_SLOT: u64 = 0x800;
+/// Most vCPUs [`TinyVm::create_vcpu`] can place in guest RAM.
+pub const MAX_VCPUS: u64 = (RAM_SIZE - CODE) / CODE_SLOT;
 
 impl TinyVm {
     pub fn new(kvm: &Kvm) -> TinyVm {
@@ -116,6 +151,12 @@ impl TinyVm {
 
     /// Creates guest RAM and the vCPU. Call after any VM-wide capability is enabled.
     pub fn boot(&mut self, code: &Code) {
+        self.setup_ram();
+        self.vcpu = Some(self.create_vcpu(0, code));
+    }
+
+    /// Registers guest RAM and writes the page tables: once, before [`TinyVm::create_vcpu`].
+    pub fn setup_ram(&self) {
         let region = kvm_userspace_memory_region {
             slot: 0,
             flags: 0,
@@ -128,9 +169,15 @@ impl TinyVm {
         // goes first.
         unsafe { self.vm.set_user_memory_region(region) }.expect("RAM memslot");
         self.write_page_tables();
-        self.ram.write_at(CODE, &code.0).unwrap();
+    }
 
-        let vcpu = self.vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
+    /// Creates vCPU `id` in 64-bit mode at its own copy of `code`. Without an irqchip every
+    /// vCPU is runnable at once (no INIT/SIPI).
+    pub fn create_vcpu(&self, id: u64, code: &Code) -> VcpuFd {
+        assert!(id < MAX_VCPUS && code.0.len() as u64 <= CODE_SLOT);
+        let entry = CODE + id * CODE_SLOT;
+        self.ram.write_at(entry, &code.0).unwrap();
+        let vcpu = self.vm.create_vcpu(id).expect("KVM_CREATE_VCPU");
         let mut sregs = vcpu.get_sregs().unwrap();
         let code_seg = kvm_segment {
             base: 0,
@@ -168,11 +215,11 @@ impl TinyVm {
         sregs.efer |= (1 << 8) | (1 << 10); // LME, LMA
         vcpu.set_sregs(&sregs).unwrap();
         let mut regs = vcpu.get_regs().unwrap();
-        regs.rip = CODE;
+        regs.rip = entry;
         regs.rsp = 0x8000;
         regs.rflags = 2;
         vcpu.set_regs(&regs).unwrap();
-        self.vcpu = Some(vcpu);
+        vcpu
     }
 
     fn write_page_tables(&self) {
@@ -193,34 +240,60 @@ impl TinyVm {
 
     /// Runs until HLT, calling `on_exit` for each MMIO exit before the vCPU resumes, and
     /// returns the exits in order. Fails the test if the guest does not halt within 60 s.
-    pub fn run(&mut self, mut on_exit: impl FnMut(&Exit) + Send + 'static) -> Vec<Exit> {
-        let mut vcpu = self.vcpu.take().expect("boot() first");
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            let mut exits = Vec::new();
-            for _ in 0..100 {
-                let exit = match vcpu.run() {
-                    Ok(VcpuExit::MmioWrite(addr, data)) => Exit::MmioWrite(addr, data.to_vec()),
-                    Ok(VcpuExit::MmioRead(addr, data)) => {
-                        data.fill(0);
-                        Exit::MmioRead(addr, data.len())
-                    }
-                    Ok(VcpuExit::Hlt) => Exit::Hlt,
-                    Ok(other) => panic!("unexpected exit {other:?} after {exits:?}"),
-                    Err(e) => panic!("KVM_RUN failed: {e} after {exits:?}"),
-                };
-                on_exit(&exit);
-                let done = exit == Exit::Hlt;
-                exits.push(exit);
-                if done {
-                    break;
-                }
-            }
-            let _ = tx.send(exits);
-        });
-        rx.recv_timeout(Duration::from_secs(60))
+    pub fn run(&mut self, on_exit: impl FnMut(&Exit) + Send + 'static) -> Vec<Exit> {
+        let vcpu = self.vcpu.take().expect("boot() first");
+        spawn_vcpu(vcpu, on_exit)
+            .recv_timeout(Duration::from_secs(60))
             .expect("the guest neither halted nor failed within 60 s")
     }
+}
+
+/// Runs `vcpu` on a thread of its own until HLT, calling `on_exit` for every exit before the
+/// vCPU resumes; the exits arrive on the returned channel.
+pub fn spawn_vcpu(
+    vcpu: VcpuFd,
+    on_exit: impl FnMut(&Exit) + Send + 'static,
+) -> mpsc::Receiver<Vec<Exit>> {
+    spawn_vcpu_with_ring(vcpu, None, on_exit)
+}
+
+/// Like [`spawn_vcpu`], handling ring-full exits of a VM with the dirty ring as pmvm does.
+pub fn spawn_vcpu_with_ring(
+    mut vcpu: VcpuFd,
+    ring: Option<(Arc<DirtyRings>, VcpuRingHandle)>,
+    mut on_exit: impl FnMut(&Exit) + Send + 'static,
+) -> mpsc::Receiver<Vec<Exit>> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut exits = Vec::new();
+        for _ in 0..100_000 {
+            let mark = ring.as_ref().map(|(_, handle)| handle.mark());
+            let exit = match vcpu.run() {
+                Ok(VcpuExit::MmioWrite(addr, data)) => Exit::MmioWrite(addr, data.to_vec()),
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    data.fill(0);
+                    Exit::MmioRead(addr, data.len())
+                }
+                Ok(VcpuExit::Hlt) => Exit::Hlt,
+                Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => Exit::DirtyRingFull,
+                Ok(other) => panic!("unexpected exit {other:?} after {exits:?}"),
+                Err(e) => panic!("KVM_RUN failed: {e} after {exits:?}"),
+            };
+            if let (Exit::DirtyRingFull, Some((rings, handle)), Some(mark)) = (&exit, &ring, mark) {
+                rings
+                    .ring_full(handle, mark)
+                    .expect("handling a full dirty ring");
+            }
+            on_exit(&exit);
+            let done = exit == Exit::Hlt;
+            exits.push(exit);
+            if done {
+                break;
+            }
+        }
+        let _ = tx.send(exits);
+    });
+    rx
 }
 
 /// `struct cachestat_range` of cachestat(2).

@@ -1,0 +1,410 @@
+//! The KVM dirty ring: per-vCPU rings of written guest pages, harvested in O(pages written).
+//!
+//! With `KVM_CAP_DIRTY_LOG_RING`, KVM records the first store to each write-protected page of
+//! a logged memslot as an entry (slot, page offset) in the ring of the vCPU that made it, then
+//! lets the store through. [`DirtyRings::collect`] finds every published entry in every ring,
+//! hands its page to the device owning the slot (its pending [`PageSet`]), marks the entry
+//! harvested, and calls `KVM_RESET_DIRTY_RINGS`, which write-protects those pages again and
+//! frees the entries. The cost depends on the ring size and the pages written, never on the
+//! device size. The slot bitmap (`KVM_GET_DIRTY_LOG`) is unavailable once the ring is on, so
+//! the choice is per VM.
+//!
+//! Ordering, and why a store is never lost:
+//! - A store to a protected page faults; KVM fills the entry and publishes it by setting
+//!   `DIRTY` after a write barrier, before the store is retried. `collect` reads the flags with
+//!   acquire, so the slot and offset it reads next are the ones KVM wrote.
+//! - Between collecting an entry and the reset, the page stays writable: a store then makes
+//!   no new entry. The writeback therefore starts only after the reset returns: such a store
+//!   is already in the page, so it is written back; a store after the reset faults again and
+//!   goes into the ring for the next flush.
+//! - One mutex serialises every collector (vCPU flushes of any device, the API, background
+//!   writeback, ring-full exits), and it is held until the reset returns, so a flush that
+//!   finds the rings empty knows any entry taken by another collector is already in its
+//!   device's pending set and its page protected again.
+//!
+//! A ring past its soft limit makes `KVM_RUN` return `KVM_EXIT_DIRTY_RING_FULL`; the vCPU
+//! thread calls `collect` and re-enters. Nothing is written back then: the pages wait in the
+//! pending sets.
+//!
+//! **Overflow.** KVM checks the soft limit only when it enters the guest. A host that runs
+//! many guest instructions per entry (an emulating or nested hypervisor) can push more entries
+//! than the ring holds; KVM then overwrites unharvested ones, whose pages stay writable and
+//! unrecorded, and its count of used entries no longer matches the ring. pmvm walks each ring in
+//! push order and resets it on its own, so KVM must free exactly the entries walked; a walk that
+//! finds a ring completely full, a reset that frees a different number, or a ring-full exit
+//! with nothing to harvest means an overflow. From then on the VM's rings are not trusted:
+//! every harvest marks whole devices pending (slow, losing nothing), and a ring-full exit frees
+//! as many entries as KVM provably has outstanding, so the vCPU never stalls.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use kvm_bindings::{
+    kvm_dirty_gfn, kvm_enable_cap, KVMIO, KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
+    KVM_DIRTY_LOG_PAGE_OFFSET,
+};
+use kvm_ioctls::{VcpuFd, VmFd};
+use vmm_sys_util::errno;
+use vmm_sys_util::ioctl::ioctl;
+use vmm_sys_util::ioctl_io_nr;
+
+use crate::mmap::{Mapping, MmapError};
+use crate::page_set::PageSet;
+
+ioctl_io_nr!(KVM_RESET_DIRTY_RINGS, KVMIO, 0xc7);
+
+/// `flags` of a ring entry: KVM published it (linux/kvm.h KVM_DIRTY_GFN_F_DIRTY)...
+const KVM_DIRTY_GFN_F_DIRTY: u32 = 1 << 0;
+/// ...and the VMM harvested it (KVM_DIRTY_GFN_F_RESET).
+const KVM_DIRTY_GFN_F_RESET: u32 = 1 << 1;
+
+/// Bytes of one ring entry (`struct kvm_dirty_gfn`).
+const ENTRY_BYTES: u64 = std::mem::size_of::<kvm_dirty_gfn>() as u64;
+/// Entries per vCPU ring pmvm asks for (256 KiB): a ring-full exit per 16,000-odd pages
+/// written, and room for a large burst before an emulating host could overflow it.
+pub const DEFAULT_RING_ENTRIES: u32 = 16384;
+/// Smallest ring accepted, so that [`SOFT_LIMIT_MARGIN`] leaves a usable ring.
+pub const MIN_RING_ENTRIES: u32 = 2048;
+/// KVM stops a vCPU once its ring holds `size - reserved` entries, reserved being 64 plus the
+/// CPU's dirty-log buffer (512 with Intel PML): never more than this.
+const SOFT_LIMIT_MARGIN: u64 = 64 + 512;
+
+/// A dirty-ring operation failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DirtyRingError {
+    #[error("KVM_ENABLE_CAP(DIRTY_LOG_RING) with {bytes}-byte rings failed")]
+    Enable {
+        bytes: u64,
+        #[source]
+        source: errno::Error,
+    },
+    #[error("mapping the dirty ring of vCPU {vcpu} failed: {reason}")]
+    Map { vcpu: usize, reason: String },
+    #[error("KVM_RESET_DIRTY_RINGS failed")]
+    Reset {
+        #[source]
+        source: errno::Error,
+    },
+}
+
+/// Whether this VM's KVM offers the dirty ring, and the largest ring it allows, in bytes.
+pub fn ring_support(vm: &VmFd) -> Option<(u32, u64)> {
+    for cap in [KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_DIRTY_LOG_RING] {
+        let max = vm.check_extension_raw(cap.into());
+        if max > 0 {
+            return Some((cap, max as u64));
+        }
+    }
+    None
+}
+
+/// A device's memslot, as the rings feed it.
+struct Sink {
+    slot: u32,
+    pending: Arc<Mutex<PageSet>>,
+}
+
+/// One vCPU's ring and how many entries KVM has freed in it: where KVM frees next, and, while
+/// the ring is trusted, where the next unharvested entry is. Read without the lock by the
+/// vCPU before each `KVM_RUN` ([`DirtyRings::vcpu_mark`]).
+struct VcpuRing {
+    map: Mapping,
+    freed: Arc<AtomicU64>,
+}
+
+/// A vCPU's handle on its ring, for the `KVM_EXIT_DIRTY_RING_FULL` protocol.
+#[derive(Clone, Debug)]
+pub struct VcpuRingHandle {
+    index: usize,
+    freed: Arc<AtomicU64>,
+}
+
+impl VcpuRingHandle {
+    /// Read before each `KVM_RUN`; pass to [`DirtyRings::ring_full`] if it exits ring-full.
+    pub fn mark(&self) -> u64 {
+        self.freed.load(Ordering::Acquire)
+    }
+}
+
+struct Rings {
+    rings: Vec<VcpuRing>,
+    sinks: Vec<Sink>,
+    /// Entries whose slot no device claims or whose page lies past its end: never expected.
+    stray: u64,
+    /// An overflow was seen: harvests mark whole devices pending from now on.
+    overflowed: bool,
+}
+
+/// The dirty rings of every vCPU of one VM, and where their pages go.
+pub struct DirtyRings {
+    vm: Arc<VmFd>,
+    entries: u32,
+    state: Mutex<Rings>,
+}
+
+impl std::fmt::Debug for DirtyRings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirtyRings")
+            .field("entries", &self.entries)
+            .finish()
+    }
+}
+
+impl DirtyRings {
+    /// Turns the dirty ring on for `vm` with rings of `entries` entries (clamped to what KVM
+    /// allows; a power of two). Must run before any vCPU exists. `Ok(None)` if KVM lacks it.
+    pub fn enable(vm: Arc<VmFd>, entries: u32) -> Result<Option<DirtyRings>, DirtyRingError> {
+        let Some((cap, max_bytes)) = ring_support(&vm) else {
+            return Ok(None);
+        };
+        let max_entries = (max_bytes / ENTRY_BYTES).min(u64::from(u32::MAX)) as u32;
+        // KVM wants a power of two of at least one page of entries.
+        let min_entries = (crate::PAGE_SIZE / ENTRY_BYTES) as u32;
+        let entries = entries
+            .min(max_entries)
+            .max(min_entries)
+            .max(MIN_RING_ENTRIES)
+            .checked_next_power_of_two()
+            .unwrap_or(min_entries);
+        let bytes = u64::from(entries) * ENTRY_BYTES;
+        let mut enable = kvm_enable_cap {
+            cap,
+            ..Default::default()
+        };
+        enable.args[0] = bytes;
+        vm.enable_cap(&enable)
+            .map_err(|source| DirtyRingError::Enable { bytes, source })?;
+        Ok(Some(DirtyRings {
+            vm,
+            entries,
+            state: Mutex::new(Rings {
+                rings: Vec::new(),
+                sinks: Vec::new(),
+                stray: 0,
+                overflowed: false,
+            }),
+        }))
+    }
+
+    /// Entries per vCPU ring.
+    pub fn entries(&self) -> u32 {
+        self.entries
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Rings> {
+        // Every critical section leaves the rings consistent (fetch advances entry by entry).
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Maps the ring of a vCPU just created on this VM (vCPUs in creation order).
+    pub fn add_vcpu(&self, vcpu: &VcpuFd) -> Result<VcpuRingHandle, DirtyRingError> {
+        let mut state = self.lock();
+        let index = state.rings.len();
+        let map = Mapping::vcpu_dirty_ring(
+            vcpu,
+            u64::from(self.entries) * ENTRY_BYTES,
+            u64::from(KVM_DIRTY_LOG_PAGE_OFFSET),
+        )
+        .map_err(|e: MmapError| DirtyRingError::Map {
+            vcpu: index,
+            reason: crate::error_chain(&e),
+        })?;
+        let freed = Arc::new(AtomicU64::new(0));
+        state.rings.push(VcpuRing {
+            map,
+            freed: freed.clone(),
+        });
+        Ok(VcpuRingHandle { index, freed })
+    }
+
+    /// Routes the pages of memslot `slot` into `pending` from now on.
+    pub fn register(&self, slot: u32, pending: Arc<Mutex<PageSet>>) {
+        let mut state = self.lock();
+        state.sinks.retain(|s| s.slot != slot);
+        state.sinks.push(Sink { slot, pending });
+    }
+
+    /// Stops routing the pages of memslot `slot` (its device is going away).
+    pub fn unregister(&self, slot: u32) {
+        self.lock().sinks.retain(|s| s.slot != slot);
+    }
+
+    /// Moves every page in every ring into its device's pending set and resets the rings
+    /// (see the module comment for the ordering and for overflows). Returns the entries
+    /// harvested.
+    pub fn collect(&self) -> Result<u64, DirtyRingError> {
+        let mut state = self.lock();
+        Ok(self.collect_locked(&mut state)?.iter().sum())
+    }
+
+    /// Handles `KVM_EXIT_DIRTY_RING_FULL` on the thread of the vCPU owning `ring`, `mark`
+    /// being [`VcpuRingHandle::mark`] from before the `KVM_RUN` that exited. Harvests; and if
+    /// the vCPU's ring gave nothing although KVM counts it full, frees entries KVM still counts
+    /// (lost to an overflow) so the vCPU can run.
+    pub fn ring_full(&self, ring: &VcpuRingHandle, mark: u64) -> Result<(), DirtyRingError> {
+        let vcpu = ring.index;
+        let mut state = self.lock();
+        let walked = self.collect_locked(&mut state)?;
+        let Some(ring) = state.rings.get(vcpu) else {
+            return Ok(());
+        };
+        let freed_before = ring.freed.load(Ordering::Acquire);
+        // At the exit KVM counted at least its soft limit used; since `mark` (before the
+        // run), collectors freed `since`.
+        let since = freed_before.saturating_sub(mark);
+        if !state.overflowed {
+            if walked[vcpu] > 0 || since > 0 {
+                return Ok(());
+            }
+            // Counted full, nothing freed, nothing published: entries were overwritten.
+            self.overflowed(&mut state);
+        }
+        let Some(ring) = state.rings.get(vcpu) else {
+            return Ok(());
+        };
+        // At least `soft - since` entries are still counted, so freeing that many in order
+        // cannot free past KVM's newest one. The vCPU is out of KVM_RUN: nothing is pushed to
+        // its ring meanwhile.
+        let size = u64::from(self.entries);
+        let count = size.saturating_sub(SOFT_LIMIT_MARGIN).saturating_sub(since);
+        if count == 0 {
+            return Ok(());
+        }
+        for k in 0..count {
+            let at = ((freed_before + k) % size) * ENTRY_BYTES;
+            if let Ok(flags) = ring.map.atomic_u32(at) {
+                flags.store(KVM_DIRTY_GFN_F_RESET, Ordering::Release);
+            }
+        }
+        let freed = self.reset()?;
+        ring.freed.store(freed_before + freed, Ordering::Release);
+        Ok(())
+    }
+
+    /// Walks and resets every ring, or with the rings untrusted marks every device page
+    /// pending. Returns the entries walked per ring.
+    fn collect_locked(&self, state: &mut Rings) -> Result<Vec<u64>, DirtyRingError> {
+        if state.overflowed {
+            mark_all_pending(&state.sinks);
+            return Ok(vec![0; state.rings.len()]);
+        }
+        let size = u64::from(self.entries);
+        let mut walked = Vec::with_capacity(state.rings.len());
+        let mut overflow = false;
+        for ring in &state.rings {
+            let n = walk_ring(ring, size, &state.sinks, &mut state.stray);
+            walked.push(n);
+            if n == 0 {
+                continue;
+            }
+            // Only this ring has entries marked harvested: KVM's count is this ring's.
+            let freed = self.reset()?;
+            ring.freed.fetch_add(freed, Ordering::AcqRel);
+            overflow |= n >= size || freed != n;
+        }
+        if overflow {
+            self.overflowed(state);
+        }
+        Ok(walked)
+    }
+
+    /// Stops trusting the rings (idempotent).
+    fn overflowed(&self, state: &mut Rings) {
+        if !state.overflowed {
+            log::warn!(
+                "the KVM dirty ring ({} entries per vCPU) overflowed: this host's KVM entered the \
+                 guest too rarely to stop at the ring's limit. Every flush now writes back whole \
+                 devices; use --dirty-tracking bitmap on this host",
+                self.entries
+            );
+            state.overflowed = true;
+        }
+        mark_all_pending(&state.sinks);
+    }
+
+    /// KVM_RESET_DIRTY_RINGS: returns how many entries KVM freed.
+    fn reset(&self) -> Result<u64, DirtyRingError> {
+        // SAFETY: KVM_RESET_DIRTY_RINGS takes no argument; the VM fd is valid (owned by
+        // `self.vm`). KVM only touches the rings' entries marked harvested.
+        let rc = unsafe { ioctl(self.vm.as_ref(), KVM_RESET_DIRTY_RINGS()) };
+        if rc < 0 {
+            return Err(DirtyRingError::Reset {
+                source: errno::Error::last(),
+            });
+        }
+        Ok(rc as u64)
+    }
+
+    /// Whether an overflow made this VM's rings untrusted.
+    pub fn has_overflowed(&self) -> bool {
+        self.lock().overflowed
+    }
+
+    /// Entries that named no device's page since the VM started (0 unless KVM misbehaves).
+    pub fn stray_entries(&self) -> u64 {
+        self.lock().stray
+    }
+}
+
+fn mark_all_pending(sinks: &[Sink]) {
+    for sink in sinks {
+        sink.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert_all();
+    }
+}
+
+/// Walks one ring in push order from the next unharvested entry while entries are published,
+/// routes each page to its sink and marks the entry harvested; returns how many it walked (at
+/// most `size`). Leaves `freed` alone: KVM's reset count moves it.
+fn walk_ring(ring: &VcpuRing, size: u64, sinks: &[Sink], stray: &mut u64) -> u64 {
+    let start = ring.freed.load(Ordering::Acquire);
+    let mut walked = 0;
+    while walked < size {
+        let at = ((start + walked) % size) * ENTRY_BYTES;
+        let Ok(flags) = ring.map.atomic_u32(at) else {
+            break;
+        };
+        if flags.load(Ordering::Acquire) & KVM_DIRTY_GFN_F_DIRTY == 0 {
+            break;
+        }
+        let mut raw = [0u8; ENTRY_BYTES as usize];
+        if ring.map.read_at(at, &mut raw).is_err() {
+            break;
+        }
+        // struct kvm_dirty_gfn { u32 flags; u32 slot; u64 offset; }, native endian. The
+        // upper 16 bits of `slot` are the address space; pmvm uses only 0.
+        let slot = u32::from_ne_bytes([raw[4], raw[5], raw[6], raw[7]]);
+        let mut offset = [0u8; 8];
+        offset.copy_from_slice(&raw[8..16]);
+        let page = u64::from_ne_bytes(offset);
+        let routed = sinks.iter().find(|s| s.slot == slot).is_some_and(|s| {
+            s.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(page)
+        });
+        if !routed {
+            *stray += 1;
+            log::warn!("dirty ring entry for slot {slot:#x} page {page} has no device");
+        }
+        flags.store(KVM_DIRTY_GFN_F_RESET, Ordering::Release);
+        walked += 1;
+    }
+    walked
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn abi_constants_match_the_kernel() {
+        assert_eq!(ENTRY_BYTES, 16);
+        // _IO(KVMIO, 0xc7)
+        assert_eq!(KVM_RESET_DIRTY_RINGS(), 0xaec7);
+        assert_eq!((KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET), (1, 2));
+        assert_eq!(KVM_DIRTY_LOG_PAGE_OFFSET, 64);
+    }
+}
