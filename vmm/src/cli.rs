@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// pmvm boots a Linux guest (or the in-tree probe guest) on KVM with emulated NVDIMMs whose
 /// flushes are exact: every guest flush writes back exactly the pages the guest dirtied to the
@@ -83,6 +83,12 @@ pub struct MachineArgs {
     )]
     pub pmem: Vec<String>,
 
+    /// How pmvm learns which pmem pages the guest wrote. `ring`: KVM's per-vCPU dirty ring,
+    /// so a flush costs O(pages written). `bitmap`: the memslot's dirty bitmap, so a flush
+    /// costs O(device size). `auto`: ring where KVM offers it, else bitmap.
+    #[arg(long, value_enum, value_name = "auto|ring|bitmap", default_value_t = DirtyTracking::Auto)]
+    pub dirty_tracking: DirtyTracking,
+
     /// Write every ACPI table the guest would get to DIR/<SIGNATURE>.dat and exit without
     /// running a guest. Decode them with `iasl -d DIR/*.dat`.
     #[arg(long, value_name = "DIR")]
@@ -101,6 +107,14 @@ pub struct MachineArgs {
         hide_short_help = true
     )]
     pub kvm_device: PathBuf,
+}
+
+/// `--dirty-tracking`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DirtyTracking {
+    Auto,
+    Ring,
+    Bitmap,
 }
 
 /// The default command line of a Linux guest on pmvm's platform.

@@ -70,6 +70,7 @@ pub fn pmem_info(d: &Nvdimm) -> PmemInfo {
         persist: d.persist().to_string(),
         writeback_interval_ms: d.writeback_interval().map(|i| i.as_millis() as u64),
         flush_log: d.flush_log_path().map(|p| p.display().to_string()),
+        dirty_tracking: d.dirty_tracking().to_string(),
     }
 }
 

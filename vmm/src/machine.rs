@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use nvdimm::config::PmemConfig;
 
-use crate::cli::MachineArgs;
+use crate::cli::{DirtyTracking, MachineArgs};
 use crate::layout;
 use crate::x86::cpu_model::{CpuModel, CpuModelError};
 
@@ -40,6 +40,7 @@ pub struct MachineConfig {
     pub serial: SerialTarget,
     pub pmem: Vec<PmemConfig>,
     pub cpu_model: CpuModel,
+    pub dirty_tracking: DirtyTracking,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +130,7 @@ impl MachineConfig {
             serial,
             pmem,
             cpu_model,
+            dirty_tracking: args.dirty_tracking,
         })
     }
 }

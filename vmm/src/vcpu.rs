@@ -5,8 +5,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_bindings::{
+    KVM_EXIT_DIRTY_RING_FULL, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use nvdimm::{DirtyRings, VcpuRingHandle};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::signal::Killable;
 
@@ -58,6 +62,8 @@ pub struct Vcpu {
     pub exit: Arc<ExitSignal>,
     pub control: Arc<VcpuControl>,
     pub mem: GuestMemoryMmap,
+    /// The VM's dirty rings and this vCPU's, when pmem pages are tracked by ring.
+    pub dirty_ring: Option<(Arc<DirtyRings>, VcpuRingHandle)>,
 }
 
 impl Vcpu {
@@ -83,6 +89,7 @@ impl Vcpu {
     /// One KVM_RUN and its exit. Returns why the VM must stop, if it must.
     fn run_once(&mut self) -> Option<ExitReason> {
         let bus = &self.bus;
+        let ring_mark = self.dirty_ring.as_ref().map(|(_, ring)| ring.mark());
         match self.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => bus.pio_read(port, data),
             Ok(VcpuExit::IoOut(port, data)) => bus.pio_write(port, data),
@@ -110,6 +117,18 @@ impl Vcpu {
                     }
                     k => self.fatal(format!("unknown KVM system event {k}")),
                 })
+            }
+            Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => {
+                // Harvest into the devices' pending pages and re-enter; nothing is written
+                // back until a flush.
+                if let (Some((rings, ring)), Some(mark)) = (&self.dirty_ring, ring_mark) {
+                    if let Err(e) = rings.ring_full(ring, mark) {
+                        let what = format!("dirty ring full: {}", nvdimm::error_chain(&e));
+                        return Some(self.fatal(what));
+                    }
+                } else {
+                    return Some(self.fatal("dirty ring full without dirty rings".into()));
+                }
             }
             Ok(other) => {
                 let what = format!("unexpected KVM exit {other:?}");

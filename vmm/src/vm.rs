@@ -10,6 +10,8 @@ use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
+use nvdimm::dirty_ring::DEFAULT_RING_ENTRIES;
+use nvdimm::DirtyRings;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::terminal::Terminal;
@@ -18,6 +20,7 @@ use std::time::Instant;
 
 use crate::api::server::{ApiServer, ServerError};
 use crate::boot::{self, BootError};
+use crate::cli::DirtyTracking;
 use crate::control::MachineControl;
 use crate::devices::{serial, Bus};
 use crate::exit::{ExitReason, ExitSignal};
@@ -88,6 +91,13 @@ pub enum VmError {
     Pmem(nvdimm::NvdimmError),
     #[error("cannot set up dirty logging for --pmem")]
     DirtyLog(#[source] nvdimm::dirty::DirtyError),
+    #[error("cannot set up the KVM dirty ring for --pmem")]
+    DirtyRing(#[source] nvdimm::dirty_ring::DirtyRingError),
+    #[error(
+        "--dirty-tracking ring: this KVM does not offer KVM_CAP_DIRTY_LOG_RING; use \
+         --dirty-tracking bitmap (or auto)"
+    )]
+    NoDirtyRing,
     #[error("--api-sock")]
     Api(#[source] ServerError),
 }
@@ -98,6 +108,41 @@ fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
 
 fn host_err(what: &'static str) -> impl Fn(std::io::Error) -> VmError {
     move |source| VmError::Host { what, source }
+}
+
+/// How this VM learns which pmem pages the guest wrote.
+enum Tracking {
+    Ring(Arc<DirtyRings>),
+    Bitmap { manual_protect: bool },
+}
+
+/// Picks and turns on the dirty tracking of `--dirty-tracking`. Runs before any memslot or
+/// vCPU exists: KVM takes the ring only before vCPUs, manual protect only before logged slots.
+fn choose_tracking(vm: &Arc<VmFd>, config: &MachineConfig) -> Result<Tracking, VmError> {
+    let logged = config.pmem.iter().any(|p| !p.readonly);
+    if !logged {
+        return Ok(Tracking::Bitmap {
+            manual_protect: false,
+        });
+    }
+    if config.dirty_tracking != DirtyTracking::Bitmap {
+        match DirtyRings::enable(vm.clone(), DEFAULT_RING_ENTRIES).map_err(VmError::DirtyRing)? {
+            Some(rings) => {
+                log::info!(
+                    "pmem dirty tracking: KVM dirty ring, {} entries per vCPU",
+                    rings.entries()
+                );
+                return Ok(Tracking::Ring(Arc::new(rings)));
+            }
+            None if config.dirty_tracking == DirtyTracking::Ring => {
+                return Err(VmError::NoDirtyRing)
+            }
+            None => {}
+        }
+    }
+    let manual_protect = nvdimm::enable_manual_protect(vm).map_err(VmError::DirtyLog)?;
+    log::info!("pmem dirty tracking: memslot bitmap (manual protect: {manual_protect})");
+    Ok(Tracking::Bitmap { manual_protect })
 }
 
 /// Opens the KVM device, mapping the usual failures to advice.
@@ -252,13 +297,21 @@ pub fn run(config: &MachineConfig, opts: &RunOptions) -> Result<u8, VmError> {
     let vm = Arc::new(create_vm(&kvm, config.cpus)?);
     let mem = create_guest_memory(&vm, config.memory)?;
 
-    // Manual dirty-log protection must be on before the first logged memslot exists.
-    let manual_protect =
-        !config.pmem.is_empty() && nvdimm::enable_manual_protect(&vm).map_err(VmError::DirtyLog)?;
+    let tracking = choose_tracking(&vm, config)?;
+    let manual_protect = matches!(
+        tracking,
+        Tracking::Bitmap {
+            manual_protect: true
+        }
+    );
     let pmem_devices = pmem::open_all(&config.pmem, config.memory, config.cpus, manual_protect)
         .map_err(VmError::Pmem)?;
     for d in &pmem_devices {
-        d.attach(&vm).map_err(VmError::Pmem)?;
+        match &tracking {
+            Tracking::Ring(rings) => d.attach_ring(&vm, rings),
+            Tracking::Bitmap { .. } => d.attach(&vm),
+        }
+        .map_err(VmError::Pmem)?;
     }
 
     let desc = platform::describe(config, pmem::nfit_descs(&pmem_devices));
@@ -311,6 +364,13 @@ pub fn run(config: &MachineConfig, opts: &RunOptions) -> Result<u8, VmError> {
             regs::setup_lapic(&fd)
         };
         setup().map_err(|e| VmError::Regs(id, e))?;
+        let dirty_ring = match &tracking {
+            Tracking::Ring(rings) => Some((
+                rings.clone(),
+                rings.add_vcpu(&fd).map_err(VmError::DirtyRing)?,
+            )),
+            Tracking::Bitmap { .. } => None,
+        };
         vcpus.push(Vcpu {
             id,
             fd,
@@ -318,6 +378,7 @@ pub fn run(config: &MachineConfig, opts: &RunOptions) -> Result<u8, VmError> {
             exit: exit.clone(),
             control: control.clone(),
             mem: mem.clone(),
+            dirty_ring,
         });
     }
 

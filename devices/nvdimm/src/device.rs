@@ -645,11 +645,13 @@ impl Nvdimm {
         })
     }
 
-    /// How this device tracks guest writes: "ring", "bitmap", or "none" (read-only or not
+    /// How this device tracks guest writes: "ring", "ring-overflowed" (the rings overflowed
+    /// and every writeback covers the whole device), "bitmap", or "none" (read-only or not
     /// attached).
     pub fn dirty_tracking(&self) -> &'static str {
         match self.attachment.get().and_then(|a| a.dirty.as_ref()) {
             Some(Tracker::Log(_)) => "bitmap",
+            Some(Tracker::Ring(r)) if r.has_overflowed() => "ring-overflowed",
             Some(Tracker::Ring(_)) => "ring",
             None => "none",
         }

@@ -65,6 +65,7 @@ pub fn sample_devices() -> Vec<PmemInfo> {
             persist: "adr".into(),
             writeback_interval_ms: Some(1000),
             flush_log: Some("/var/lib/pmvm/pmem0.log".into()),
+            dirty_tracking: "ring".into(),
         },
         PmemInfo {
             id: "pmem1".into(),
@@ -79,6 +80,7 @@ pub fn sample_devices() -> Vec<PmemInfo> {
             persist: "adr".into(),
             writeback_interval_ms: None,
             flush_log: None,
+            dirty_tracking: "none".into(),
         },
     ]
 }

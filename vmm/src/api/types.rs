@@ -69,6 +69,15 @@ pub struct PmemInfo {
     /// The flush-epoch log, for `flush-log=` devices.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flush_log: Option<String>,
+    /// How pmvm learns which pages the guest wrote: `ring` (KVM dirty ring), `bitmap` (the
+    /// memslot's dirty bitmap), `ring-overflowed` (the rings overflowed; every writeback
+    /// covers the whole device) or `none` (read-only).
+    #[serde(default = "default_tracking")]
+    pub dirty_tracking: String,
+}
+
+fn default_tracking() -> String {
+    "bitmap".into()
 }
 
 fn default_persist() -> String {
@@ -121,6 +130,7 @@ mod tests {
             persist: "adr".into(),
             writeback_interval_ms: None,
             flush_log: None,
+            dirty_tracking: "bitmap".into(),
         };
         let json = serde_json::to_value(&info).unwrap();
         assert!(json.get("pending_dirty_pages").is_none());
