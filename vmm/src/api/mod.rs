@@ -84,16 +84,7 @@ impl ApiError {
 }
 
 /// An error and its causes on one line, "what: why: why", as the CLI prints them.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut line = err.to_string();
-    let mut cause = err.source();
-    while let Some(c) = cause {
-        line.push_str(": ");
-        line.push_str(&c.to_string());
-        cause = c.source();
-    }
-    line
-}
+pub use nvdimm::error_chain;
 
 #[cfg(test)]
 mod tests {
