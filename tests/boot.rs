@@ -379,6 +379,34 @@ fn initrd_that_does_not_fit_is_refused() {
     );
 }
 
+/// `--dump-acpi` with `--pmem` describes the device (its size shapes the NFIT) but runs no
+/// guest, so a backing file it had to create to know that is gone afterwards; an existing one
+/// is left as it was.
+#[test]
+fn dump_acpi_with_pmem_leaves_no_created_file_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let (new, old) = (dir.path().join("new.img"), dir.path().join("old.img"));
+    std::fs::write(&old, vec![7u8; 2 << 20]).unwrap();
+    let out = std::process::Command::new(pmvm())
+        .arg("--pmem")
+        .arg(format!("path={},size=4M", new.display()))
+        .arg("--pmem")
+        .arg(format!("path={}", old.display()))
+        .arg("--dump-acpi")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let nfit = std::fs::read(dir.path().join("NFIT.dat")).expect("an NFIT with two devices");
+    assert_eq!(&nfit[..4], b"NFIT");
+    assert!(!new.exists(), "--dump-acpi left {} behind", new.display());
+    assert_eq!(std::fs::read(&old).unwrap(), vec![7u8; 2 << 20]);
+}
+
 #[test]
 fn dump_acpi_writes_every_table() {
     let dir = tempfile::tempdir().unwrap();

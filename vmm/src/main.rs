@@ -73,7 +73,8 @@ fn run_machine(args: &cli::MachineArgs) -> ExitCode {
         Err(e) => return fail(&e),
     };
     if let Some(dir) = &args.dump_acpi {
-        let devices = match pmem::open_all(&config.pmem, config.memory, config.cpus, false) {
+        // The devices' sizes shape the tables; files created to learn them do not outlive this.
+        let devices = match pmem::open_transient(&config.pmem, config.memory, config.cpus, false) {
             Ok(d) => d,
             Err(e) => return fail(&e),
         };

@@ -37,6 +37,26 @@ pub fn open_all(
     cpus: u8,
     manual_protect: bool,
 ) -> Result<Vec<Arc<Nvdimm>>, NvdimmError> {
+    let devices = open_transient(configs, ram_size, cpus, manual_protect)?;
+    // Until here an error dropped the devices opened so far, and with them the files they
+    // created: a refused command line leaves nothing behind. Now the files are the user's.
+    Ok(devices
+        .into_iter()
+        .map(|mut d| {
+            d.keep_created_file();
+            Arc::new(d)
+        })
+        .collect())
+}
+
+/// Opens every `--pmem` device like [`open_all`], but a backing file this creates is removed
+/// again when the devices are dropped: for `--dump-acpi`, which runs no guest.
+pub fn open_transient(
+    configs: &[PmemConfig],
+    ram_size: u64,
+    cpus: u8,
+    manual_protect: bool,
+) -> Result<Vec<Nvdimm>, NvdimmError> {
     let mut devices: Vec<Nvdimm> = Vec::new();
     let mut next = first_base(ram_size);
     for (index, cfg) in configs.iter().enumerate() {
@@ -53,21 +73,13 @@ pub fn open_all(
         next = base_after(next, dev.size());
         devices.push(dev);
     }
-    // Until here an error dropped the devices opened so far, and with them the files they
-    // created: a refused command line leaves nothing behind. Now the files are the user's.
-    Ok(devices
-        .into_iter()
-        .map(|mut d| {
-            d.keep_created_file();
-            Arc::new(d)
-        })
-        .collect())
+    Ok(devices)
 }
 
 /// How the NFIT and DSDT describe `devices`.
-pub fn nfit_descs(devices: &[Arc<Nvdimm>]) -> Vec<acpi::NvdimmDesc> {
+pub fn nfit_descs<'a>(devices: impl IntoIterator<Item = &'a Nvdimm>) -> Vec<acpi::NvdimmDesc> {
     devices
-        .iter()
+        .into_iter()
         .map(|d| acpi::NvdimmDesc {
             handle: d.handle(),
             spa_base: d.guest_base(),

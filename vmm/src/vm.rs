@@ -314,7 +314,7 @@ pub fn run(config: &MachineConfig, opts: &RunOptions) -> Result<u8, VmError> {
         .map_err(VmError::Pmem)?;
     }
 
-    let desc = platform::describe(config, pmem::nfit_descs(&pmem_devices));
+    let desc = platform::describe(config, pmem::nfit_descs(pmem_devices.iter().map(|d| &**d)));
     let tables = platform::tables(&desc)?;
     for t in tables.iter() {
         mem.write_slice(&t.bytes, GuestAddress(t.addr))
