@@ -231,20 +231,28 @@ fn create_socket(path: &Path) -> Result<UnixListener, ServerError> {
 /// it into place, so no one can connect while it still has umask permissions. If that
 /// staging path would not fit in `sun_path`, binds in place and narrows the mode at once.
 fn bind_private(path: &Path, dir: &Path) -> io::Result<UnixListener> {
-    static STAGING_SEQ: AtomicUsize = AtomicUsize::new(0);
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
-    let seq = STAGING_SEQ.fetch_add(1, Ordering::Relaxed);
-    let staging_dir = dir.join(format!(".pmvm-{}-{seq}-{nanos:x}", std::process::id()));
-    let staged = staging_dir.join("s");
-    if staged.as_os_str().len() > SOCKET_PATH_MAX {
+    let staging =
+        |attempt: u32| dir.join(format!(".pmvm-{}-{nanos:x}-{attempt}", std::process::id()));
+    if staging(u32::MAX).join("s").as_os_str().len() > SOCKET_PATH_MAX {
         remove_stale(path)?;
         let listener = UnixListener::bind(path)?;
         fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
         return Ok(listener);
     }
-    fs::DirBuilder::new().mode(0o700).create(&staging_dir)?;
+    // mkdir is the uniqueness check: a name taken (by another thread or process) is skipped.
+    let mut attempt = 0;
+    let staging_dir = loop {
+        let candidate = staging(attempt);
+        match fs::DirBuilder::new().mode(0o700).create(&candidate) {
+            Ok(()) => break candidate,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < 64 => attempt += 1,
+            Err(e) => return Err(e),
+        }
+    };
+    let staged = staging_dir.join("s");
     let result = (|| {
         let listener = UnixListener::bind(&staged)?;
         fs::set_permissions(&staged, fs::Permissions::from_mode(0o600))?;
