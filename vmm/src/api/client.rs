@@ -223,8 +223,9 @@ pub fn stats_table(vm: &VmInfo, list: &PmemList) -> String {
         "P99 us",
         "MAX us",
         "PENDING",
+        "TRACKING",
     ];
-    let rows: Vec<[String; 8]> = list
+    let rows: Vec<[String; 9]> = list
         .devices
         .iter()
         .map(|d| {
@@ -239,6 +240,7 @@ pub fn stats_table(vm: &VmInfo, list: &PmemList) -> String {
                 s.latency_us.max.to_string(),
                 d.pending_dirty_pages
                     .map_or_else(|| "-".to_string(), |p| p.to_string()),
+                d.dirty_tracking.clone(),
             ]
         })
         .collect();
@@ -413,9 +415,9 @@ mod tests {
         let text = stats_table(&fake.vm_info(), &list);
         let expected = "\
 VM running, up 1m01s, 2 vCPUs, 512 MiB RAM
-ID     FLUSHES  PAGES  MiB WRITTEN  P50 us  P99 us  MAX us  PENDING
-pmem0        3    300         1.17      40     130     130        7
-pmem1        0      0         0.00       0       0       0        -
+ID     FLUSHES  PAGES  MiB WRITTEN  P50 us  P99 us  MAX us  PENDING  TRACKING
+pmem0        3    300         1.17      40     130     130        7      ring
+pmem1        0      0         0.00       0       0       0        -      none
 ";
         assert_eq!(text, expected);
     }
