@@ -1007,3 +1007,75 @@ fn every_bad_pmem_argument_fails_with_one_clear_line() {
     let (code, _, stderr) = run_probe("poweroff", &[arg(&locked, "")]);
     assert_eq!(code, Some(0), "after the lock was released: {stderr}");
 }
+
+/// Truncates `path` to nothing, as another process could while the guest runs.
+fn truncate_behind_pmvm(path: &Path) {
+    File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_len(0))
+        .unwrap_or_else(|e| panic!("truncating {}: {e}", path.display()));
+}
+
+/// A backing file truncated by another process while the guest runs: whichever flush finds it,
+/// the guest's or the API's, pmvm stops with exit 1 and one line naming the file and its new
+/// length, and never dies of SIGBUS.
+#[test]
+fn a_backing_file_truncated_while_the_guest_runs_stops_pmvm_with_one_line() {
+    if !kvm_or_skip("truncated backing file") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("p.img");
+    let mut vm = Pmvm::spawn_with_input(
+        &pmvm(),
+        &probe_args(
+            "write 0 0 0x1000 0xab flush 0 readline write 0 0x100000 0x1000 0xcd flush 0 \
+             mark SURVIVED poweroff",
+            &[pmem_arg(&img, ",size=64M")],
+            &[],
+        ),
+    );
+    vm.wait_for("probe: reading", BOOT).unwrap();
+    truncate_behind_pmvm(&img);
+    vm.send(b"go\n").unwrap();
+    let (status, stderr) = vm.wait_exit(BOOT).unwrap();
+    let expect_one_line = |status: std::process::ExitStatus, stderr: &str, what: &str| {
+        assert_eq!(status.code(), Some(1), "{what}: {status:?}\n{stderr}");
+        let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("shrank")).collect();
+        assert_eq!(lines.len(), 1, "{what}: one line about it\n{stderr}");
+        assert!(
+            lines[0].starts_with("pmvm: pmem0: backing file ")
+                && lines[0].contains(&img.display().to_string())
+                && lines[0].contains("shrank to 0 bytes"),
+            "{what}: {}",
+            lines[0]
+        );
+        assert!(!stderr.contains("panicked"), "{what}: {stderr}");
+    };
+    expect_one_line(status, &stderr, "guest flush");
+    assert!(
+        !vm.lines().iter().any(|l| l.contains("MARK SURVIVED")),
+        "the guest must not run on past the failed flush"
+    );
+
+    // The API's flush finds it: a JSON error, then the same stop.
+    std::fs::remove_file(&img).unwrap();
+    let g = Guest::boot(
+        dir.path(),
+        "write 0 0 0x1000 0xab mark WROTE wait",
+        &[pmem_arg(&img, ",size=64M")],
+        &[],
+        false,
+    );
+    g.wait_for("MARK WROTE");
+    truncate_behind_pmvm(&img);
+    let (code, body) = api_request(&g.sock, "PUT", "/v1/pmem/pmem0/flush").unwrap();
+    assert_eq!(code, 500, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let error = json["error"].as_str().unwrap_or_default();
+    assert!(error.contains("shrank to 0 bytes"), "{body}");
+    let mut vm = g.vm;
+    let (status, stderr) = vm.wait_exit(BOOT).unwrap();
+    expect_one_line(status, &stderr, "API flush");
+}

@@ -98,10 +98,14 @@ impl VmmControl for MachineControl {
 
     fn pmem_flush(&self, id: &str) -> Result<FlushReport, ApiError> {
         let dev = self.device(id)?;
-        dev.host_flush().map_err(|e| ApiError::Failed {
+        let report = dev.host_flush().map_err(|e| ApiError::Failed {
             action: format!("flushing {id}"),
             source: Box::new(e),
-        })
+        });
+        if let Some(msg) = dev.fatal_error() {
+            self.exit.request(ExitReason::Fatal(msg));
+        }
+        report
     }
 
     fn pause(&self) -> Result<(), ApiError> {

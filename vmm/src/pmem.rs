@@ -143,6 +143,18 @@ impl PmemBus {
 
     /// Handles a write by vCPU `vcpu`; false if no NVDIMM claims `addr`. A guest flush runs to
     /// completion here, on the vCPU thread, before the vCPU re-enters the guest.
+    /// Why the VM must stop for a device, if a writeback found one whose backing file was
+    /// truncated; with `check_now`, also looks at every file's length now.
+    pub fn fatal_error(&self, check_now: bool) -> Option<String> {
+        self.devices.iter().find_map(|d| {
+            if check_now {
+                d.check_fatal_now()
+            } else {
+                d.fatal_error()
+            }
+        })
+    }
+
     pub fn write(&self, vcpu: u8, addr: u64, data: &[u8]) -> bool {
         if let Some((dev, off)) = self.hint_target(addr) {
             dev.mmio_write(u32::from(vcpu), off, data);

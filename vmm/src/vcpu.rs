@@ -137,6 +137,13 @@ impl Vcpu {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 self.fd.set_kvm_immediate_exit(0);
             }
+            Err(e) if e.errno() == libc::EFAULT => {
+                // KVM could not map guest memory: a truncated pmem file explains that best.
+                if let Some(msg) = self.bus.explain_memory_fault() {
+                    return Some(ExitReason::Fatal(msg));
+                }
+                return Some(self.fatal(format!("KVM_RUN failed: {e}")));
+            }
             Err(e) => return Some(self.fatal(format!("KVM_RUN failed: {e}"))),
         }
         None

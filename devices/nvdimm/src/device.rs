@@ -64,6 +64,13 @@ pub enum FlushError {
     Log(#[source] AppendError),
     #[error("the device has lost power (power cut); nothing is written back any more")]
     PoweredOff,
+    #[error(
+        "its backing file shrank to {len} bytes, below the device's {size}: it was truncated \
+         while pmvm ran, and what the guest stored past the new end is lost"
+    )]
+    Shrunk { len: u64, size: u64 },
+    #[error("cannot check the backing file's length")]
+    Stat(#[source] vmm_sys_util::errno::Error),
 }
 
 /// Who asked for a writeback: recorded in the flush-epoch log and the stats.
@@ -155,6 +162,9 @@ pub struct Nvdimm {
     flush_log_path: Option<std::path::PathBuf>,
     /// Set by [`Nvdimm::power_cut`]: no writeback starts after it.
     power_lost: AtomicBool,
+    /// Why the device can no longer make the guest's stores durable (its file shrank); the VMM
+    /// stops the VM when it sees this.
+    fatal: OnceLock<String>,
     /// Set to stop the background writeback loop.
     background_stop: Mutex<bool>,
     background_wake: Condvar,
@@ -237,6 +247,7 @@ impl Nvdimm {
             flush_log: Mutex::new(None),
             flush_log_path: cfg.flush_log.clone(),
             power_lost: AtomicBool::new(false),
+            fatal: OnceLock::new(),
             background_stop: Mutex::new(false),
             background_wake: Condvar::new(),
             mapping: Arc::new(mapping),
@@ -474,26 +485,31 @@ impl Nvdimm {
         if self.power_lost.load(Ordering::Acquire) {
             return Err(FlushError::PoweredOff);
         }
-        let result = self.harvest().and_then(|runs| {
-            self.metrics.last_harvest_pages.set(run_pages(&runs));
-            let keep_pending = |e| {
-                // Not durable: keep the pages pending so the next flush retries them.
-                lock(&self.pending).insert_runs(&runs);
-                e
-            };
-            // Write-ahead: the epoch is durable in the log before the file changes, so a
-            // crash in between leaves the log ahead of the file, never behind it.
-            self.log_epoch(source, &runs)
-                .map_err(FlushError::Log)
-                .map_err(keep_pending)?;
-            let written = match self.persist {
-                PersistMode::Adr => writeback::write_back(self.backing.file(), &runs, self.size()),
-                PersistMode::Flush => {
-                    writeback::copy_back(self.backing.file(), &self.mapping, &runs, self.size())
-                }
-            };
-            written.map_err(FlushError::Writeback).map_err(keep_pending)
-        });
+        let result = self
+            .check_backing()
+            .and_then(|()| self.harvest())
+            .and_then(|runs| {
+                self.metrics.last_harvest_pages.set(run_pages(&runs));
+                let keep_pending = |e| {
+                    // Not durable: keep the pages pending so the next flush retries them.
+                    lock(&self.pending).insert_runs(&runs);
+                    e
+                };
+                // Write-ahead: the epoch is durable in the log before the file changes, so a
+                // crash in between leaves the log ahead of the file, never behind it.
+                self.log_epoch(source, &runs)
+                    .map_err(FlushError::Log)
+                    .map_err(keep_pending)?;
+                let written = match self.persist {
+                    PersistMode::Adr => {
+                        writeback::write_back(self.backing.file(), &runs, self.size())
+                    }
+                    PersistMode::Flush => {
+                        writeback::copy_back(self.backing.file(), &self.mapping, &runs, self.size())
+                    }
+                };
+                written.map_err(FlushError::Writeback).map_err(keep_pending)
+            });
         self.metrics.writebacks.inc();
         match &result {
             Ok(written) => {
@@ -506,15 +522,77 @@ impl Nvdimm {
             }
             Err(e) => {
                 self.metrics.errors.inc();
-                log::error!(
-                    "{}: flush of {} failed: {}",
-                    self.id,
-                    self.path().display(),
-                    chain(e)
-                );
+                let shrunk = matches!(
+                    e,
+                    FlushError::Shrunk { .. } | FlushError::Log(AppendError::ReadPage { .. })
+                ) && self.backing_shrunk().is_some();
+                if shrunk {
+                    // Fatal: the VMM stops the VM and prints this once.
+                    let _ = self.fatal.set(self.shrink_message());
+                } else {
+                    log::error!(
+                        "{}: flush of {} failed: {}",
+                        self.id,
+                        self.path().display(),
+                        chain(e)
+                    );
+                }
             }
         }
         result
+    }
+
+    /// Fails if the backing file is now shorter than the device: guest stores past its end
+    /// cannot be made durable (and host reads there would fault).
+    fn check_backing(&self) -> Result<(), FlushError> {
+        match self.backing_shrunk() {
+            Some(Ok(len)) => Err(FlushError::Shrunk {
+                len,
+                size: self.size(),
+            }),
+            Some(Err(e)) => Err(FlushError::Stat(e)),
+            None => Ok(()),
+        }
+    }
+
+    /// The file's length if it is shorter than the device (or why it cannot be read).
+    fn backing_shrunk(&self) -> Option<Result<u64, vmm_sys_util::errno::Error>> {
+        match self.backing.file().metadata() {
+            Ok(m) if m.len() < self.size() => Some(Ok(m.len())),
+            Ok(_) => None,
+            Err(e) => Some(Err(vmm_sys_util::errno::Error::new(
+                e.raw_os_error().unwrap_or(libc::EIO),
+            ))),
+        }
+    }
+
+    fn shrink_message(&self) -> String {
+        let len = match self.backing_shrunk() {
+            Some(Ok(len)) => format!("{len} bytes"),
+            _ => "less than the device".into(),
+        };
+        format!(
+            "{}: backing file {} shrank to {len} while the guest ran (the device needs {} \
+             bytes); stopping",
+            self.id,
+            self.path().display(),
+            self.size()
+        )
+    }
+
+    /// Why the VM must stop because of this device, if a writeback found it must: its backing
+    /// file was truncated under it.
+    pub fn fatal_error(&self) -> Option<String> {
+        self.fatal.get().cloned()
+    }
+
+    /// Like [`Nvdimm::fatal_error`], but checks the file's length now: for a fault the VMM
+    /// cannot otherwise explain (KVM failing to map guest memory).
+    pub fn check_fatal_now(&self) -> Option<String> {
+        if let Some(Ok(_)) = self.backing_shrunk() {
+            let _ = self.fatal.set(self.shrink_message());
+        }
+        self.fatal_error()
     }
 
     /// Appends the epoch of one writeback to the flush log, if there is one. Empty background
@@ -590,6 +668,11 @@ impl Nvdimm {
             }
             drop(stop);
             self.background_flush();
+            if let Some(msg) = self.fatal_error() {
+                // No vCPU or API call may come to stop the VM: say it here.
+                log::error!("{msg}");
+                return;
+            }
             stop = lock(&self.background_stop);
         }
     }

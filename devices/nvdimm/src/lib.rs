@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod mmap;
 pub mod page_set;
 pub mod pfn;
+pub mod sigbus;
 pub mod size;
 pub mod stats;
 pub mod writeback;

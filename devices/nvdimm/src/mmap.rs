@@ -28,6 +28,11 @@ pub enum MmapError {
     OutOfBounds { offset: u64, len: usize, size: u64 },
     #[error("the mapping is read-only")]
     ReadOnly,
+    #[error(
+        "{len} bytes at offset {offset:#x} lie past the end of the backing file: it was \
+         truncated while pmvm ran"
+    )]
+    Truncated { offset: u64, len: usize },
     #[error("writing {len} bytes at offset {offset:#x} into the backing file failed")]
     FileWrite {
         offset: u64,
@@ -55,6 +60,8 @@ pub struct Mapping {
     len: usize,
     writable: bool,
     sharing: Sharing,
+    /// File mappings only: turns a SIGBUS from a truncated file into an error.
+    sigbus: Option<crate::sigbus::Registration>,
 }
 
 // SAFETY: the mapping is plain shared memory owned by this struct; it hands out no references
@@ -98,6 +105,7 @@ impl Mapping {
             len: len as usize,
             writable,
             sharing,
+            sigbus: Some(crate::sigbus::register(ptr.as_ptr() as usize, len as usize)),
         })
     }
 
@@ -124,6 +132,7 @@ impl Mapping {
             len: len as usize,
             writable: true,
             sharing: Sharing::Shared,
+            sigbus: None,
         })
     }
 
@@ -164,15 +173,30 @@ impl Mapping {
         Ok(unsafe { self.ptr.as_ptr().add(start) })
     }
 
+    /// SIGBUS faults absorbed so far (see [`crate::sigbus`]).
+    fn faults(&self) -> u64 {
+        self.sigbus.as_ref().map_or(0, |r| r.faults())
+    }
+
+    /// An error if a SIGBUS hit the mapping since `before` (a [`Mapping::faults`] reading).
+    fn check_faults(&self, before: u64, offset: u64, len: usize) -> Result<(), MmapError> {
+        if self.faults() != before {
+            return Err(MmapError::Truncated { offset, len });
+        }
+        Ok(())
+    }
+
     /// Copies `buf.len()` bytes at `offset` out of the mapping.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), MmapError> {
         let src = self.range(offset, buf.len())?;
+        let before = self.faults();
         for (i, byte) in buf.iter_mut().enumerate() {
             // SAFETY: `range` checked that all of src..src+buf.len() is mapped and readable;
-            // volatile because the guest may write the same bytes concurrently.
+            // volatile because the guest may write the same bytes concurrently. Past the end of
+            // a truncated file the read faults into `sigbus`, which maps zeros and counts it.
             *byte = unsafe { std::ptr::read_volatile(src.add(i)) };
         }
-        Ok(())
+        self.check_faults(before, offset, buf.len())
     }
 
     /// Copies `data` into the mapping at `offset`. Such host writes are not in KVM's dirty log:
@@ -182,12 +206,13 @@ impl Mapping {
             return Err(MmapError::ReadOnly);
         }
         let dst = self.range(offset, data.len())?;
+        let before = self.faults();
         for (i, byte) in data.iter().enumerate() {
             // SAFETY: `range` checked the bounds and the mapping is PROT_WRITE; volatile because
             // the guest may access the same bytes concurrently.
             unsafe { std::ptr::write_volatile(dst.add(i), *byte) };
         }
-        Ok(())
+        self.check_faults(before, offset, data.len())
     }
 }
 
@@ -268,6 +293,8 @@ fn map_fd(
 
 impl Drop for Mapping {
     fn drop(&mut self) {
+        // Unregistered first, so the handler never sees an address range about to be reused.
+        self.sigbus.take();
         // SAFETY: ptr/len are exactly what mmap returned and nothing else unmaps them; owners
         // that lent the range to KVM remove the memslot before dropping the mapping.
         let rc = unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };

@@ -94,6 +94,16 @@ impl Bus {
         if !self.pmem.write(vcpu, addr, data) {
             log::debug!("unclaimed MMIO write of {} bytes at {addr:#x}", data.len());
         }
+        // A flush that found a device's file truncated: nothing more can be made durable.
+        if let Some(msg) = self.pmem.fatal_error(false) {
+            self.exit.request(ExitReason::Fatal(msg));
+        }
+    }
+
+    /// Explains a failure of KVM to reach guest memory, if a truncated pmem backing file
+    /// explains it.
+    pub fn explain_memory_fault(&self) -> Option<String> {
+        self.pmem.fatal_error(true)
     }
 }
 
