@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use kvm_ioctls::Kvm;
-use nvdimm::{enable_manual_protect, Nvdimm, NvdimmError, NvdimmParams, PmemConfig};
+use nvdimm::dirty_ring::DEFAULT_RING_ENTRIES;
+use nvdimm::{enable_manual_protect, DirtyRings, Nvdimm, NvdimmError, NvdimmParams, PmemConfig};
 
 use crate::common::{Exit, TinyVm};
 use crate::error::BenchError;
@@ -71,12 +72,28 @@ fn round(
     })
 }
 
+/// How the measured VM tracks the guest's stores, as pmvm's `--dirty-tracking`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tracking {
+    Ring,
+    Bitmap,
+}
+
+impl Tracking {
+    pub fn name(self) -> &'static str {
+        match self {
+            Tracking::Ring => "ring",
+            Tracking::Bitmap => "bitmap",
+        }
+    }
+}
+
 /// What one cell measured.
 pub struct Measured {
     pub rounds: Vec<Round>,
-    /// Microseconds of one `KVM_GET_DIRTY_LOG` of the device's slot with nothing dirty (the
-    /// bitmap copy-out alone, a part of every harvest), median of `GET_LOG_TIMES`.
-    pub get_log_us: f64,
+    /// Bitmap only: microseconds of one `KVM_GET_DIRTY_LOG` of the device's slot with nothing
+    /// dirty (the bitmap copy-out alone, a part of every harvest), median of `GET_LOG_TIMES`.
+    pub get_log_us: Option<f64>,
 }
 
 const GET_LOG_TIMES: usize = 9;
@@ -89,6 +106,7 @@ pub fn measure(
     size: u64,
     pages: u64,
     rounds: u64,
+    tracking: Tracking,
 ) -> Result<Measured, BenchError> {
     if pages > guest::max_pages() || page_offset(pages) > size {
         return Err(BenchError::Check(format!(
@@ -99,7 +117,15 @@ pub fn measure(
         )));
     }
     let mut vm = TinyVm::new(kvm);
-    let manual_protect = enable_manual_protect(&vm.vm)?;
+    let rings = match tracking {
+        Tracking::Ring => Some(Arc::new(
+            DirtyRings::enable(vm.vm.clone(), DEFAULT_RING_ENTRIES)
+                .map_err(|e| BenchError::Check(format!("enabling the dirty ring: {e}")))?
+                .ok_or_else(|| BenchError::Check("this KVM has no dirty ring".into()))?,
+        )),
+        Tracking::Bitmap => None,
+    };
+    let manual_protect = rings.is_none() && enable_manual_protect(&vm.vm)?;
     let image = dir.join(format!("pmem-{}M-{pages}.img", size >> 20));
     let cfg: PmemConfig = format!("path={},size={}M", image.display(), size >> 20)
         .parse()
@@ -113,14 +139,26 @@ pub fn measure(
         manual_protect,
     };
     let dev = Arc::new(Nvdimm::open(&cfg, params)?);
-    dev.attach(&vm.vm)?;
     let host = HostFile::create(&dir.join(format!("host-{}M-{pages}.img", size >> 20)), size)?;
-    vm.boot(&guest::dirty_then_flush(pages, rounds + 1));
+    let code = guest::dirty_then_flush(pages, rounds + 1);
+    match &rings {
+        Some(rings) => {
+            dev.attach_ring(&vm.vm, rings)?;
+            vm.boot_with_ring(&code, rings);
+        }
+        None => {
+            dev.attach(&vm.vm)?;
+            vm.boot(&code);
+        }
+    }
 
     let results = Arc::new(Mutex::new(Vec::new()));
     let (d, r) = (dev.clone(), results.clone());
     let exits = vm.run(move |exit| {
         if let Exit::MmioWrite(addr, data) = exit {
+            if *addr == guest::MARK_GPA {
+                return;
+            }
             let stamp = 3 * lock(&r).len() as u64;
             let outcome = round(&d, &host, pages, (*addr, data), stamp);
             lock(&r).push(outcome);
@@ -129,12 +167,19 @@ pub fn measure(
     let want = rounds + 1;
     let hint_exits = exits
         .iter()
-        .filter(|e| matches!(e, Exit::MmioWrite(..)))
+        .filter(|e| matches!(e, Exit::MmioWrite(a, _) if *a != guest::MARK_GPA))
         .count() as u64;
     if hint_exits != want || exits.last() != Some(&Exit::Hlt) {
         return Err(BenchError::Check(format!(
             "the guest made {hint_exits} flush-hint exits (want {want}) and ended with {:?}",
             exits.last()
+        )));
+    }
+    if dev.dirty_tracking() != tracking.name() {
+        return Err(BenchError::Check(format!(
+            "the device's dirty tracking ended as {} (want {})",
+            dev.dirty_tracking(),
+            tracking.name()
         )));
     }
     let st = dev.stats();
@@ -153,6 +198,12 @@ pub fn measure(
     for outcome in outcomes.into_iter().skip(1) {
         measured.push(outcome?);
     }
+    if tracking == Tracking::Ring {
+        return Ok(Measured {
+            rounds: measured,
+            get_log_us: None,
+        });
+    }
     // The guest has halted and the last flush took everything, so these GETs find (and in
     // GET-clears mode consume) nothing.
     let mut get_log = Vec::new();
@@ -165,6 +216,6 @@ pub fn measure(
     }
     Ok(Measured {
         rounds: measured,
-        get_log_us: crate::stats::median(&get_log),
+        get_log_us: Some(crate::stats::median(&get_log)),
     })
 }

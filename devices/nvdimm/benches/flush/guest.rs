@@ -10,6 +10,12 @@ use crate::common::{Code, Reg};
 /// Guest-physical address of the NVDIMM's flush-hint page, and of the marker of the
 /// dirty-tracking bench: in no memslot, so a store there exits.
 pub const EXIT_GPA: u64 = 0x10_0000;
+/// Guest-physical address of the marker the store loop writes every `MARK_EVERY` pages: in no
+/// memslot, so KVM enters the guest again after it, as a real guest's timer interrupts make it.
+pub const MARK_GPA: u64 = 0x18_0000;
+/// Pages stored between two marker exits: well below a dirty ring's size. An emulating host
+/// checks the ring's limit only when it enters the guest (docs/flush-path.md, "Overflow").
+pub const MARK_EVERY: u64 = 4096;
 /// Guest-physical base of the measured memslot (the NVDIMM or the logged/unlogged slot).
 pub const SLOT_GPA: u64 = 0x20_0000;
 /// The TinyVm page tables map the first GiB, so every page the guest stores to lies below.
@@ -35,20 +41,30 @@ fn raw(mut code: Code, bytes: &[u8]) -> Code {
 }
 
 /// One 8-byte store of %rdi into each of `pages` pages from `base`, `STRIDE_PAGES` apart
-/// (clobbers rax, rcx). Nothing for 0 pages.
-fn store_loop(code: Code, base: u64, pages: u64) -> Code {
+/// (clobbers rax, rcx; with `marks`, also rbx and a store to `MARK_GPA` every `MARK_EVERY`
+/// pages). Nothing for 0 pages.
+fn store_loop(code: Code, base: u64, pages: u64, marks: bool) -> Code {
     if pages == 0 {
         return code;
     }
     let stride = (STRIDE_PAGES * PAGE) as u32;
     let code = code
         .mov_imm(Reg::Rax, base)
+        .mov_imm(Reg::Rbx, MARK_GPA)
         .mov_imm(Reg::Rcx, pages)
         .store(Reg::Rax, Reg::Rdi);
     let code = raw(code, &[0x48, 0x05]);
-    let code = raw(code, &stride.to_le_bytes());
-    // dec %rcx; jnz back over the 14 bytes of store, add, dec and jnz.
-    raw(code, &[0x48, 0xff, 0xc9, 0x75, (-14i8) as u8])
+    let mut code = raw(code, &stride.to_le_bytes());
+    let mut body = 14i8;
+    if marks {
+        // test $(MARK_EVERY - 1),%ecx; jnz +3; mov %rdi,(%rbx)
+        code = raw(code, &[0xf7, 0xc1]);
+        code = raw(code, &((MARK_EVERY - 1) as u32).to_le_bytes());
+        code = raw(code, &[0x75, 0x03, 0x48, 0x89, 0x3b]);
+        body += 11;
+    }
+    // dec %rcx; jnz back over the loop body.
+    raw(code, &[0x48, 0xff, 0xc9, 0x75, (-body) as u8])
 }
 
 /// `body` `rounds` times with %rdi counting down from `rounds` (so every round stores new
@@ -65,7 +81,7 @@ fn repeat(rounds: u64, body: impl FnOnce(Code) -> Code) -> Code {
 /// (`writeq(1, hint)`): one synchronous exit per round.
 pub fn dirty_then_flush(pages: u64, rounds: u64) -> Code {
     repeat(rounds, |code| {
-        store_loop(code, SLOT_GPA, pages).flush_hint(EXIT_GPA)
+        store_loop(code, SLOT_GPA, pages, true).flush_hint(EXIT_GPA)
     })
 }
 
@@ -75,6 +91,6 @@ pub fn marked_stores(pages: u64, rounds: u64) -> Code {
     repeat(rounds, |code| {
         let code = code.flush_hint(EXIT_GPA);
         // `flush_hint` left the marker address in %rsi and 1 in %rdx: store it again.
-        store_loop(code, SLOT_GPA, pages).store(Reg::Rsi, Reg::Rdx)
+        store_loop(code, SLOT_GPA, pages, false).store(Reg::Rsi, Reg::Rdx)
     })
 }

@@ -16,6 +16,7 @@ mod logging;
 mod machine;
 mod plot;
 mod report;
+mod stall;
 mod stats;
 mod vmm_start;
 
@@ -24,6 +25,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use error::{chain, BenchError};
+use flush_path::Tracking;
 use machine::Machine;
 use report::{FlushCell, LoggingCell, Results, VmmResults};
 use vmm_start::Pmvm;
@@ -184,6 +186,7 @@ fn run(args: &Args) -> Result<(), BenchError> {
     let began = Instant::now();
 
     let mut flush = Vec::new();
+    let mut bitmap = Vec::new();
     for &size in &plan.sizes {
         for &pages in &plan.pages {
             let rounds = plan.flush_rounds(pages);
@@ -191,8 +194,25 @@ fn run(args: &Args) -> Result<(), BenchError> {
                 "bench: flush, {} device, {pages} dirty pages, {rounds} rounds",
                 stats::fmt_size(size)
             );
-            let m = flush_path::measure(&kvm, dir, size, pages, rounds)?;
+            let m = flush_path::measure(&kvm, dir, size, pages, rounds, Tracking::Ring)?;
             flush.push(FlushCell {
+                size,
+                pages,
+                rounds: m.rounds,
+                get_log_us: m.get_log_us,
+            });
+        }
+        // The slot bitmap beside it, where its O(device size) harvest shows: nothing or one
+        // page dirty.
+        for pages in [0, 1] {
+            let rounds = plan.flush_rounds(pages);
+            eprintln!(
+                "bench: flush with the dirty bitmap, {} device, {pages} dirty pages, {rounds} \
+                 rounds",
+                stats::fmt_size(size)
+            );
+            let m = flush_path::measure(&kvm, dir, size, pages, rounds, Tracking::Bitmap)?;
+            bitmap.push(FlushCell {
                 size,
                 pages,
                 rounds: m.rounds,
@@ -218,10 +238,18 @@ fn run(args: &Args) -> Result<(), BenchError> {
         }
         logging.push(cell);
     }
+    let stall_rounds = if plan.quick { 5 } else { 25 };
+    eprintln!(
+        "bench: group commit, a 1-page flush during a {}-page writeback, {stall_rounds} rounds",
+        stall::BIG
+    );
+    let stall = stall::measure(dir, stall_rounds)?;
     let vmm = measure_vmm(args, &plan, dir);
     let results = Results {
+        stall,
         machine,
         flush,
+        bitmap,
         logging,
         vmm,
         seconds: began.elapsed().as_secs_f64(),

@@ -5,8 +5,9 @@ use std::path::Path;
 
 use crate::error::BenchError;
 use crate::flush_path::Round;
-use crate::guest::{MAPPED_END, STRIDE_PAGES};
+use crate::guest::{MAPPED_END, MARK_EVERY, STRIDE_PAGES};
 use crate::machine::Machine;
+use crate::stall::{Stall, BIG};
 use crate::stats::{fmt_ratio, fmt_size, fmt_us, median};
 use crate::vmm_start::{Memory, Start, MEMORY_MIB, PMEM_MIB};
 use crate::{plot, GIB};
@@ -24,8 +25,8 @@ pub struct FlushCell {
     pub size: u64,
     pub pages: u64,
     pub rounds: Vec<Round>,
-    /// One `KVM_GET_DIRTY_LOG` of the slot with nothing dirty, µs.
-    pub get_log_us: f64,
+    /// Bitmap cells: one `KVM_GET_DIRTY_LOG` of the slot with nothing dirty, µs.
+    pub get_log_us: Option<f64>,
 }
 
 impl FlushCell {
@@ -90,8 +91,12 @@ pub enum VmmResults {
 
 pub struct Results {
     pub machine: Machine,
+    /// With the dirty ring, as pmvm runs where KVM has it.
     pub flush: Vec<FlushCell>,
+    /// With the slot bitmap (`--dirty-tracking bitmap`), 0 and 1 dirty pages only.
+    pub bitmap: Vec<FlushCell>,
     pub logging: Vec<LoggingCell>,
+    pub stall: Stall,
     pub vmm: VmmResults,
     pub seconds: f64,
 }
@@ -103,15 +108,21 @@ impl Results {
             .find(|c| c.size == size && c.pages == pages)
     }
 
-    /// Median `KVM_GET_DIRTY_LOG` time of a device size, over its cells.
-    pub fn get_log_us(&self, size: u64) -> f64 {
+    pub fn bitmap_cell(&self, size: u64, pages: u64) -> Option<&FlushCell> {
+        self.bitmap
+            .iter()
+            .find(|c| c.size == size && c.pages == pages)
+    }
+
+    /// Median `KVM_GET_DIRTY_LOG` time of a device size, over its bitmap cells.
+    pub fn get_log_us(&self, size: u64) -> Option<f64> {
         let v: Vec<f64> = self
-            .flush
+            .bitmap
             .iter()
             .filter(|c| c.size == size)
-            .map(|c| c.get_log_us)
+            .filter_map(|c| c.get_log_us)
             .collect();
-        median(&v)
+        (!v.is_empty()).then(|| median(&v))
     }
 
     pub fn sizes(&self) -> Vec<u64> {
@@ -178,40 +189,36 @@ fn size_target(r: &Results) -> Target {
     if !ok {
         if let (Some(e0), Some(e1)) = (r.cell(small, 0), r.cell(large, 0)) {
             why.push(format!(
-                "An empty flush (nothing dirty, so the harvest alone: pmvm neither clears \
-                 the log nor calls fdatasync) costs {} µs on {} against {} µs on {}: {} µs \
-                 more, where the 1-page flushes differ by {} µs. It is O(device size): KVM keeps a {} \
-                 KiB dirty bitmap for {} ({} KiB for {}). KVM_GET_DIRTY_LOG alone, copying it \
-                 out, takes {} µs there against {} µs; the other {} µs of the empty flush is \
-                 pmvm's own work over bitmaps of that size (allocating, merging, counting and \
-                 scanning them for runs). The host page cache \
-                 tracks dirtiness per page, so the host-only methods do not grow with the \
-                 file (host submit+fdatasync of 1 page: {} µs on {}, {} µs on {}).",
+                "With the dirty ring an empty flush (the harvest alone) costs {} µs on {} \
+                 against {} µs on {}; the 1-page flushes differ by {} µs. The host-only \
+                 submit+fdatasync of 1 page takes {} µs on {} and {} µs on {}, so what grows \
+                 with the device here is the host's own writeback, not pmvm's harvest.",
                 fmt_us(e1.pmvm()),
                 fmt_size(large),
                 fmt_us(e0.pmvm()),
                 fmt_size(small),
-                fmt_us(e1.pmvm() - e0.pmvm()),
                 fmt_us(b.pmvm() - a.pmvm()),
-                bitmap_kib(large),
-                fmt_size(large),
-                bitmap_kib(small),
-                fmt_size(small),
-                fmt_us(r.get_log_us(large)),
-                fmt_us(r.get_log_us(small)),
-                fmt_us(e1.pmvm() - r.get_log_us(large)),
                 fmt_us(b.submit()),
                 fmt_size(large),
                 fmt_us(a.submit()),
                 fmt_size(small),
             ));
-            why.push(
-                "The KVM dirty ring (KVM_CAP_DIRTY_LOG_RING) reports dirty pages as a list, \
-                 O(dirty pages), and removes the bitmap walk; a flush of 1 page should then cost \
-                 about the same on any device size."
-                    .into(),
-            );
         }
+    }
+    if let (false, Some(ba), Some(bb)) = (ok, r.bitmap_cell(small, 1), r.bitmap_cell(large, 1)) {
+        why.push(format!(
+            "With the slot bitmap instead (`--dirty-tracking bitmap`) the same flush costs {} \
+             µs on {} against {} µs on {}, {}: KVM keeps a {} KiB dirty bitmap for {} and a \
+             harvest reads all of it (KVM_GET_DIRTY_LOG alone takes {} µs there).",
+            fmt_us(bb.pmvm()),
+            fmt_size(large),
+            fmt_us(ba.pmvm()),
+            fmt_size(small),
+            fmt_ratio(bb.pmvm() / ba.pmvm()),
+            bitmap_kib(large),
+            fmt_size(large),
+            r.get_log_us(large).map_or("-".into(), fmt_us),
+        ));
     }
     Target {
         verdict: verdict(ok),
@@ -477,26 +484,61 @@ fn flush_table(r: &Results) -> Table {
     Table(rows)
 }
 
-/// Per device size: the bitmap a harvest reads, one GET of it, and a whole empty flush.
-fn harvest_table(r: &Results) -> Table {
+/// Per device size: empty and 1-page flushes with the dirty ring and with the slot bitmap.
+fn tracking_table(r: &Results) -> Table {
     let mut rows = vec![[
         "device",
         "dirty bitmap KiB",
         "KVM_GET_DIRTY_LOG µs",
-        "empty pmvm flush µs",
+        "empty flush, bitmap µs",
+        "empty flush, ring µs",
+        "1 page, bitmap µs",
+        "1 page, ring µs",
     ]
     .map(String::from)
     .to_vec()];
+    let us = |c: Option<&FlushCell>| c.map_or("-".into(), |c| fmt_us(c.pmvm()));
     for size in r.sizes() {
-        let get = r.get_log_us(size);
         rows.push(vec![
             fmt_size(size),
             bitmap_kib(size).to_string(),
-            fmt_us(get),
-            r.cell(size, 0).map_or("-".into(), |c| fmt_us(c.pmvm())),
+            r.get_log_us(size).map_or("-".into(), fmt_us),
+            us(r.bitmap_cell(size, 0)),
+            us(r.cell(size, 0)),
+            us(r.bitmap_cell(size, 1)),
+            us(r.cell(size, 1)),
         ]);
     }
     Table(rows)
+}
+
+fn stall_table(r: &Results) -> Table {
+    let s = &r.stall;
+    let added = s.added_us();
+    let max = |v: &[f64]| v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let big = median(&s.big_us);
+    Table(vec![
+        [
+            "rounds",
+            "A: flush of 4096 pages µs",
+            "B alone: 1 page µs",
+            "B during A µs",
+            "added stall, median µs",
+            "added stall, max µs",
+            "max / A's flush",
+        ]
+        .map(String::from)
+        .to_vec(),
+        vec![
+            s.during_us.len().to_string(),
+            fmt_us(big),
+            fmt_us(median(&s.solo_us)),
+            fmt_us(median(&s.during_us)),
+            fmt_us(median(&added)),
+            fmt_us(max(&added)),
+            fmt_ratio(max(&added) / big),
+        ],
+    ])
 }
 
 fn logging_table(r: &Results) -> Table {
@@ -598,8 +640,14 @@ pub fn text(r: &Results) -> String {
     let mut out = String::new();
     writeln!(out, "\n== flush latency (median µs)").unwrap();
     out.push_str(&flush_table(r).text());
-    writeln!(out, "\n== harvest cost against device size (nothing dirty)").unwrap();
-    out.push_str(&harvest_table(r).text());
+    writeln!(out, "\n== dirty ring against slot bitmap, by device size").unwrap();
+    out.push_str(&tracking_table(r).text());
+    writeln!(
+        out,
+        "\n== group commit: a 1-page flush (B) arriving during a {BIG}-page writeback (A)"
+    )
+    .unwrap();
+    out.push_str(&stall_table(r).text());
     writeln!(out, "\n== dirty tracking on guest stores (median µs/round)").unwrap();
     out.push_str(&logging_table(r).text());
     writeln!(out, "\n== VMM start and memory").unwrap();
@@ -699,11 +747,25 @@ fn markdown(r: &Results) -> String {
 
     writeln!(
         w,
-        "What a harvest costs when nothing is dirty, against device size: KVM's dirty bitmap \
-         has one bit per 4 KiB page, and pmvm reads all of it at every flush.\n"
+        "The dirty ring against the slot bitmap (`--dirty-tracking bitmap`), by device size, \
+         with nothing or one page dirty: KVM's dirty bitmap has one bit per 4 KiB page and a \
+         bitmap harvest reads all of it; the ring lists the pages written.\n"
     )
     .unwrap();
-    out.push_str(&harvest_table(r).markdown());
+    out.push_str(&tracking_table(r).markdown());
+    let w = &mut out;
+    writeln!(w, "\n## Group commit under concurrent flushes\n").unwrap();
+    writeln!(
+        w,
+        "Two threads flush one device as two vCPUs' hint exits would: A writes back {BIG} \
+         dirty pages; B dirties one page and flushes a third of a typical A into A's \
+         writeback. A flush is satisfied only by a writeback that started after it arrived \
+         (A's may have harvested before B's store), so B waits for A's to end, then leads or \
+         joins the next. The added stall is B's latency minus B's median alone: at most about \
+         the rest of A's writeback.\n"
+    )
+    .unwrap();
+    out.push_str(&stall_table(r).markdown());
     let w = &mut out;
     writeln!(w, "\n## Dirty tracking on guest stores\n").unwrap();
     writeln!(
@@ -750,12 +812,16 @@ fn markdown(r: &Results) -> String {
         w,
         "- **pmvm flush.** For each device size ({}) and dirty-page count, one small VM (the \
          nvdimm tests' `TinyVm`, guest code in 64-bit mode) with an `Nvdimm` of that size on a \
-         fresh sparse file (`persist=adr`, manual dirty-log protect where KVM has it, as pmvm \
-         uses it). Each round the guest stores 8 bytes into each of k pages of the device, \
-         {STRIDE_PAGES} pages apart (so each is a run of its own, within the first {} MiB the \
-         guest maps), then writes 1 to the flush hint. The store exits to the bench, which \
-         times `Nvdimm::mmio_write`: harvest of the dirty log, `sync_file_range(WRITE)` per \
-         run, one `fdatasync`. The first round allocates the file's blocks and is not counted.",
+         fresh sparse file (`persist=adr`, the KVM dirty ring, as pmvm uses it by default; the \
+         bitmap rows with manual dirty-log protect). Each round the guest stores 8 bytes into \
+         each of k pages of the device, {STRIDE_PAGES} pages apart (so each is a run of its \
+         own, within the first {} MiB the guest maps), then writes 1 to the flush hint. The \
+         store exits to the bench, which times `Nvdimm::mmio_write`: harvest of the dirty \
+         pages, `sync_file_range(WRITE)` per run, one `fdatasync`. Every {MARK_EVERY} pages \
+         the loop also stores to a marker address that exits (not timed), so KVM enters the \
+         guest as often as a real guest's timer interrupts make it: an emulating host checks \
+         a dirty ring's limit only then. The first round allocates the file's blocks and is \
+         not counted.",
         sizes.join(", "),
         MAPPED_END >> 20
     )

@@ -40,6 +40,8 @@ pub fn kvm_or_skip(test: &str) -> Option<Kvm> {
 pub struct TinyVm {
     pub vm: Arc<VmFd>,
     vcpu: Option<VcpuFd>,
+    /// With the dirty ring on: the rings and vCPU 0's, for its ring-full exits.
+    ring: Option<(Arc<DirtyRings>, VcpuRingHandle)>,
     ram: Mapping,
     _ram_file: File,
 }
@@ -144,6 +146,7 @@ impl TinyVm {
         TinyVm {
             vm,
             vcpu: None,
+            ring: None,
             ram,
             _ram_file: ram_file,
         }
@@ -153,6 +156,15 @@ impl TinyVm {
     pub fn boot(&mut self, code: &Code) {
         self.setup_ram();
         self.vcpu = Some(self.create_vcpu(0, code));
+    }
+
+    /// Like [`TinyVm::boot`] on a VM whose dirty ring is on: maps vCPU 0's ring, and
+    /// [`TinyVm::run`] handles its ring-full exits as pmvm does.
+    pub fn boot_with_ring(&mut self, code: &Code, rings: &Arc<DirtyRings>) {
+        self.boot(code);
+        let vcpu = self.vcpu.as_ref().expect("just created");
+        let handle = rings.add_vcpu(vcpu).expect("mapping the vCPU's dirty ring");
+        self.ring = Some((rings.clone(), handle));
     }
 
     /// Registers guest RAM and writes the page tables: once, before [`TinyVm::create_vcpu`].
@@ -242,7 +254,7 @@ impl TinyVm {
     /// returns the exits in order. Fails the test if the guest does not halt within 60 s.
     pub fn run(&mut self, on_exit: impl FnMut(&Exit) + Send + 'static) -> Vec<Exit> {
         let vcpu = self.vcpu.take().expect("boot() first");
-        spawn_vcpu(vcpu, on_exit)
+        spawn_vcpu_with_ring(vcpu, self.ring.take(), on_exit)
             .recv_timeout(Duration::from_secs(60))
             .expect("the guest neither halted nor failed within 60 s")
     }
