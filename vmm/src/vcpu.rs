@@ -78,6 +78,13 @@ impl Vcpu {
                 self.exit.request(reason);
                 break;
             }
+            if let Some((rings, ring)) = &self.dirty_ring {
+                if let Err(e) = rings.collect_if_filling(ring) {
+                    let what = format!("dirty ring: {}", nvdimm::error_chain(&e));
+                    self.exit.request(self.fatal(what));
+                    break;
+                }
+            }
             // Without power nothing runs on: stop at once rather than when the main thread
             // gets round to it.
             if self.exit.power_cut() {

@@ -108,15 +108,18 @@ struct Sink {
 /// the ring is trusted, where the next unharvested entry is. Read without the lock by the
 /// vCPU before each `KVM_RUN` ([`DirtyRings::vcpu_mark`]).
 struct VcpuRing {
-    map: Mapping,
+    map: Arc<Mapping>,
     freed: Arc<AtomicU64>,
 }
 
-/// A vCPU's handle on its ring, for the `KVM_EXIT_DIRTY_RING_FULL` protocol.
+/// A vCPU's handle on its ring, for the `KVM_EXIT_DIRTY_RING_FULL` protocol and early
+/// harvests.
 #[derive(Clone, Debug)]
 pub struct VcpuRingHandle {
     index: usize,
     freed: Arc<AtomicU64>,
+    map: Arc<Mapping>,
+    entries: u64,
 }
 
 impl VcpuRingHandle {
@@ -210,11 +213,17 @@ impl DirtyRings {
             reason: crate::error_chain(&e),
         })?;
         let freed = Arc::new(AtomicU64::new(0));
+        let map = Arc::new(map);
         state.rings.push(VcpuRing {
-            map,
+            map: map.clone(),
             freed: freed.clone(),
         });
-        Ok(VcpuRingHandle { index, freed })
+        Ok(VcpuRingHandle {
+            index,
+            freed,
+            map,
+            entries: u64::from(self.entries),
+        })
     }
 
     /// Routes the pages of memslot `slot` into `pending` from now on.
@@ -235,6 +244,23 @@ impl DirtyRings {
     pub fn collect(&self) -> Result<u64, DirtyRingError> {
         let mut state = self.lock();
         Ok(self.collect_locked(&mut state)?.iter().sum())
+    }
+
+    /// Collects if `ring` is at least half full. The vCPU calls it after each exit: KVM stops
+    /// a vCPU only at its ring's soft limit and checks that only when it enters the guest, so
+    /// harvesting early at exits leaves room for a long burst between two entries (an
+    /// emulating host can run thousands of guest stores per entry). One atomic load when not.
+    pub fn collect_if_filling(&self, ring: &VcpuRingHandle) -> Result<(), DirtyRingError> {
+        let half = ring.freed.load(Ordering::Acquire) + ring.entries / 2;
+        let at = (half % ring.entries) * ENTRY_BYTES;
+        let filling = ring
+            .map
+            .atomic_u32(at)
+            .is_ok_and(|f| f.load(Ordering::Acquire) & KVM_DIRTY_GFN_F_DIRTY != 0);
+        if filling {
+            self.collect()?;
+        }
+        Ok(())
     }
 
     /// Handles `KVM_EXIT_DIRTY_RING_FULL` on the thread of the vCPU owning `ring`, `mark`

@@ -296,6 +296,9 @@ pub fn spawn_vcpu_with_ring(
                     .ring_full(handle, mark)
                     .expect("handling a full dirty ring");
             }
+            if let Some((rings, handle)) = &ring {
+                rings.collect_if_filling(handle).expect("an early harvest");
+            }
             on_exit(&exit);
             let done = exit == Exit::Hlt;
             exits.push(exit);
