@@ -302,7 +302,7 @@ impl DirtyRings {
                 flags.store(KVM_DIRTY_GFN_F_RESET, Ordering::Release);
             }
         }
-        let freed = self.reset()?;
+        let freed = self.reset_marked(count)?;
         ring.freed.store(freed_before + freed, Ordering::Release);
         Ok(())
     }
@@ -324,7 +324,7 @@ impl DirtyRings {
                 continue;
             }
             // Only this ring has entries marked harvested: KVM's count is this ring's.
-            let freed = self.reset()?;
+            let freed = self.reset_marked(n)?;
             ring.freed.fetch_add(freed, Ordering::AcqRel);
             overflow |= n >= size || freed != n;
         }
@@ -350,15 +350,36 @@ impl DirtyRings {
 
     /// KVM_RESET_DIRTY_RINGS: returns how many entries KVM freed.
     fn reset(&self) -> Result<u64, DirtyRingError> {
-        // SAFETY: KVM_RESET_DIRTY_RINGS takes no argument; the VM fd is valid (owned by
-        // `self.vm`). KVM only touches the rings' entries marked harvested.
-        let rc = unsafe { ioctl(self.vm.as_ref(), KVM_RESET_DIRTY_RINGS()) };
-        if rc < 0 {
-            return Err(DirtyRingError::Reset {
-                source: errno::Error::last(),
-            });
+        loop {
+            // SAFETY: KVM_RESET_DIRTY_RINGS takes no argument; the VM fd is valid (owned by
+            // `self.vm`). KVM only touches the rings' entries marked harvested.
+            let rc = unsafe { ioctl(self.vm.as_ref(), KVM_RESET_DIRTY_RINGS()) };
+            if rc >= 0 {
+                return Ok(rc as u64);
+            }
+            let source = errno::Error::last();
+            if source.errno() != libc::EINTR {
+                return Err(DirtyRingError::Reset { source });
+            }
         }
-        Ok(rc as u64)
+    }
+
+    /// Resets until KVM has freed the `marked` entries just marked harvested, or stops making
+    /// progress. KVM may end a reset early when the calling thread has a signal pending (pmvm
+    /// kicks vCPU threads with one to pause them), freeing fewer than were marked; the rest
+    /// stay marked for the next call, made once the signal has been delivered.
+    fn reset_marked(&self, marked: u64) -> Result<u64, DirtyRingError> {
+        let (mut freed, mut idle) = (0, 0);
+        while freed < marked && idle < 3 {
+            match self.reset()? {
+                0 => idle += 1,
+                n => {
+                    freed += n;
+                    idle = 0;
+                }
+            }
+        }
+        Ok(freed)
     }
 
     /// Whether an overflow made this VM's rings untrusted.
