@@ -89,6 +89,18 @@ pub struct MachineArgs {
     #[arg(long, value_enum, value_name = "auto|ring|bitmap", default_value_t = DirtyTracking::Auto)]
     pub dirty_tracking: DirtyTracking,
 
+    /// The seccomp filter each pmvm thread (vCPU, API, writeback, event loop) runs under once
+    /// the VM is built. `kill` (default): a system call outside the thread's list kills pmvm.
+    /// `log`: it is allowed and the kernel logs it (see dmesg), to find what a new path needs.
+    /// `off`: no filter.
+    #[arg(long, value_enum, value_name = "kill|log|off", default_value_t = SeccompMode::Kill)]
+    pub seccomp: SeccompMode,
+
+    /// Test only: vCPU 0 makes one system call no thread is allowed, right after installing
+    /// its filter, to show the filter works.
+    #[arg(long, hide = true)]
+    pub seccomp_selftest: bool,
+
     /// Write every ACPI table the guest would get to DIR/<SIGNATURE>.dat and exit without
     /// running a guest. Decode them with `iasl -d DIR/*.dat`.
     #[arg(long, value_name = "DIR")]
@@ -107,6 +119,14 @@ pub struct MachineArgs {
         hide_short_help = true
     )]
     pub kvm_device: PathBuf,
+}
+
+/// `--seccomp`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SeccompMode {
+    Kill,
+    Log,
+    Off,
 }
 
 /// `--dirty-tracking`.

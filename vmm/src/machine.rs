@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use nvdimm::config::PmemConfig;
 
-use crate::cli::{DirtyTracking, MachineArgs};
+use crate::cli::{DirtyTracking, MachineArgs, SeccompMode};
 use crate::layout;
 use crate::x86::cpu_model::{CpuModel, CpuModelError};
 
@@ -41,6 +41,8 @@ pub struct MachineConfig {
     pub pmem: Vec<PmemConfig>,
     pub cpu_model: CpuModel,
     pub dirty_tracking: DirtyTracking,
+    pub seccomp: SeccompMode,
+    pub seccomp_selftest: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +133,8 @@ impl MachineConfig {
             pmem,
             cpu_model,
             dirty_tracking: args.dirty_tracking,
+            seccomp: args.seccomp,
+            seccomp_selftest: args.seccomp_selftest,
         })
     }
 }

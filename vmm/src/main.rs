@@ -14,6 +14,7 @@ mod memory;
 mod platform;
 mod pmem;
 mod pmem_format;
+mod seccomp;
 mod signals;
 mod vcpu;
 mod vm;

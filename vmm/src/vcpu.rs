@@ -16,6 +16,7 @@ use vmm_sys_util::signal::Killable;
 
 use crate::devices::{lock, Bus};
 use crate::exit::{ExitReason, ExitSignal};
+use crate::seccomp::ThreadFilter;
 use crate::signals;
 use crate::x86::paging;
 
@@ -64,11 +65,23 @@ pub struct Vcpu {
     pub mem: GuestMemoryMmap,
     /// The VM's dirty rings and this vCPU's, when pmem pages are tracked by ring.
     pub dirty_ring: Option<(Arc<DirtyRings>, VcpuRingHandle)>,
+    /// Installed first thing on the vCPU's thread.
+    pub seccomp: ThreadFilter,
+    /// `--seccomp-selftest` (vCPU 0 only).
+    pub seccomp_selftest: bool,
 }
 
 impl Vcpu {
     /// Runs until the VM stops or this vCPU hits something fatal.
     pub fn run(mut self) {
+        if let Err(e) = self.seccomp.apply() {
+            self.exit
+                .request(ExitReason::Fatal(format!("vCPU {}: {e}", self.id)));
+            return;
+        }
+        if self.seccomp_selftest {
+            crate::seccomp::selftest();
+        }
         while !self.control.stopping() {
             self.control.park_if_paused();
             if self.control.stopping() {

@@ -18,7 +18,7 @@ use vmm_sys_util::terminal::Terminal;
 
 use std::time::Instant;
 
-use crate::api::server::{ApiServer, ServerError};
+use crate::api::server::{ApiServer, ServerError, ServerOptions};
 use crate::boot::{self, BootError};
 use crate::cli::DirtyTracking;
 use crate::control::MachineControl;
@@ -29,6 +29,7 @@ use crate::machine::{MachineConfig, SerialTarget};
 use crate::memory;
 use crate::platform::{self, PlatformError};
 use crate::pmem::{self, PmemBus};
+use crate::seccomp::{Filters, SeccompError, ThreadFilter};
 use crate::signals::{self, StopSignals};
 use crate::vcpu::{Vcpu, VcpuControl, VcpuError, VcpuThreads};
 use crate::x86::{cpuid, regs, regs::RegsError};
@@ -100,6 +101,8 @@ pub enum VmError {
     NoDirtyRing,
     #[error("--api-sock")]
     Api(#[source] ServerError),
+    #[error(transparent)]
+    Seccomp(SeccompError),
 }
 
 fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
@@ -293,6 +296,7 @@ pub fn run(config: &MachineConfig, opts: &RunOptions) -> Result<u8, VmError> {
     let stop_signals = StopSignals::install().map_err(host_err("signal handling"))?;
     signals::install_kick_handler().map_err(host_err("the vCPU kick signal"))?;
 
+    let filters = Filters::build(config.seccomp).map_err(VmError::Seccomp)?;
     let kvm = open_kvm(&opts.kvm_device)?;
     let vm = Arc::new(create_vm(&kvm, config.cpus)?);
     let mem = create_guest_memory(&vm, config.memory)?;
@@ -379,6 +383,8 @@ pub fn run(config: &MachineConfig, opts: &RunOptions) -> Result<u8, VmError> {
             control: control.clone(),
             mem: mem.clone(),
             dirty_ring,
+            seccomp: filters.vcpu.clone(),
+            seccomp_selftest: config.seccomp_selftest && id == 0,
         });
     }
 
@@ -419,7 +425,11 @@ pub fn run(config: &MachineConfig, opts: &RunOptions) -> Result<u8, VmError> {
                 exit: exit.clone(),
                 paused: Mutex::new(false),
             });
-            match ApiServer::start(path, ctl) {
+            let options = ServerOptions {
+                seccomp: Some(filters.api.clone()),
+                ..ServerOptions::default()
+            };
+            match ApiServer::start_with(path, ctl, options) {
                 Ok(server) => Some(server),
                 Err(e) => return Err(VmError::Api(e)),
             }
@@ -427,11 +437,16 @@ pub fn run(config: &MachineConfig, opts: &RunOptions) -> Result<u8, VmError> {
         None => None,
     };
 
-    let background = start_background_writeback(&pmem_devices)?;
+    let background = start_background_writeback(&pmem_devices, &filters.writeback)?;
     if let Err(e) = threads.start(vcpus) {
         threads.stop();
         stop_background_writeback(&pmem_devices, background);
         return Err(e.into());
+    }
+    // Last: every other thread is running under its own filter, and what the main thread
+    // does from here on (the event loop, teardown) needs no setup syscalls.
+    if let Err(e) = filters.main.apply() {
+        exit.request(ExitReason::Fatal(e.to_string()));
     }
 
     while exit.reason().is_none() {
@@ -470,13 +485,18 @@ pub fn run(config: &MachineConfig, opts: &RunOptions) -> Result<u8, VmError> {
 /// Starts the `writeback-interval=` thread of every device that has one.
 fn start_background_writeback(
     devices: &[Arc<nvdimm::Nvdimm>],
+    filter: &ThreadFilter,
 ) -> Result<Vec<std::thread::JoinHandle<()>>, VmError> {
     let mut handles = Vec::new();
     for d in devices.iter().filter(|d| d.writeback_interval().is_some()) {
         let dev = d.clone();
+        let filter = filter.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("wb-{}", d.id()))
-            .spawn(move || dev.run_background_writeback());
+            .spawn(move || match filter.apply() {
+                Ok(()) => dev.run_background_writeback(),
+                Err(e) => log::error!("{}: {e}; no background writeback", dev.id()),
+            });
         match spawned {
             Ok(h) => handles.push(h),
             Err(e) => {

@@ -33,6 +33,8 @@ pub struct ServerOptions {
     pub request_timeout: Duration,
     /// Connections handled at once; the next ones get 503 until one finishes.
     pub max_connections: usize,
+    /// Installed by the accept thread first; connection threads inherit it.
+    pub seccomp: Option<crate::seccomp::ThreadFilter>,
 }
 
 impl Default for ServerOptions {
@@ -40,6 +42,7 @@ impl Default for ServerOptions {
         ServerOptions {
             request_timeout: Duration::from_secs(5),
             max_connections: 256,
+            seccomp: None,
         }
     }
 }
@@ -84,6 +87,8 @@ pub struct ApiServer {
 }
 
 impl ApiServer {
+    /// With the default options (no seccomp filter): for tests.
+    #[cfg(test)]
     pub fn start(path: &Path, ctl: Arc<dyn VmmControl>) -> Result<ApiServer, ServerError> {
         ApiServer::start_with(path, ctl, ServerOptions::default())
     }
@@ -278,6 +283,13 @@ fn accept_loop(
     options: ServerOptions,
     busy: Arc<AtomicUsize>,
 ) {
+    if let Some(filter) = &options.seccomp {
+        if let Err(e) = filter.apply() {
+            // Without its filter the thread does not serve: the socket stays unanswered.
+            log::error!("api: {e}; not serving the control socket");
+            return;
+        }
+    }
     let active = Arc::new(AtomicUsize::new(0));
     loop {
         let mut fds = [
@@ -435,6 +447,7 @@ mod tests {
         ServerOptions {
             request_timeout: Duration::from_secs(5),
             max_connections: 256,
+            seccomp: None,
         }
     }
 
@@ -587,6 +600,7 @@ mod tests {
         let options = ServerOptions {
             request_timeout: Duration::from_secs(20),
             max_connections: 2,
+            seccomp: None,
         };
         let _server = start(&path, options);
         let a = UnixStream::connect(&path).unwrap();
