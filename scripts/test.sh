@@ -17,7 +17,10 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace --lib --bins --tests --locked -- --test-threads=2 --show-output 2>&1 | tee "$log" || status=$?
-# One closing line for the whole run: every test binary's counts added up, and the skips
-# (tests that print "SKIP: <reason>" where this host cannot run them).
-awk '/^test result:/ { p += $4; f += $6 } /SKIP: / { s++ } END { printf "%d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+echo "== fuzz smoke (fuzz/README.md)" >&2
+bash scripts/fuzz-smoke.sh 2>&1 | tee -a "$log" || status=1
+# One closing line for the whole run: every test binary's counts added up, each fuzz target as
+# one test, and the skips (tests that print "SKIP: <reason>" where this host cannot run them).
+awk '/^test result:/ { p += $4; f += $6 } /^fuzz [a-z_]+: ok/ { p++ } /^fuzz [a-z_]+: FAILED/ { f++ }
+  /SKIP: / { s++ } END { printf "%d passed, %d failed, %d skipped\n", p, f, s }' "$log"
 exit "$status"
