@@ -1,6 +1,7 @@
 /* Polled 16550 output on COM1: no interrupts, so every byte waits for the transmitter. */
 #include "console.h"
 #include "cpu.h"
+#include "smp.h"
 
 #define COM1 0x3f8
 #define UART_IER 1
@@ -61,14 +62,23 @@ void out_dec(u64 v)
 		out_char(buf[--n]);
 }
 
+/* Lines from application processors say which CPU: "probe: cpuN: ...". */
 void line_begin(void)
 {
+	console_lock();
 	out_str("probe: ");
+	u32 cpu = cpu_apic_id();
+	if (cpu) {
+		out_str("cpu");
+		out_dec(cpu);
+		out_str(": ");
+	}
 }
 
 void line_end(void)
 {
 	out_char('\n');
+	console_unlock();
 }
 
 void say(const char *s)

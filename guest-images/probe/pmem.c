@@ -231,3 +231,22 @@ int pmem_flushes(u64 dev, u64 n)
 	line_end();
 	return 0;
 }
+
+int pmem_storm(u64 dev, u64 n)
+{
+	u64 addr, hint;
+	if (map_dev_range("storm", dev, 0, 16 * 4096, &addr) || flush_hint("storm", dev, &hint))
+		return -1;
+	for (u64 i = 1; i <= n; i++) {
+		*(volatile u8 *)(usize)(addr + (i % 16) * 4096) = (u8)i;
+		flush_store(hint);
+	}
+	line_begin();
+	out_str("storm dev=");
+	out_dec(dev);
+	out_str(" n=");
+	out_dec(n);
+	out_str(" done");
+	line_end();
+	return 0;
+}

@@ -10,5 +10,7 @@ int pmem_check(u64 dev, u64 off, u64 len, u64 byte);
 int pmem_flush(u64 dev);
 int pmem_flushw(u64 dev, u64 width);
 int pmem_flushes(u64 dev, u64 n);
+/* n rounds of: store to page i % 16 of dev, flush. Each flush writes one page back. */
+int pmem_storm(u64 dev, u64 n);
 
 #endif

@@ -9,6 +9,7 @@
 #include "nfit.h"
 #include "pmem.h"
 #include "power.h"
+#include "smp.h"
 
 /* About 0.2 s per count on the CI emulator (measured: 100000 turns took 0.125 s). */
 #define COUNTER_SPIN 160000
@@ -238,45 +239,116 @@ static int w_crash(struct cursor *c)
 	return -1;
 }
 
+static int w_storm(struct cursor *c)
+{
+	u64 dev, n;
+	return arg_num(c, "DEV", &dev) || arg_num(c, "N", &n) ? -1 : pmem_storm(dev, n);
+}
+
+static int w_on(struct cursor *c);
+static int w_join(struct cursor *c);
+
+/* `args`: how many arguments follow the word, so `on` can hand a word to another CPU and
+ * skip it here. */
 static const struct {
 	const char *name;
 	int (*run)(struct cursor *c);
+	u32 args;
 } word_table[] = {
-	{"acpi", w_acpi},
-	{"mark", w_mark},
-	{"wait", w_wait},
-	{"poweroff", w_poweroff},
-	{"nfit", w_nfit},
-	{"write", w_write},
-	{"check", w_check},
-	{"flush", w_flush},
-	{"flushw", w_flushw},
-	{"flushes", w_flushes},
-	{"counter", w_counter},
-	{"triplefault", w_triplefault},
-	{"emufail", w_emufail},
-	{"readline", w_readline},
-	{"reboot", w_reboot},
-	{"crash", w_crash},
+	{"acpi", w_acpi, 0},
+	{"mark", w_mark, 1},
+	{"wait", w_wait, 0},
+	{"poweroff", w_poweroff, 0},
+	{"nfit", w_nfit, 0},
+	{"write", w_write, 4},
+	{"check", w_check, 4},
+	{"flush", w_flush, 1},
+	{"flushw", w_flushw, 2},
+	{"flushes", w_flushes, 2},
+	{"storm", w_storm, 2},
+	{"counter", w_counter, 0},
+	{"triplefault", w_triplefault, 0},
+	{"emufail", w_emufail, 0},
+	{"readline", w_readline, 0},
+	{"reboot", w_reboot, 0},
+	{"crash", w_crash, 0},
+	{"on", w_on, 1},
+	{"join", w_join, 1},
 };
+
+#define WORDS (sizeof(word_table) / sizeof(word_table[0]))
+
+static u32 find_word(const char *word)
+{
+	u32 i = 0;
+	while (i < WORDS && !streq(word_table[i].name, word))
+		i++;
+	if (i == WORDS) {
+		error_begin("unknown word ");
+		out_str(word);
+		line_end();
+	}
+	return i;
+}
+
+/* on CPU WORD ARGS...: CPU runs WORD; this CPU goes on at once with what follows. */
+static int w_on(struct cursor *c)
+{
+	u64 cpu;
+	if (arg_num(c, "CPU", &cpu))
+		return -1;
+	if (c->next >= c->list->count) {
+		error_begin("on needs a WORD");
+		line_end();
+		return -1;
+	}
+	u32 at = c->next;
+	u32 i = find_word(c->list->words[at]);
+	if (i == WORDS)
+		return -1;
+	if (word_table[i].run == w_on || word_table[i].run == w_join) {
+		error_begin("on: only the boot CPU runs on and join");
+		line_end();
+		return -1;
+	}
+	c->next = at + 1 + word_table[i].args;
+	if (c->next > c->list->count) {
+		error_begin("on: ");
+		out_str(c->list->words[at]);
+		out_str(" is missing arguments");
+		line_end();
+		return -1;
+	}
+	return smp_run_on((u32)cpu, c->list, at);
+}
+
+static int w_join(struct cursor *c)
+{
+	u64 cpu;
+	if (arg_num(c, "CPU", &cpu) || smp_join((u32)cpu))
+		return -1;
+	line_begin();
+	out_str("joined cpu=");
+	out_dec(cpu);
+	line_end();
+	return 0;
+}
+
+int run_one_word(const struct word_list *list, u32 *next)
+{
+	struct cursor c = {list, *next, NULL};
+	c.word = list->words[c.next++];
+	u32 i = find_word(c.word);
+	int rc = i == WORDS ? -1 : word_table[i].run(&c);
+	*next = c.next;
+	return rc;
+}
 
 int run_words(const struct word_list *list)
 {
-	struct cursor c = {list, 0, NULL};
-	while (c.next < list->count) {
-		c.word = list->words[c.next++];
-		u32 i = 0;
-		while (i < sizeof(word_table) / sizeof(word_table[0]) &&
-		       !streq(word_table[i].name, c.word))
-			i++;
-		if (i == sizeof(word_table) / sizeof(word_table[0])) {
-			error_begin("unknown word ");
-			out_str(c.word);
-			line_end();
+	u32 next = 0;
+	while (next < list->count)
+		if (run_one_word(list, &next))
 			return -1;
-		}
-		if (word_table[i].run(&c))
-			return -1;
-	}
 	return 0;
 }

@@ -1,0 +1,128 @@
+//! A flush storm: the probe flushes 100,000 times in a tight loop on vCPU 0 (each flush with
+//! one new dirty page) while vCPU 1 runs `counter`. pmvm must stay responsive (every API
+//! request answered within 100 ms), the counter must keep going, and the stats must count
+//! every flush. It also reports the storm's rate against the host's own fdatasync rate.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use pmvm_tests::{api_get_json, api_request, kvm_or_skip, probe_elf, wait_api, Pmvm};
+
+const FLUSHES: u64 = 100_000;
+const API_LIMIT: Duration = Duration::from_millis(100);
+
+fn pmvm() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_pmvm"))
+}
+
+fn counter_lines(lines: &[String]) -> usize {
+    lines
+        .iter()
+        .filter(|l| l.starts_with("probe: cpu1: counter "))
+        .count()
+}
+
+#[test]
+fn a_flush_storm_keeps_pmvm_responsive_and_counts_every_flush() {
+    if !kvm_or_skip("flush storm") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let img = dir.path().join("p.img");
+    let args = vec![
+        "--kernel".to_string(),
+        probe_elf().display().to_string(),
+        "--cpus".into(),
+        "2".into(),
+        "--cmdline".into(),
+        format!("console=ttyS0 -- on 1 counter readline storm 0 {FLUSHES} mark STORMED wait"),
+        "--pmem".into(),
+        format!("path={},size=64M", img.display()),
+        "--api-sock".into(),
+        sock.display().to_string(),
+    ];
+    let mut vm = Pmvm::spawn_with_input(&pmvm(), &args);
+    wait_api(&sock, Duration::from_secs(60)).unwrap();
+    vm.wait_for("probe: cpu1: counter 1", Duration::from_secs(60))
+        .unwrap();
+    vm.wait_for("probe: reading", Duration::from_secs(60))
+        .unwrap();
+
+    let counter_before = counter_lines(&vm.lines());
+    vm.send(b"go\n").unwrap();
+    let started = Instant::now();
+    let mut latencies = Vec::new();
+    let mut seen_mid_storm = 0;
+    while !vm.lines().iter().any(|l| l == "probe: MARK STORMED") {
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "the storm did not end within 300 s\n{}",
+            vm.transcript()
+        );
+        let t = Instant::now();
+        let (status, body) = api_request(&sock, "GET", "/v1/pmem/pmem0").unwrap();
+        latencies.push(t.elapsed());
+        assert_eq!(status, 200, "{body}");
+        let flushes = serde_json::from_str::<serde_json::Value>(&body).unwrap()["stats"]["flushes"]
+            .as_u64()
+            .unwrap();
+        if flushes > 0 && flushes < FLUSHES {
+            seen_mid_storm += 1;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let storm = started.elapsed();
+    let counter_during = counter_lines(&vm.lines()) - counter_before;
+
+    let d = api_get_json(&sock, "/v1/pmem/pmem0");
+    assert_eq!(d["stats"]["flushes"], FLUSHES, "{d}");
+    assert_eq!(
+        d["stats"]["pages_written"], FLUSHES,
+        "one page per flush: {d}"
+    );
+    assert_eq!(d["stats"]["errors"], 0, "{d}");
+    assert!(seen_mid_storm > 0, "no API request landed during the storm");
+    let worst = latencies.iter().max().copied().unwrap_or_default();
+    assert!(
+        worst < API_LIMIT,
+        "an API request took {worst:?} during the storm (limit {API_LIMIT:?}); {} requests",
+        latencies.len()
+    );
+    assert!(
+        counter_during >= 2,
+        "vCPU 1's counter advanced only {counter_during} times in {storm:?}"
+    );
+
+    // The host alone: the same one-page write and fdatasync, on a file beside the image.
+    let host = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.path().join("host.img"))
+        .unwrap();
+    host.set_len(16 * 4096).unwrap();
+    let host_rounds = 5_000u64;
+    let t = Instant::now();
+    for i in 0..host_rounds {
+        host.write_all_at(&[i as u8], (i % 16) * 4096).unwrap();
+        host.sync_data().unwrap();
+    }
+    let host_rate = host_rounds as f64 / t.elapsed().as_secs_f64();
+    let pmvm_rate = FLUSHES as f64 / storm.as_secs_f64();
+    println!(
+        "flush storm: pmvm {pmvm_rate:.0} flushes/s ({FLUSHES} in {:.1} s, one dirty page each), \
+         host write+fdatasync {host_rate:.0}/s, ratio {:.2}; API worst {worst:?} over {} \
+         requests; vCPU 1 counted {counter_during} times",
+        storm.as_secs_f64(),
+        pmvm_rate / host_rate,
+        latencies.len()
+    );
+
+    vm.signal(libc::SIGTERM);
+    let (status, stderr) = vm.wait_exit(Duration::from_secs(60)).unwrap();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+}

@@ -1,0 +1,115 @@
+//! Several vCPUs: the probe starts application processors with INIT/SIPI through pmvm's
+//! in-kernel local APIC, as Linux does, and hands them words (`on CPU WORD`, `join CPU`).
+//! Output lines from different CPUs never tear, and a flush on one vCPU writes back exactly the
+//! pages every vCPU dirtied, with the dirty ring and with the bitmap.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use pmvm_tests::{kvm_or_skip, probe_elf, Pmvm};
+
+const BOOT: Duration = Duration::from_secs(60);
+
+fn pmvm() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_pmvm"))
+}
+
+fn run(words: &str, extra: &[String]) -> (Option<i32>, Vec<String>, String) {
+    let mut args = vec![
+        "--kernel".to_string(),
+        probe_elf().display().to_string(),
+        "--cpus".into(),
+        "2".into(),
+        "--cmdline".into(),
+        format!("console=ttyS0 -- {words}"),
+    ];
+    args.extend(extra.iter().cloned());
+    let mut vm = Pmvm::spawn(&pmvm(), &args);
+    let (status, stderr) = vm.wait_exit(BOOT).unwrap();
+    (status.code(), vm.lines(), stderr)
+}
+
+#[test]
+fn an_application_processor_runs_words_and_lines_never_tear() {
+    if !kvm_or_skip("smp words") {
+        return;
+    }
+    let (code, lines, stderr) = run(
+        "on 1 mark FROM-AP join 1 on 1 counter mark A mark B mark C poweroff",
+        &[],
+    );
+    assert_eq!(code, Some(0), "{stderr}\n{lines:?}");
+    let at = |needle: &str| {
+        lines
+            .iter()
+            .position(|l| l == needle)
+            .unwrap_or_else(|| panic!("no {needle:?} in {lines:?}"))
+    };
+    assert!(at("probe: cpu1: MARK FROM-AP") < at("probe: joined cpu=1"));
+    assert!(at("probe: joined cpu=1") < at("probe: MARK A"));
+    for l in &lines {
+        assert!(l.starts_with("probe: "), "a torn or foreign line: {l:?}");
+    }
+    // The AP's counter ran beside the boot CPU's marks.
+    assert!(
+        lines.iter().any(|l| l.starts_with("probe: cpu1: counter ")),
+        "{lines:?}"
+    );
+    assert!(lines.iter().any(|l| l == "probe: poweroff"));
+}
+
+#[test]
+fn asking_for_a_cpu_the_machine_lacks_is_an_error_line() {
+    if !kvm_or_skip("smp missing cpu") {
+        return;
+    }
+    let (code, lines, stderr) = run("on 3 mark X", &[]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l == "probe: error on: cpu 3 did not start (is there such a vCPU?)"),
+        "{lines:?}"
+    );
+    assert!(!lines.iter().any(|l| l.contains("MARK X")));
+}
+
+/// vCPU 1 dirties one page, vCPU 0 another and flushes: the flush takes both, whichever ring or
+/// bitmap recorded them, and nothing else.
+#[test]
+fn a_flush_on_one_vcpu_writes_back_the_pages_every_vcpu_dirtied() {
+    if !kvm_or_skip("smp flush") {
+        return;
+    }
+    for mode in ["ring", "bitmap"] {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("p.img");
+        let (code, lines, stderr) = run(
+            "on 1 write 0 0x10000 0x1000 0xaa join 1 write 0 0 0x1000 0xbb flush 0 \
+             write 0 0x20000 0x1000 0xcc poweroff",
+            &[
+                "--pmem".into(),
+                format!("path={},size=64M,persist=flush", img.display()),
+                "--dirty-tracking".into(),
+                mode.into(),
+            ],
+        );
+        assert_eq!(code, Some(0), "{mode}: {stderr}\n{lines:?}");
+        assert!(
+            stderr.contains("pmem0: 1 flushes (0 empty) + 0 host flushes, 2 pages in 2 runs"),
+            "{mode}: exactly the two pages: {stderr}"
+        );
+        let file = std::fs::read(&img).unwrap();
+        let page = |off: usize| &file[off..off + 4096];
+        assert!(
+            page(0x10000).iter().all(|&b| b == 0xaa),
+            "{mode}: vCPU 1's page"
+        );
+        assert!(page(0).iter().all(|&b| b == 0xbb), "{mode}: vCPU 0's page");
+        // persist=flush: the page written after the flush never reached the file.
+        assert!(
+            page(0x20000).iter().all(|&b| b == 0),
+            "{mode}: unflushed page"
+        );
+    }
+}
