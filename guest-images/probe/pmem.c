@@ -211,6 +211,20 @@ int pmem_flushw(u64 dev, u64 width)
 	return 0;
 }
 
+/* "WORD dev=D n=N done": the end of a loop of flushes. */
+static int rounds_done(const char *word, u64 dev, u64 n)
+{
+	line_begin();
+	out_str(word);
+	out_str(" dev=");
+	out_dec(dev);
+	out_str(" n=");
+	out_dec(n);
+	out_str(" done");
+	line_end();
+	return 0;
+}
+
 int pmem_flushes(u64 dev, u64 n)
 {
 	u64 addr, hint;
@@ -222,14 +236,7 @@ int pmem_flushes(u64 dev, u64 n)
 		*first = (u8)i;
 		flush_store(hint);
 	}
-	line_begin();
-	out_str("flushes dev=");
-	out_dec(dev);
-	out_str(" n=");
-	out_dec(n);
-	out_str(" done");
-	line_end();
-	return 0;
+	return rounds_done("flushes", dev, n);
 }
 
 int pmem_storm(u64 dev, u64 n)
@@ -241,12 +248,5 @@ int pmem_storm(u64 dev, u64 n)
 		*(volatile u8 *)(usize)(addr + (i % 16) * 4096) = (u8)i;
 		flush_store(hint);
 	}
-	line_begin();
-	out_str("storm dev=");
-	out_dec(dev);
-	out_str(" n=");
-	out_dec(n);
-	out_str(" done");
-	line_end();
-	return 0;
+	return rounds_done("storm", dev, n);
 }

@@ -10,11 +10,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{kvm_or_skip, spawn_vcpu_with_ring, Code, Exit, TinyVm};
-use nvdimm::{DirtyRings, Nvdimm, NvdimmParams, PmemConfig, PAGE_SIZE};
-
-const PMEM_GPA: u64 = 0x20_0000;
-const HINT_GPA: u64 = 0x10_0000;
+use common::{
+    device_params, kvm_or_skip, spawn_vcpu_with_ring, Code, Exit, TinyVm, HINT_GPA, PMEM_GPA,
+};
+use nvdimm::{DirtyRings, Nvdimm, PmemConfig, PAGE_SIZE};
 
 /// Who writes what before vCPU 0's flush: (vCPU, first page, pages, value).
 type Write = (u64, u64, u64, u64);
@@ -64,17 +63,6 @@ fn pmem_config(dir: &Path, size: u64) -> PmemConfig {
     .unwrap()
 }
 
-fn params() -> NvdimmParams {
-    NvdimmParams {
-        index: 0,
-        slot: 1,
-        guest_base: PMEM_GPA,
-        hint_page: HINT_GPA,
-        default_hints: 1,
-        manual_protect: false,
-    }
-}
-
 fn page_addr(page: u64) -> u64 {
     PMEM_GPA + page * PAGE_SIZE
 }
@@ -106,7 +94,9 @@ fn run(sc: &Scenario) -> Option<bool> {
     let rings = Arc::new(rings);
     // persist=flush: the file changes only by writeback, so its bytes show exactly what a
     // flush wrote.
-    let dev = Arc::new(Nvdimm::open(&pmem_config(dir.path(), sc.pmem_size), params()).unwrap());
+    let dev = Arc::new(
+        Nvdimm::open(&pmem_config(dir.path(), sc.pmem_size), device_params(false)).unwrap(),
+    );
     dev.attach_ring(&vm.vm, &rings).unwrap();
     assert_eq!(dev.dirty_tracking(), "ring");
     vm.setup_ram();

@@ -11,15 +11,11 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use common::{cachestat, kvm_or_skip, Code, Exit, TinyVm};
+use common::{cachestat, kvm_or_skip, Code, Exit, TinyVm, HINT_GPA, PMEM_GPA};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use nvdimm::mmap::Mapping;
 use nvdimm::{enable_manual_protect, Nvdimm, NvdimmParams, PmemConfig, PAGE_SIZE};
 
-/// The pmem range sits in the identity-mapped first GiB, clear of guest RAM.
-const PMEM_GPA: u64 = 0x20_0000;
-/// Guest-physical hint page: in no memslot, so writes to it exit.
-const HINT_GPA: u64 = 0x10_0000;
 const PMEM_SIZE: u64 = 2 << 20;
 /// The two pages the guest dirties: not adjacent, so two runs.
 const PAGE_A: u64 = 0;
@@ -34,14 +30,7 @@ fn pmem_config(dir: &Path, extra: &str) -> PmemConfig {
 }
 
 fn params(manual_protect: bool) -> NvdimmParams {
-    NvdimmParams {
-        index: 0,
-        slot: 1,
-        guest_base: PMEM_GPA,
-        hint_page: HINT_GPA,
-        default_hints: 1,
-        manual_protect,
-    }
+    common::device_params(manual_protect)
 }
 
 /// Guest code: one 8-byte store into each of the two pages, optionally a flush, then hlt.

@@ -56,15 +56,3 @@ impl BenchError {
         move |source| BenchError::Mmap { what, source }
     }
 }
-
-/// An error and its sources joined by ": ".
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}

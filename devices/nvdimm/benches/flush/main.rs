@@ -24,9 +24,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use error::{chain, BenchError};
+use error::BenchError;
 use flush_path::Tracking;
 use machine::Machine;
+use nvdimm::error_chain as chain;
 use report::{FlushCell, LoggingCell, Results, VmmResults};
 use vmm_start::Pmvm;
 

@@ -24,6 +24,22 @@ const PML4: u64 = 0x1000;
 const PDPT: u64 = 0x2000;
 const PD: u64 = 0x3000;
 pub const CODE: u64 = 0x4000;
+/// The pmem range sits in the identity-mapped first GiB, clear of guest RAM.
+pub const PMEM_GPA: u64 = 0x20_0000;
+/// Guest-physical hint page: in no memslot, so writes to it exit.
+pub const HINT_GPA: u64 = 0x10_0000;
+
+/// Device 0 of the tests: slot 1 at `PMEM_GPA`, one hint at `HINT_GPA`.
+pub fn device_params(manual_protect: bool) -> nvdimm::NvdimmParams {
+    nvdimm::NvdimmParams {
+        index: 0,
+        slot: 1,
+        guest_base: PMEM_GPA,
+        hint_page: HINT_GPA,
+        default_hints: 1,
+        manual_protect,
+    }
+}
 
 /// Opens /dev/kvm, or prints why the test is skipped.
 pub fn kvm_or_skip(test: &str) -> Option<Kvm> {
