@@ -379,6 +379,21 @@ fn initrd_that_does_not_fit_is_refused() {
     );
 }
 
+/// Runs `pmvm ARGS --dump-acpi DIR`, which must succeed.
+fn dump_acpi(args: &[String], dir: &Path) {
+    let out = std::process::Command::new(pmvm())
+        .args(args)
+        .arg("--dump-acpi")
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// `--dump-acpi` with `--pmem` describes the device (its size shapes the NFIT) but runs no
 /// guest, so a backing file it had to create to know that is gone afterwards; an existing one
 /// is left as it was.
@@ -387,19 +402,14 @@ fn dump_acpi_with_pmem_leaves_no_created_file_behind() {
     let dir = tempfile::tempdir().unwrap();
     let (new, old) = (dir.path().join("new.img"), dir.path().join("old.img"));
     std::fs::write(&old, vec![7u8; 2 << 20]).unwrap();
-    let out = std::process::Command::new(pmvm())
-        .arg("--pmem")
-        .arg(format!("path={},size=4M", new.display()))
-        .arg("--pmem")
-        .arg(format!("path={}", old.display()))
-        .arg("--dump-acpi")
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    dump_acpi(
+        &[
+            "--pmem".into(),
+            format!("path={},size=4M", new.display()),
+            "--pmem".into(),
+            format!("path={}", old.display()),
+        ],
+        dir.path(),
     );
     let nfit = std::fs::read(dir.path().join("NFIT.dat")).expect("an NFIT with two devices");
     assert_eq!(&nfit[..4], b"NFIT");
@@ -410,16 +420,7 @@ fn dump_acpi_with_pmem_leaves_no_created_file_behind() {
 #[test]
 fn dump_acpi_writes_every_table() {
     let dir = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(pmvm())
-        .args(["--cpus", "3", "--dump-acpi"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    dump_acpi(&["--cpus".into(), "3".into()], dir.path());
     for sig in ["RSDP", "XSDT", "FACP", "APIC", "DSDT"] {
         let f = dir.path().join(format!("{sig}.dat"));
         let bytes = std::fs::read(&f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));

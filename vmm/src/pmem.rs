@@ -141,24 +141,21 @@ impl PmemBus {
         }
     }
 
-    /// Handles a write by vCPU `vcpu`; false if no NVDIMM claims `addr`. A guest flush runs to
-    /// completion here, on the vCPU thread, before the vCPU re-enters the guest.
-    /// Why the VM must stop for a device, if a writeback found one whose backing file was
-    /// truncated; with `check_now`, also looks at every file's length now.
-    pub fn fatal_error(&self, check_now: bool) -> Option<String> {
-        self.devices.iter().find_map(|d| {
-            if check_now {
-                d.check_fatal_now()
-            } else {
-                d.fatal_error()
-            }
-        })
+    /// Why the VM must stop for a device whose backing file is now shorter than the device,
+    /// looking at every file's length now.
+    pub fn check_fatal_now(&self) -> Option<String> {
+        self.devices.iter().find_map(|d| d.check_fatal_now())
     }
 
-    pub fn write(&self, vcpu: u8, addr: u64, data: &[u8]) -> bool {
+    /// Handles a write by vCPU `vcpu`. A guest flush runs to completion here, on the vCPU
+    /// thread, before the vCPU re-enters the guest; if it found the device's file truncated,
+    /// the VM must stop.
+    pub fn write(&self, vcpu: u8, addr: u64, data: &[u8]) -> PmemWrite {
         if let Some((dev, off)) = self.hint_target(addr) {
             dev.mmio_write(u32::from(vcpu), off, data);
-            return true;
+            return dev
+                .fatal_error()
+                .map_or(PmemWrite::Claimed, PmemWrite::Fatal);
         }
         if let Some(dev) = self
             .devices
@@ -171,10 +168,20 @@ impl PmemBus {
                 dev.id(),
                 addr - dev.guest_base()
             );
-            return true;
+            return PmemWrite::Claimed;
         }
-        false
+        PmemWrite::Unclaimed
     }
+}
+
+/// What became of a guest MMIO write offered to the NVDIMMs.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PmemWrite {
+    /// No NVDIMM's hint page or range holds the address.
+    Unclaimed,
+    Claimed,
+    /// A flush found the device's backing file truncated: why the VM must stop.
+    Fatal(String),
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::exit::{ExitReason, ExitSignal, PowerCutCause};
 use crate::layout;
-use crate::pmem::PmemBus;
+use crate::pmem::{PmemBus, PmemWrite};
 
 use power::{PowerDevice, I8042};
 use serial::SerialDevice;
@@ -91,19 +91,20 @@ impl Bus {
 
     /// A guest MMIO write by vCPU `vcpu` outside every memslot, or to a read-only slot.
     pub fn mmio_write(&self, vcpu: u8, addr: u64, data: &[u8]) {
-        if !self.pmem.write(vcpu, addr, data) {
-            log::debug!("unclaimed MMIO write of {} bytes at {addr:#x}", data.len());
-        }
-        // A flush that found a device's file truncated: nothing more can be made durable.
-        if let Some(msg) = self.pmem.fatal_error(false) {
-            self.exit.request(ExitReason::Fatal(msg));
+        match self.pmem.write(vcpu, addr, data) {
+            PmemWrite::Claimed => {}
+            PmemWrite::Unclaimed => {
+                log::debug!("unclaimed MMIO write of {} bytes at {addr:#x}", data.len())
+            }
+            // Nothing more can be made durable.
+            PmemWrite::Fatal(msg) => self.exit.request(ExitReason::Fatal(msg)),
         }
     }
 
     /// Explains a failure of KVM to reach guest memory, if a truncated pmem backing file
     /// explains it.
     pub fn explain_memory_fault(&self) -> Option<String> {
-        self.pmem.fatal_error(true)
+        self.pmem.check_fatal_now()
     }
 }
 
