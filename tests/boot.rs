@@ -74,18 +74,27 @@ fn i8042_reset_ends_pmvm_with_zero() {
     assert!(!stderr.contains("pmvm: vCPU"), "{stderr}");
 }
 
-#[test]
-fn stdin_reaches_the_guest_serial_port() {
-    if !kvm_or_skip("serial input") {
-        return;
-    }
-    let args = [
+/// pmvm with the probe reading two lines from its console, stdin a pipe; `wrap` is a command
+/// (and its arguments) that pmvm runs under, or empty.
+fn readline_probe(wrap: &[&str]) -> Pmvm {
+    let mut args: Vec<String> = wrap.iter().map(|s| s.to_string()).collect();
+    let bin = if args.is_empty() {
+        pmvm()
+    } else {
+        args.push(pmvm().display().to_string());
+        PathBuf::from(args.remove(0))
+    };
+    args.extend([
         "--kernel".to_string(),
         probe_elf().display().to_string(),
         "--cmdline".into(),
         "console=ttyS0 -- readline readline poweroff".into(),
-    ];
-    let mut vm = Pmvm::spawn_with_input(&pmvm(), &args);
+    ]);
+    Pmvm::spawn_with_input(&bin, &args)
+}
+
+/// Types two lines at the probe's `readline readline` and checks both arrive whole.
+fn both_lines_arrive(mut vm: Pmvm) {
     vm.wait_for("probe: reading", BOOT).unwrap();
     // More than the 16550's 64-byte FIFO at once: pmvm must hold the rest, not drop it.
     let long: String = (0..100)
@@ -96,6 +105,39 @@ fn stdin_reaches_the_guest_serial_port() {
     vm.wait_for(&format!("probe: read {long}"), BOOT).unwrap();
     let (status, _) = vm.wait_exit(BOOT).unwrap();
     assert_eq!(status.code(), Some(0), "{}", vm.transcript());
+}
+
+#[test]
+fn stdin_reaches_the_guest_serial_port() {
+    if !kvm_or_skip("serial input") {
+        return;
+    }
+    both_lines_arrive(readline_probe(&[]));
+}
+
+/// pmvm must tell a pipe on stdin by the descriptor itself: where /proc is not mounted (a
+/// chroot, a small container) a check through /proc/self/fd/0 fails and the guest never sees
+/// its input. Runs pmvm in a private mount namespace with an empty /proc.
+#[test]
+fn stdin_reaches_the_guest_without_proc() {
+    if !kvm_or_skip("serial input without /proc") {
+        return;
+    }
+    let unshare = ["/usr/bin/unshare", "/bin/unshare"]
+        .into_iter()
+        .find(|p| Path::new(p).exists());
+    // SAFETY: geteuid only reads the process's credentials.
+    let root = unsafe { libc::geteuid() } == 0;
+    let Some(unshare) = unshare.filter(|_| root) else {
+        let why = "needs root and unshare(1) to hide /proc in a mount namespace";
+        assert!(!pmvm_tests::in_ci(), "serial input without /proc: {why}");
+        println!("SKIP: serial input without /proc: {why}");
+        return;
+    };
+    let hide_proc = "mount -t tmpfs none /proc && exec \"$@\"";
+    both_lines_arrive(readline_probe(&[
+        unshare, "--mount", "sh", "-c", hide_proc, "sh",
+    ]));
 }
 
 #[test]

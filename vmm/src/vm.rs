@@ -279,15 +279,18 @@ impl Drop for RawTerminal {
     }
 }
 
-/// True when stdin can feed the serial port: a terminal or a pipe (epoll refuses files).
-fn stdin_is_feedable() -> bool {
+/// Stdin as the serial port's input, when it can be one: a terminal, a pipe or a socket
+/// (epoll refuses regular files and /dev/null). The type comes from fstat on the descriptor
+/// itself, not from /proc/self/fd/0, which is missing wherever /proc is not mounted (a chroot,
+/// a small container): there the guest would silently never see its input.
+fn serial_input() -> Option<File> {
+    use std::os::unix::fs::FileTypeExt;
     let stdin = std::io::stdin();
-    if stdin.is_terminal() {
-        return true;
-    }
-    std::fs::metadata("/proc/self/fd/0")
-        .map(|m| std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type()))
-        .unwrap_or(false)
+    // A File on a duplicate of fd 0, not std's Stdin: Stdin buffers, and bytes in its buffer
+    // would never wake epoll again.
+    let input = File::from(stdin.as_fd().try_clone_to_owned().ok()?);
+    let kind = input.metadata().ok()?.file_type();
+    (stdin.is_terminal() || kind.is_fifo() || kind.is_socket()).then_some(input)
 }
 
 /// Builds the machine from `config`, runs it, and returns pmvm's exit status.
@@ -395,14 +398,7 @@ pub fn run(config: &MachineConfig, opts: &RunOptions) -> Result<u8, VmError> {
         signals: stop_signals,
     }));
     let raw_terminal = RawTerminal::enter();
-    if stdin_is_feedable() {
-        // A File on a duplicate of fd 0, not std's Stdin: Stdin buffers, and bytes in its
-        // buffer would never wake epoll again.
-        let input = std::io::stdin()
-            .as_fd()
-            .try_clone_to_owned()
-            .map(File::from)
-            .map_err(host_err("the serial input"))?;
+    if let Some(input) = serial_input() {
         em.add_subscriber(Box::new(serial::SerialInput::new(
             serial_dev,
             input,
