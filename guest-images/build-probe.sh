@@ -26,11 +26,6 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
-mkdir -p "$out"
-# Test processes may build at the same time; one builds, the others wait and reuse it.
-exec 9>"$out/.probe.lock"
-if command -v flock >/dev/null; then flock 9; fi
-
 CFLAGS=(
   -std=gnu11 -O2 -g -Wall -Wextra
   -ffreestanding -fno-builtin -nostdlib -static -fno-pic -fno-pie -no-pie
@@ -52,11 +47,21 @@ hash=$( {
   for f in $sources; do echo "== $f"; cat "$src/$f"; done
 } | sha256sum | cut -d' ' -f1)
 
-if [ -s "$elf" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$hash" ]; then
-  step "up to date"
-  echo "$elf"
-  exit 0
-fi
+up_to_date() {
+  if [ -s "$elf" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$hash" ]; then
+    step "up to date"
+    echo "$elf"
+    exit 0
+  fi
+}
+# Checked before taking the lock, so an up-to-date probe also works from a read-only checkout
+# (as inside scripts/test-nested.sh's L1 guest).
+up_to_date
+mkdir -p "$out"
+# Test processes may build at the same time; one builds, the others wait and reuse it.
+exec 9>"$out/.probe.lock"
+if command -v flock >/dev/null; then flock 9; fi
+up_to_date
 
 work=$(mktemp -d "$out/.probe-build.XXXXXX")
 trap 'rm -rf "$work"' EXIT
