@@ -13,7 +13,7 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::Duration;
 
-use kvm_bindings::{kvm_segment, kvm_userspace_memory_region};
+use kvm_bindings::{kvm_segment, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use nvdimm::mmap::Mapping;
 use nvdimm::{DirtyRings, VcpuRingHandle};
@@ -60,6 +60,9 @@ pub struct TinyVm {
     ring: Option<(Arc<DirtyRings>, VcpuRingHandle)>,
     ram: Mapping,
     _ram_file: File,
+    /// What KVM supports, given to every vCPU as its CPUID: hardware KVM refuses 64-bit
+    /// registers for a vCPU whose CPUID lacks long mode.
+    cpuid: CpuId,
 }
 
 /// x86-64 general-purpose register numbers as ModRM encodes them.
@@ -159,8 +162,12 @@ impl TinyVm {
         let ram_file = tempfile::tempfile().unwrap();
         ram_file.set_len(RAM_SIZE).unwrap();
         let ram = Mapping::new(&ram_file, RAM_SIZE, true).unwrap();
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .expect("KVM_GET_SUPPORTED_CPUID");
         TinyVm {
             vm,
+            cpuid,
             vcpu: None,
             ring: None,
             ram,
@@ -206,6 +213,7 @@ impl TinyVm {
         let entry = CODE + id * CODE_SLOT;
         self.ram.write_at(entry, &code.0).unwrap();
         let vcpu = self.vm.create_vcpu(id).expect("KVM_CREATE_VCPU");
+        vcpu.set_cpuid2(&self.cpuid).expect("KVM_SET_CPUID2");
         let mut sregs = vcpu.get_sregs().unwrap();
         let code_seg = kvm_segment {
             base: 0,
@@ -239,7 +247,7 @@ impl TinyVm {
         sregs.gdt.limit = 3 * 8 - 1;
         sregs.cr3 = PML4;
         sregs.cr4 |= 1 << 5; // PAE
-        sregs.cr0 |= (1 << 31) | 1; // PG, PE
+        sregs.cr0 |= (1 << 31) | (1 << 4) | 1; // PG, ET, PE
         sregs.efer |= (1 << 8) | (1 << 10); // LME, LMA
         vcpu.set_sregs(&sregs).unwrap();
         let mut regs = vcpu.get_regs().unwrap();
