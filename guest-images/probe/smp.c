@@ -17,9 +17,9 @@
 #define ICR_INIT 0x00004500u /* INIT, level assert */
 #define ICR_STARTUP 0x00004600u /* Start-up, vector in bits 0-7 */
 #define AP_STACK_BYTES 16384
-/* Spin turns to wait for an AP to report in: about 5 s on the CI emulator (the counter word
- * measures 160000 turns at 0.2 s), far longer than a present AP takes. */
-#define START_SPIN 4000000ull
+/* How long an AP may take to report in: far longer than a present AP takes, even when its
+ * host runs it in an emulator or a nested hypervisor. */
+#define START_WAIT_MS 5000u
 
 enum ap_state { AP_OFF, AP_IDLE, AP_RUN, AP_DONE, AP_FAILED };
 
@@ -75,10 +75,38 @@ static void lapic_write(u32 reg, u32 v)
 	*(volatile u32 *)(usize)(LAPIC_BASE + reg) = v;
 }
 
-static void spin(u64 turns)
+/* Real time from the PIT's channel 2, gated through port 0x61 as Linux calibrates the TSC:
+ * spin counts mean nothing across hosts (an emulator runs a pause loop 100 times slower than
+ * hardware). One countdown of PIT_TICKS_1MS ticks is a millisecond. */
+#define PIT_HZ 1193182u
+#define PIT_TICKS_1MS ((PIT_HZ + 999u) / 1000u)
+#define PORT_PIT_CH2 0x42
+#define PORT_PIT_MODE 0x43
+#define PORT_SYS_CTRL_B 0x61
+#define SYS_CTRL_B_GATE2 0x01
+#define SYS_CTRL_B_SPEAKER 0x02
+#define SYS_CTRL_B_OUT2 0x20
+
+static void pit_arm_1ms(void)
 {
-	for (u64 i = 0; i < turns; i++)
-		cpu_relax_barrier();
+	outb(PORT_SYS_CTRL_B, (u8)((inb(PORT_SYS_CTRL_B) & ~SYS_CTRL_B_SPEAKER) | SYS_CTRL_B_GATE2));
+	outb(PORT_PIT_MODE, 0xb0); /* channel 2, low then high byte, mode 0: out rises at 0 */
+	outb(PORT_PIT_CH2, PIT_TICKS_1MS & 0xff);
+	outb(PORT_PIT_CH2, PIT_TICKS_1MS >> 8);
+}
+
+/* Waits up to `ms` milliseconds, less if *flag leaves `off` first; returns nonzero then. */
+static int wait_ms_while(u32 ms, volatile u32 *flag, u32 off)
+{
+	for (u32 i = 0; i < ms; i++) {
+		pit_arm_1ms();
+		while (!(inb(PORT_SYS_CTRL_B) & SYS_CTRL_B_OUT2)) {
+			if (flag && *flag != off)
+				return 1;
+			cpu_relax_barrier();
+		}
+	}
+	return flag && *flag != off;
 }
 
 static u64 read_cr3(void)
@@ -124,15 +152,14 @@ static int start_ap(u32 cpu)
 	__asm__ volatile("" : : : "memory");
 	lapic_write(LAPIC_ICR_HIGH, cpu << 24);
 	lapic_write(LAPIC_ICR_LOW, ICR_INIT);
-	spin(100000);
+	/* The delays of the MP specification: 10 ms after INIT, 200 us after each SIPI. */
+	wait_ms_while(10, 0, 0);
 	for (int i = 0; i < 2; i++) {
 		lapic_write(LAPIC_ICR_HIGH, cpu << 24);
 		lapic_write(LAPIC_ICR_LOW, ICR_STARTUP | (TRAMPOLINE >> 12));
-		spin(20000);
+		wait_ms_while(1, 0, 0);
 	}
-	for (u64 i = 0; i < START_SPIN && box->state == AP_OFF; i++)
-		cpu_relax_barrier();
-	if (box->state == AP_OFF) {
+	if (!wait_ms_while(START_WAIT_MS, &box->state, AP_OFF)) {
 		error_begin("on: cpu ");
 		out_dec(cpu);
 		out_str(" did not start (is there such a vCPU?)");
