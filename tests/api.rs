@@ -921,11 +921,13 @@ fn guest_and_host_flushes_racing_on_one_device_are_all_counted() {
     assert_eq!(s["flushes"], ROUNDS, "{d}");
     assert_eq!(s["host_flushes"], host_ok, "{d}");
     assert_eq!(s["errors"], 0, "{d}");
-    // Each round dirties page 0 once, so no more than ROUNDS page writes; flushes that met
-    // in one writeback share it.
+    // Each round dirties page 0 once and each writeback writes it at most once; flushes that
+    // met in one writeback share it. Hardware KVM may report one store's page again when the
+    // host's flush re-protects it while the store is faulting it in (404 page writes for 400
+    // rounds under nested SVM), so the bound is the writebacks, not the rounds.
     let n = |k: &str| s[k].as_u64().unwrap();
     assert!(
-        n("pages_written") >= 1 && n("pages_written") <= ROUNDS,
+        n("pages_written") >= 1 && n("pages_written") <= n("writebacks"),
         "{d}"
     );
     assert!(n("writebacks") <= ROUNDS + host_ok, "{d}");
