@@ -112,8 +112,11 @@ hash=$(echo "$inputs" | h)
 stamp="$out/inputs"
 if [ -s "$out/initramfs.cpio" ] && [ -s "$out/preflight.cpio" ] && [ -s "$out/image.env" ] &&
   [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$inputs" ] && [ $refresh = 0 ]; then
-  # The minimal kernel may appear after the image was built: refresh only its line.
-  sed -i "s|^PMEMTESTS_KERNEL_MINIMAL=.*|PMEMTESTS_KERNEL_MINIMAL=$minimal|" "$out/image.env"
+  # The minimal kernel may appear after the image was built: refresh only its line, and only
+  # when it changed (a check from a read-only checkout writes nothing).
+  if ! grep -qxF "PMEMTESTS_KERNEL_MINIMAL=$minimal" "$out/image.env"; then
+    sed -i "s|^PMEMTESTS_KERNEL_MINIMAL=.*|PMEMTESTS_KERNEL_MINIMAL=$minimal|" "$out/image.env"
+  fi
   step "up to date ($hash)"
   echo "$out/image.env"
   exit 0

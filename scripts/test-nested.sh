@@ -116,6 +116,15 @@ names=()
   echo "# The test binaries L1 runs, written by scripts/test-nested.sh."
   echo "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root"
   echo "export TMPDIR=/tmp RUST_BACKTRACE=1 CI=$(printf %q "${CI:-}")"
+  # The guest suite uses the image built on this host as it is (L1 cannot write it). Linux
+  # guests get noxsave: TCG's SVM does not intercept XSETBV, so a guest could change XCR0
+  # behind its hypervisor.
+  echo "export PMVM_SUITE_NO_BUILD=1 PMVM_SUITE_CMDLINE=noxsave PMVM_LINUX_CMDLINE=noxsave"
+  # Tests that keep scratch files in cargo's target/tmp (CARGO_TARGET_TMPDIR) get the ext4.
+  target_tmp=$(dirname "$(dirname "$(dirname "$(cut -f2 "$work/targets.tsv" | head -1)")")")/tmp
+  if [ -d "$target_tmp" ]; then
+    printf 'mkdir -p /tmp/.cargo-target-tmp && mount --bind /tmp/.cargo-target-tmp %q\n' "$target_tmp"
+  fi
   cat <<EOF
 run() {
   local name=\$1 dir=\$2 t0 rc=0
@@ -158,6 +167,12 @@ case " ${names[*]} " in
   *" linux_early"*)
     bash "$repo/guest-images/fetch-debian-kernel.sh" >/dev/null 2>&1 ||
       step "fetch-debian-kernel.sh failed; linux_early will say why inside L1" ;;
+esac
+case " ${names[*]} " in
+  *" guest_suite"*)
+    step "building the guest suite's image (guest-images/build.sh)"
+    bash "$repo/guest-images/build.sh" >/dev/null 2>"$work/suite-build.log" ||
+      step "guest-images/build.sh failed ($(tail -1 "$work/suite-build.log")); guest_suite will say why inside L1" ;;
 esac
 
 # ---- L1: Debian's stock kernel and a busybox initramfs ---------------------------------------
