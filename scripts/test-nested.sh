@@ -29,10 +29,11 @@ here="$repo/scripts/nested"
 # persistence, SMP, the API against a running guest, a stock kernel, the seccomp filters, and
 # the device's own KVM tests (dirty bitmap and dirty ring). Left out, as L1 runs user space
 # about 20 times slower than the host: flush_storm (100,000 synchronous flushes, minutes
-# there) and api's load test (10,000 requests under a 120 s limit). The rest (bad_input,
-# pmem_format, probe_insns, guest_suite, linux_dax) test the host side or need the host's
-# own kernel builds, and prove nothing more on another KVM.
-DEFAULT_TESTS="boot pmem persist smp api:!bad_input_and_load linux_early seccomp kvm_flush kvm_dirty_ring"
+# there) and api's load test (10,000 requests under a 120 s limit). Also left out until its
+# stalls are explained (docs/testing.md): linux_early's test that boots the stock kernel to
+# its end; its bzImage test runs. The rest (bad_input, pmem_format, probe_insns, guest_suite,
+# linux_dax) test the host side or need the host's own kernel builds.
+DEFAULT_TESTS="boot pmem persist smp api:!bad_input_and_load linux_early:!debian_kernel_lists seccomp kvm_flush kvm_dirty_ring"
 
 total_timeout=${PMVM_NESTED_TIMEOUT:-720}
 bin_timeout=${PMVM_NESTED_BIN_TIMEOUT:-300}
@@ -41,10 +42,12 @@ cache="${PMVM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/pmvm}/nested"
 work="$repo/target/nested"
 
 step() { echo "test-nested: $*" >&2; }
-# One line naming the step that failed, then the closing line counting it as a failure.
+# One line naming the step that failed, then the closing line counting it as a failure (on the
+# script's stdout, fd 3, also from inside a redirected block).
+exec 3>&1
 die() {
   echo "test-nested: error: $*" >&2
-  echo "0 passed, 1 failed, 0 skipped"
+  echo "0 passed, 1 failed, 0 skipped" >&3
   exit 1
 }
 
