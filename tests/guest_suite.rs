@@ -43,6 +43,7 @@ struct Image {
     minimal: Option<PathBuf>,
     initramfs: PathBuf,
     preflight: PathBuf,
+    tools: PathBuf,
 }
 
 impl Image {
@@ -80,6 +81,7 @@ impl Image {
             },
             initramfs: file("PMEMTESTS_INITRAMFS")?,
             preflight: file("PMEMTESTS_PREFLIGHT")?,
+            tools: file("PMEMTESTS_TOOLS")?,
         })
     }
 }
@@ -173,33 +175,46 @@ fn choose_boot(
     }
 }
 
-/// pmvm's arguments for a boot with `initrd` and two NVDIMMs in `dir`.
-fn pmvm_args(
-    boot: &Boot,
-    initrd: &Path,
-    dir: &Path,
-    cmdline_extra: &str,
-    api: Option<&Path>,
-) -> Vec<String> {
+/// What one boot of the image gets besides the kernel.
+struct Launch<'a> {
+    initrd: &'a Path,
+    /// tools.img, given as a read-only NVDIMM after the suite's two.
+    tools: Option<&'a Path>,
+    cmdline_extra: &'a str,
+    /// `persist=` for the suite's NVDIMMs, when not the default.
+    persist: Option<&'a str>,
+    api: Option<&'a Path>,
+}
+
+/// pmvm's arguments for a boot with two NVDIMMs in `dir` (and the tools, when given).
+fn pmvm_args(boot: &Boot, launch: &Launch, dir: &Path) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "--kernel".into(),
         boot.kernel.display().to_string(),
         "--initrd".into(),
-        initrd.display().to_string(),
+        launch.initrd.display().to_string(),
         "--memory".into(),
         MEMORY.into(),
         "--cmdline".into(),
-        format!("{} {cmdline_extra}", boot.cmdline),
+        format!("{} {}", boot.cmdline, launch.cmdline_extra),
     ];
     args.extend(boot.pmvm_args.iter().cloned());
     for (i, size) in PMEM_SIZES.iter().enumerate() {
         args.push("--pmem".into());
-        args.push(format!(
+        let mut spec = format!(
             "path={},size={size},id=pmem{i}",
             dir.join(format!("pmem{i}.img")).display()
-        ));
+        );
+        if let Some(p) = launch.persist {
+            spec.push_str(&format!(",persist={p}"));
+        }
+        args.push(spec);
     }
-    if let Some(sock) = api {
+    if let Some(tools) = launch.tools {
+        args.push("--pmem".into());
+        args.push(format!("path={},readonly=on,id=tools", tools.display()));
+    }
+    if let Some(sock) = launch.api {
         args.push("--api-sock".into());
         args.push(sock.display().to_string());
     }
@@ -249,13 +264,14 @@ impl Seen {
 /// Boots the preflight image: the suite alone as /init, listing the NVDIMMs.
 fn preflight(boot: &Boot, image: &Image, timeout: Duration) -> Seen {
     let dir = scratch();
-    let args = pmvm_args(
-        boot,
-        &image.preflight,
-        dir.path(),
-        "pmemtests.preflight=1",
-        None,
-    );
+    let launch = Launch {
+        initrd: &image.preflight,
+        tools: None,
+        cmdline_extra: "pmemtests.preflight=1",
+        persist: None,
+        api: None,
+    };
+    let args = pmvm_args(boot, &launch, dir.path());
     let mut vm = Pmvm::spawn(&pmvm_bin(), &args);
     let exited = vm.wait_exit(timeout).ok();
     Seen {
@@ -276,7 +292,14 @@ struct SuiteRun {
 fn run_suite(boot: &Boot, image: &Image) -> SuiteRun {
     let dir = scratch();
     let sock = dir.path().join("api.sock");
-    let args = pmvm_args(boot, &image.initramfs, dir.path(), "", Some(&sock));
+    let launch = Launch {
+        initrd: &image.initramfs,
+        tools: Some(&image.tools),
+        cmdline_extra: "",
+        persist: None,
+        api: Some(&sock),
+    };
+    let args = pmvm_args(boot, &launch, dir.path());
     let mut vm = Pmvm::spawn_with_input(&pmvm_bin(), &args);
     let mut session = Session::new(ApiCounters { sock: sock.clone() });
     let boot_timeout = Duration::from_secs(300);
@@ -495,6 +518,133 @@ fn guest_suite_end_to_end() {
     );
 }
 
+/// The console lines of one ndctl-check step, between its `NDCTL step` and `NDCTL rc` lines,
+/// and its exit status.
+fn ndctl_step(console: &[String], name: &str) -> (Vec<String>, Option<i32>) {
+    let start = format!("NDCTL step {name}:");
+    let end = format!("NDCTL rc {name} ");
+    let mut out = Vec::new();
+    let mut inside = false;
+    for line in console {
+        if line.starts_with(&start) {
+            inside = true;
+        } else if let Some(rc) = line.strip_prefix(&end) {
+            return (out, rc.trim().parse().ok());
+        } else if inside {
+            out.push(line.clone());
+        }
+    }
+    (out, None)
+}
+
+/// ndctl as users run it (guest-images/initramfs/ndctl-check): `ndctl list -N` shows the raw
+/// namespace, `ndctl create-namespace -f -e namespace0.0 -m fsdax` converts it, ext4 mounted
+/// with `-o dax` takes a file that pmvm-init fsyncs. pmvm's device is strict (`persist=flush`),
+/// so after the guest powers off the host finds ndctl's info block and the file only if the
+/// guest's flushes carried them.
+#[test]
+fn ndctl_converts_a_raw_namespace_and_a_file_fsynced_on_it_reaches_the_host() {
+    let test = "guest ndctl";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let image = match build_image() {
+        Ok(i) => i,
+        Err(e) if in_ci() => panic!("{test}: the guest image: {e}"),
+        Err(e) => {
+            println!("SKIP: {test}: no guest image: {e}");
+            return;
+        }
+    };
+    let emulated = emulating_host().then(EmulatedProfile::load);
+    let boot = choose_boot(
+        &image,
+        emulated.as_ref(),
+        env("PMVM_SUITE_KERNEL").is_some(),
+        env("PMVM_SUITE_CMDLINE").as_deref(),
+    );
+    let dir = scratch();
+    let launch = Launch {
+        initrd: &image.initramfs,
+        tools: Some(&image.tools),
+        cmdline_extra: "pmemtests.ndctl=1",
+        persist: Some("flush"),
+        api: None,
+    };
+    let start = Instant::now();
+    let mut vm = Pmvm::spawn(&pmvm_bin(), &pmvm_args(&boot, &launch, dir.path()));
+    let timeout = Duration::from_secs(if emulated.is_some() { 900 } else { 180 });
+    if let Err(e) = vm.wait_for("NDCTL done", timeout) {
+        let console = vm.lines();
+        panic!(
+            "{test}: ndctl-check did not finish (stage {}): {e}",
+            Stage::reached(&console)
+        );
+    }
+    println!("{test}: ndctl-check done after {:?}", start.elapsed());
+    let console = vm.lines();
+    for name in [
+        "list-before",
+        "create",
+        "list-after",
+        "mkfs",
+        "mount",
+        "proof",
+    ] {
+        let (out, rc) = ndctl_step(&console, name);
+        assert_eq!(
+            rc,
+            Some(0),
+            "{test}: step {name} failed:\n{}",
+            out.join("\n")
+        );
+    }
+    let listing = |name| {
+        ndctl_step(&console, name)
+            .0
+            .join("")
+            .replace([' ', '\n'], "")
+    };
+    let before = listing("list-before");
+    assert!(
+        before.contains(r#""dev":"namespace0.0","mode":"raw""#),
+        "{test}: ndctl list -N before: {before}"
+    );
+    let after = listing("list-after");
+    assert!(
+        after.contains(r#""dev":"namespace0.0","mode":"fsdax""#),
+        "{test}: ndctl list -N after create-namespace: {after}"
+    );
+    pmvm_tests::linux::wait_proof(&vm, 0);
+    let (status, stderr) = vm.wait_exit(Duration::from_secs(120)).unwrap();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "{test}: the guest powered off: {stderr}"
+    );
+
+    // The host side: pmvm's own reader of the namespace finds ndctl's info block and the ext4
+    // behind it; the file's bytes are there.
+    let img = dir.path().join("pmem0.img");
+    let out = Command::new(pmvm_bin())
+        .args(["pmem", "info"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    let info = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        info.contains("fsdax (NVDIMM_PFN_INFO)") && info.contains("linux:          accepts it"),
+        "{test}: the backing file has no valid fsdax info block:\n{info}"
+    );
+    let fs_offset = info
+        .lines()
+        .find_map(|l| l.strip_prefix("filesystem:     ext4 at 0x"))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|h| u64::from_str_radix(h, 16).ok())
+        .unwrap_or_else(|| panic!("{test}: no ext4 in the backing file:\n{info}"));
+    pmvm_tests::linux::check_proof_in_backing_file(&img, fs_offset, "/proof.bin");
+}
+
 #[cfg(test)]
 mod harness_tests {
     use super::*;
@@ -543,14 +693,21 @@ mod harness_tests {
         let dir = tempfile::tempdir().unwrap();
         let f = files(
             dir.path(),
-            &["vmlinux", "min", "initramfs.cpio", "preflight.cpio"],
+            &[
+                "vmlinux",
+                "min",
+                "initramfs.cpio",
+                "preflight.cpio",
+                "tools.img",
+            ],
         );
         let text = format!(
             "PMEMTESTS_KERNEL={}\nPMEMTESTS_KERNEL_KIND=debian\nPMEMTESTS_KERNEL_MINIMAL=\n\
-             PMEMTESTS_INITRAMFS={}\nPMEMTESTS_PREFLIGHT={}\n",
+             PMEMTESTS_INITRAMFS={}\nPMEMTESTS_PREFLIGHT={}\nPMEMTESTS_TOOLS={}\n",
             f[0].display(),
             f[2].display(),
-            f[3].display()
+            f[3].display(),
+            f[4].display()
         );
         let env_path = dir.path().join("image.env");
         let img = Image::from_env(&env_path, &text).unwrap();
@@ -574,6 +731,7 @@ mod harness_tests {
             minimal: Some("/k/minimal".into()),
             initramfs: "/i".into(),
             preflight: "/p".into(),
+            tools: "/t".into(),
         };
         let e = EmulatedProfile::parse(
             "KERNEL=minimal\nPMVM_ARGS=\"--cpu-vendor intel\"\nKERNEL_CMDLINE=noxsave\n",
@@ -603,7 +761,7 @@ mod harness_tests {
     }
 
     #[test]
-    fn pmvm_gets_two_nvdimms_the_initrd_and_the_socket() {
+    fn pmvm_gets_two_nvdimms_the_tools_the_initrd_and_the_socket() {
         let boot = Boot {
             kernel: "/k".into(),
             label: "k".into(),
@@ -611,21 +769,26 @@ mod harness_tests {
             pmvm_args: vec!["--cpu-vendor".into(), "intel".into()],
             cmdline: BASE_CMDLINE.into(),
         };
-        let args = pmvm_args(
-            &boot,
-            Path::new("/i.cpio"),
-            Path::new("/d"),
-            "pmemtests.preflight=1",
-            Some(Path::new("/d/s")),
-        );
+        let launch = Launch {
+            initrd: Path::new("/i.cpio"),
+            tools: Some(Path::new("/t.img")),
+            cmdline_extra: "pmemtests.preflight=1",
+            persist: Some("flush"),
+            api: Some(Path::new("/d/s")),
+        };
+        let args = pmvm_args(&boot, &launch, Path::new("/d"));
         let joined = args.join(" ");
+        assert!(
+            joined.contains("--pmem path=/t.img,readonly=on,id=tools"),
+            "{joined}"
+        );
         assert!(joined.contains("--initrd /i.cpio"), "{joined}");
         assert!(
-            joined.contains("--pmem path=/d/pmem0.img,size=256M,id=pmem0"),
+            joined.contains("--pmem path=/d/pmem0.img,size=256M,id=pmem0,persist=flush"),
             "{joined}"
         );
         assert!(
-            joined.contains("--pmem path=/d/pmem1.img,size=512M,id=pmem1"),
+            joined.contains("--pmem path=/d/pmem1.img,size=512M,id=pmem1,persist=flush"),
             "{joined}"
         );
         assert!(joined.contains("--api-sock /d/s"), "{joined}");

@@ -19,7 +19,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use pmvm_tests::linux::{emulating_host, init_elf, minimal_kernel_or_skip, EmulatedProfile};
+use pmvm_tests::linux::{
+    check_proof_in_backing_file, emulating_host, init_elf, minimal_kernel_or_skip, wait_proof,
+    EmulatedProfile, PROOF_BYTES,
+};
 use pmvm_tests::{
     api_get_json, api_request, cachestat, in_ci, kvm_or_skip, page_cache_or_skip, wait_api, Pmvm,
 };
@@ -27,9 +30,6 @@ use pmvm_tests::{
 /// The whole boot, banner to init, may take this long on an emulating host shared with
 /// another test (measured: about 45 s alone).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(420);
-
-/// What /init writes and fsyncs in the DAX root (pmvm-init's dax-fsync mode).
-const PROOF_BYTES: usize = 16384;
 
 /// The kernel command line: the DAX root, init's mode, and libnvdimm's probe messages (debug
 /// level, so `loglevel=8` to see them) switched on; on an emulating host, its CPU profile. No
@@ -45,11 +45,6 @@ fn cmdline(init_mode: &str, extra: &str) -> String {
          dyndbg=\"func nvdimm_bus_probe +p; func nd_pfn_probe +p\" \
          PMVM_INIT={init_mode} PMVM_PROOF_BYTES={PROOF_BYTES} {extra}"
     )
-}
-
-/// Byte `i` of what pmvm-init writes to /proof.bin.
-fn proof_byte(i: usize) -> u8 {
-    (i.wrapping_mul(131) + i / 4096) as u8
 }
 
 /// A root directory for the guest: /init and an empty /dev for devtmpfs.
@@ -84,79 +79,6 @@ fn pmem_format(img: &Path, mode: &str, root: &Path) -> u64 {
         .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
         .unwrap_or_else(|| panic!("no filesystem offset in {summary:?}"));
     at
-}
-
-/// After the guest is gone: /proof.bin's blocks (debugfs on a copy of the filesystem) hold
-/// exactly what pmvm-init wrote, read from the backing file at the data offset.
-fn check_proof_in_backing_file(img: &Path, fs_offset: u64) {
-    let image = fs::read(img).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let ext4 = dir.path().join("ext4.img");
-    fs::write(&ext4, &image[fs_offset as usize..]).unwrap();
-    let debugfs = |req: &str| {
-        let out = Command::new("debugfs")
-            .args(["-R", req])
-            .arg(&ext4)
-            .output()
-            .expect("debugfs (e2fsprogs)");
-        String::from_utf8_lossy(&out.stdout).to_string()
-    };
-    let block_size: u64 = debugfs("stats")
-        .lines()
-        .find_map(|l| l.strip_prefix("Block size:"))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("debugfs stats shows the block size");
-    let blocks: Vec<u64> = debugfs("blocks /proof.bin")
-        .split_whitespace()
-        .map(|b| b.parse().expect("block numbers"))
-        .collect();
-    let needed = PROOF_BYTES.div_ceil(block_size as usize);
-    assert_eq!(
-        blocks.len(),
-        needed,
-        "/proof.bin in the backing file has blocks {blocks:?}, expected {needed}: its size or \
-         its extent did not reach the file"
-    );
-    for (n, blk) in blocks.iter().enumerate() {
-        let at = (fs_offset + blk * block_size) as usize;
-        let len = (block_size as usize).min(PROOF_BYTES - n * block_size as usize);
-        let got = &image[at..at + len];
-        let first = n * block_size as usize;
-        if let Some(bad) = (0..len).find(|&i| got[i] != proof_byte(first + i)) {
-            panic!(
-                "/proof.bin byte {} (file offset {:#x}) is {:#04x}, the guest wrote {:#04x}: \
-                 its fsync returned but the data is not in the backing file",
-                first + bad,
-                at + bad,
-                got[bad],
-                proof_byte(first + bad)
-            );
-        }
-    }
-    println!(
-        "proof: {PROOF_BYTES} bytes of /proof.bin found in {} at blocks {blocks:?} (filesystem at {fs_offset:#x})",
-        img.display()
-    );
-}
-
-/// Waits for pmvm-init's proof line: it wrote, fsynced, and the file is DAX.
-fn wait_proof(vm: &Pmvm, from: usize) -> String {
-    let line = vm
-        .wait_for_from(from, "pmvm-init: proof ", Duration::from_secs(120))
-        .map(|(_, l)| l)
-        .unwrap_or_else(|e| {
-            let died = vm.lines().into_iter().skip(from).find(|l| {
-                ["segfault", "Kernel panic", "Failed to execute"]
-                    .iter()
-                    .any(|w| l.contains(w))
-            });
-            panic!("/init did not write its proof ({died:?}): {e}")
-        });
-    assert!(
-        line.contains(&format!("bytes={PROOF_BYTES} ")) && line.contains(" dax=1 "),
-        "/init's proof is not a DAX file of {PROOF_BYTES} bytes: {line}"
-    );
-    line
 }
 
 fn mkfs_or_skip(test: &str) -> bool {
@@ -385,7 +307,7 @@ fn minimal_kernel_mounts_an_fsdax_ext4_root_and_its_flushes_reach_the_file() {
     );
     let (exit, stderr) = vm.wait_exit(Duration::from_secs(120)).unwrap();
     assert_eq!(exit.code(), Some(0), "init powered off: {stderr}");
-    check_proof_in_backing_file(&img, fs_offset);
+    check_proof_in_backing_file(&img, fs_offset, "/proof.bin");
 }
 
 /// The control: the same root on a raw namespace (no info block) cannot be mounted with
@@ -493,7 +415,7 @@ fn strict_model_power_cut_after_the_mount_leaves_a_root_that_mounts_again() {
             wait_proof(&vm, m.next_line);
             let (exit, stderr) = vm.wait_exit(Duration::from_secs(120)).unwrap();
             assert_eq!(exit.code(), Some(0), "init powered off: {stderr}");
-            check_proof_in_backing_file(&img, fs_offset);
+            check_proof_in_backing_file(&img, fs_offset, "/proof.bin");
         }
     }
 }

@@ -5,13 +5,15 @@
 //   checks     (default) every system-call path a guest kernel must get right: one line per check,
 //              "pmvm-init: check NAME ok" or "pmvm-init: check NAME FAIL: why", then
 //              "pmvm-init: checks done: N ok, M failed", then power off
-//   dax-fsync  write /proof.bin (PMVM_PROOF_BYTES bytes, default 16384, of a fixed pattern),
-//              fsync it and its directory, print "pmvm-init: proof ...", then power off
+//   dax-fsync  write PMVM_PROOF_PATH (default /proof.bin; PMVM_PROOF_BYTES bytes, default 16384,
+//              of a fixed pattern), fsync it and its directory, print "pmvm-init: proof ...",
+//              then power off when it is init
 //   pause      print "pmvm-init: user space runs" and wait forever (the host inspects the guest)
 //   exec-child what the execve check runs: print a line and exit 7
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <libgen.h>
 #include <linux/futex.h>
 #include <pthread.h>
 #include <signal.h>
@@ -343,12 +345,16 @@ static uint32_t crc32c(const uint8_t *p, size_t n) {
 
 // The pattern the host expects: byte i of the proof is (i * 131 + i / 4096) & 0xff.
 static int dax_fsync(void) {
+  const char *path = getenv("PMVM_PROOF_PATH");
+  if (!path) path = "/proof.bin";
+  char dir_path[256];
+  snprintf(dir_path, sizeof dir_path, "%s", path);
   const char *bytes_env = getenv("PMVM_PROOF_BYTES");
   size_t n = bytes_env ? strtoul(bytes_env, NULL, 10) : 16384;
   uint8_t *buf = malloc(n);
   if (!buf) return say("pmvm-init: proof: no memory"), 1;
   for (size_t i = 0; i < n; i++) buf[i] = (uint8_t)(i * 131 + i / 4096);
-  int fd = open("/proof.bin", O_CREAT | O_WRONLY | O_TRUNC, 0644);
+  int fd = open(path, O_CREAT | O_WRONLY | O_TRUNC, 0644);
   if (fd < 0) return say("pmvm-init: proof: open: %s", strerror(errno)), 1;
   if (write(fd, buf, n) != (ssize_t)n) return say("pmvm-init: proof: write: %s", strerror(errno)), 1;
   if (fsync(fd)) return say("pmvm-init: proof: fsync: %s", strerror(errno)), 1;
@@ -356,10 +362,12 @@ static int dax_fsync(void) {
   int dax = statx(fd, "", AT_EMPTY_PATH, STATX_BASIC_STATS, &sx) == 0 &&
             (sx.stx_attributes & STATX_ATTR_DAX) != 0;
   close(fd);
-  int dir = open("/", O_RDONLY | O_DIRECTORY);
-  if (dir < 0 || fsync(dir)) return say("pmvm-init: proof: fsync /: %s", strerror(errno)), 1;
+  const char *parent = dirname(dir_path);
+  int dir = open(parent, O_RDONLY | O_DIRECTORY);
+  if (dir < 0 || fsync(dir))
+    return say("pmvm-init: proof: fsync %s: %s", parent, strerror(errno)), 1;
   close(dir);
-  say("pmvm-init: proof /proof.bin bytes=%zu crc32c=%08x dax=%d fsynced", n, crc32c(buf, n), dax);
+  say("pmvm-init: proof %s bytes=%zu crc32c=%08x dax=%d fsynced", path, n, crc32c(buf, n), dax);
   return 0;
 }
 
@@ -376,7 +384,7 @@ int main(int argc, char **argv) {
     for (;;) pause();
   }
   if (!strcmp(mode, "dax-fsync")) {
-    dax_fsync();
+    failed = dax_fsync();
   } else if (!strcmp(mode, "checks")) {
     run_checks();
   } else {

@@ -5,9 +5,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crate::{in_ci, repo_root};
+use crate::{in_ci, repo_root, Pmvm};
 
 /// Whether this host's KVM emulates guest kernel code (nested PVM). `PMVM_SUITE_EMULATED=1|0`
 /// overrides the detection.
@@ -143,4 +143,87 @@ pub fn init_cpio() -> PathBuf {
 /// The static pmvm-init binary, to be copied into a guest's root filesystem as /init.
 pub fn init_elf() -> PathBuf {
     init_cpio().with_file_name("pmvm-init")
+}
+
+/// How many bytes pmvm-init's dax-fsync mode writes (PMVM_PROOF_BYTES on the command line).
+pub const PROOF_BYTES: usize = 16384;
+
+/// Byte `i` of what pmvm-init's dax-fsync mode writes.
+pub fn proof_byte(i: usize) -> u8 {
+    (i.wrapping_mul(131) + i / 4096) as u8
+}
+
+/// Waits for pmvm-init's proof line: it wrote, fsynced, and the file is DAX.
+pub fn wait_proof(vm: &Pmvm, from: usize) -> String {
+    let line = vm
+        .wait_for_from(from, "pmvm-init: proof ", Duration::from_secs(180))
+        .map(|(_, l)| l)
+        .unwrap_or_else(|e| {
+            let died = vm.lines().into_iter().skip(from).find(|l| {
+                ["segfault", "Kernel panic", "Failed to execute"]
+                    .iter()
+                    .any(|w| l.contains(w))
+            });
+            panic!("pmvm-init did not write its proof ({died:?}): {e}")
+        });
+    assert!(
+        line.contains(&format!("bytes={PROOF_BYTES} ")) && line.contains(" dax=1 "),
+        "pmvm-init's proof is not a DAX file of {PROOF_BYTES} bytes: {line}"
+    );
+    line
+}
+
+/// After the guest is gone: the file at `path` in the ext4 that starts `fs_offset` bytes into
+/// the backing file `img` holds exactly what pmvm-init wrote. debugfs (on a copy of the
+/// filesystem) names its blocks; their bytes are read from the backing file itself.
+pub fn check_proof_in_backing_file(img: &Path, fs_offset: u64, path: &str) {
+    let image = std::fs::read(img).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ext4 = dir.path().join("ext4.img");
+    std::fs::write(&ext4, &image[fs_offset as usize..]).unwrap();
+    let debugfs = |req: &str| {
+        let out = Command::new("debugfs")
+            .args(["-R", req])
+            .arg(&ext4)
+            .output()
+            .expect("debugfs (e2fsprogs)");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let block_size: u64 = debugfs("stats")
+        .lines()
+        .find_map(|l| l.strip_prefix("Block size:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("debugfs stats shows the block size");
+    let blocks: Vec<u64> = debugfs(&format!("blocks {path}"))
+        .split_whitespace()
+        .map(|b| b.parse().expect("block numbers"))
+        .collect();
+    let needed = PROOF_BYTES.div_ceil(block_size as usize);
+    assert_eq!(
+        blocks.len(),
+        needed,
+        "{path} in the backing file has blocks {blocks:?}, expected {needed}: its size or \
+         its extent did not reach the file"
+    );
+    for (n, blk) in blocks.iter().enumerate() {
+        let at = (fs_offset + blk * block_size) as usize;
+        let first = n * block_size as usize;
+        let len = (block_size as usize).min(PROOF_BYTES - first);
+        let got = &image[at..at + len];
+        if let Some(bad) = (0..len).find(|&i| got[i] != proof_byte(first + i)) {
+            panic!(
+                "{path} byte {} (file offset {:#x}) is {:#04x}, the guest wrote {:#04x}: \
+                 its fsync returned but the data is not in the backing file",
+                first + bad,
+                at + bad,
+                got[bad],
+                proof_byte(first + bad)
+            );
+        }
+    }
+    println!(
+        "proof: {PROOF_BYTES} bytes of {path} found in {} at blocks {blocks:?} (filesystem at \
+         {fs_offset:#x})",
+        img.display()
+    );
 }
