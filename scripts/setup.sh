@@ -9,6 +9,10 @@ have iasl || need_pkgs+=(acpica-tools)
 have gcc || need_pkgs+=(gcc)
 have objdump || need_pkgs+=(binutils)
 have curl || need_pkgs+=(curl)
+# mkfs.ext4 -d and debugfs: pmem format, the guest suite's tools image, the Linux tests' checks
+have debugfs || need_pkgs+=(e2fsprogs)
+# static glibc for guest-images/build-init.sh
+[ -f /usr/lib/x86_64-linux-gnu/libc.a ] || need_pkgs+=(libc6-dev)
 
 if ((${#need_pkgs[@]})); then
   if [ "$(id -u)" = 0 ] && have apt-get; then
