@@ -52,9 +52,10 @@ if [ -n "$user_kernel" ]; then
 fi
 
 # The third-party programs in the image, by Debian package.
-TOOL_PACKAGES=(busybox-static e2fsprogs xfsprogs fio ndctl)
+TOOL_PACKAGES=(busybox-static e2fsprogs xfsprogs ndctl)
 # Binaries taken from them (paths in the packages), and where their libraries are resolved.
-TOOL_BINARIES=(usr/bin/fio usr/sbin/xfs_io sbin/mkfs.xfs sbin/mke2fs usr/bin/ndctl)
+TOOL_BINARIES=(usr/sbin/xfs_io sbin/mkfs.xfs sbin/mke2fs usr/bin/ndctl)
+# fio comes from Debian's source package, built statically (build-fio.sh).
 # Modules the suite needs from a modular kernel; their dependencies are added from .modinfo.
 # The NVDIMM drivers go into the initramfs; xfs into tools.img, loaded once /init mounted it.
 MODULE_ROOTS_EARLY=(nfit nd_pmem)
@@ -96,7 +97,7 @@ elif [ -z "$user_kernel" ]; then
   fi
 fi
 
-versions=$(apt-cache policy "${TOOL_PACKAGES[@]}" $kernel_pkg 2>/dev/null | awk '/^[^ ]/ {p=$1} /Candidate:/ {print p, $2}')
+versions=$(apt-cache policy "${TOOL_PACKAGES[@]}" fio $kernel_pkg 2>/dev/null | awk '/^[^ ]/ {p=$1} /Candidate:/ {print p, $2}')
 [ -n "$versions" ] || die "apt-cache knows none of ${TOOL_PACKAGES[*]}: is this a Debian (or Ubuntu) host with its archive configured?"
 kernel_id=""
 if [ -n "$user_kernel" ]; then
@@ -106,7 +107,7 @@ else
   kernel_id="debian $kernel_pkg"
 fi
 h() { sha256sum | cut -c1-16; }
-part_script=$(cat "$0" "$here/initramfs/mkcpio.py" | h)
+part_script=$(cat "$0" "$here/initramfs/mkcpio.py" "$here/build-fio.sh" | h)
 part_init=$(cat "$here/initramfs/init" "$here/initramfs/ndctl-check" "$here/linux-init/pmvm-init.c" "$here/build-init.sh" | h)
 part_suite=$( (cd "$repo" && find guest-images/pmem-tests/src guest-images/pmem-tests/Cargo.toml -type f | LC_ALL=C sort | xargs sha256sum; sha256sum Cargo.lock Cargo.toml) | h)
 part_packages=$(echo "$versions" | h)
@@ -299,6 +300,8 @@ tools="$cache/stage-tools"
 rm -rf "$tools"
 install_tools "$tools" "${TOOL_BINARIES[@]}"
 install -m 755 "$(dirname "$init_cpio")/pmvm-init" "$tools/usr/bin/pmvm-init"
+fio=$(bash "$here/build-fio.sh" | tail -1) || die "build-fio.sh failed"
+install -m 755 "$fio" "$tools/usr/bin/fio"
 install_modules "$tools" "${MODULE_ROOTS_TOOLS[@]}"
 command -v mkfs.ext4 >/dev/null || need mke2fs "install e2fsprogs (builds tools.img)"
 # Room for the files and ext4's own metadata, in the 2 MiB steps pmvm's devices come in.
