@@ -11,10 +11,10 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use nvdimm::{DirtyRings, VcpuRingHandle};
+use nvdimm::{IoFault, OnError};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::signal::Killable;
 
-use crate::devices::{lock, Bus};
+use crate::devices::{lock, Bus, FlushFailure};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::seccomp::ThreadFilter;
 use crate::signals;
@@ -26,12 +26,17 @@ pub struct VcpuControl {
     stop: AtomicBool,
     state: Mutex<PauseState>,
     changed: Condvar,
+    /// The vCPU threads, for kicking them out of KVM_RUN.
+    threads: Mutex<Vec<libc::pthread_t>>,
 }
 
 #[derive(Default)]
 struct PauseState {
     requested: bool,
     parked: usize,
+    /// Set when a flush failed: every vCPU is held, the one whose flush failed included,
+    /// until a retry succeeds.
+    io_error: Option<IoFault>,
 }
 
 impl VcpuControl {
@@ -39,19 +44,58 @@ impl VcpuControl {
         self.stop.load(Ordering::Acquire)
     }
 
-    /// Holds the calling vCPU while a pause is requested.
+    /// Holds the calling vCPU while a pause is requested or the VM is in `io-error`.
     fn park_if_paused(&self) {
+        let held = |st: &PauseState| st.requested || st.io_error.is_some();
         let mut st = lock(&self.state);
-        if !st.requested {
+        if !held(&st) {
             return;
         }
         st.parked += 1;
         self.changed.notify_all();
-        while st.requested && !self.stopping() {
+        while held(&st) && !self.stopping() {
             st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
         }
         st.parked -= 1;
         self.changed.notify_all();
+    }
+
+    /// Puts the VM in `io-error` and kicks every vCPU out of the guest. Returns whether this
+    /// call did it (the first fault is the one reported).
+    fn enter_io_error(&self, fault: IoFault) -> bool {
+        let first = {
+            let mut st = lock(&self.state);
+            let first = st.io_error.is_none();
+            if first {
+                st.io_error = Some(fault);
+            }
+            self.changed.notify_all();
+            first
+        };
+        self.kick_all();
+        first
+    }
+
+    /// Why the VM is in `io-error`, if it is.
+    pub fn io_error(&self) -> Option<IoFault> {
+        lock(&self.state).io_error.clone()
+    }
+
+    /// Ends `io-error`: the vCPUs run again, the one whose flush failed completing its hint
+    /// write. Only once the failed flush's pages are durable.
+    pub fn clear_io_error(&self) {
+        lock(&self.state).io_error = None;
+        self.changed.notify_all();
+    }
+
+    /// Makes every vCPU thread that is in KVM_RUN leave it (an EINTR exit).
+    fn kick_all(&self) {
+        for &t in lock(&self.threads).iter() {
+            // SAFETY: the ids are of threads that registered themselves and are joined only
+            // after `stop`, which removes nothing from this list before the process ends;
+            // pthread_kill on a thread that has exited but is not yet joined is valid.
+            unsafe { libc::pthread_kill(t, signals::vcpu_kick_signal()) };
+        }
     }
 }
 
@@ -74,6 +118,8 @@ pub struct Vcpu {
 impl Vcpu {
     /// Runs until the VM stops or this vCPU hits something fatal.
     pub fn run(mut self) {
+        // SAFETY: pthread_self has no preconditions.
+        lock(&self.control.threads).push(unsafe { libc::pthread_self() });
         if let Err(e) = self.seccomp.apply() {
             self.exit
                 .request(ExitReason::Fatal(format!("vCPU {}: {e}", self.id)));
@@ -114,7 +160,11 @@ impl Vcpu {
             Ok(VcpuExit::IoIn(port, data)) => bus.pio_read(port, data),
             Ok(VcpuExit::IoOut(port, data)) => bus.pio_write(port, data),
             Ok(VcpuExit::MmioRead(addr, data)) => bus.mmio_read(addr, data),
-            Ok(VcpuExit::MmioWrite(addr, data)) => bus.mmio_write(self.id, addr, data),
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if let Some(failure) = bus.mmio_write(self.id, addr, data) {
+                    return self.flush_failed(failure);
+                }
+            }
             Ok(VcpuExit::Hlt) => std::thread::sleep(Duration::from_millis(1)),
             Ok(VcpuExit::Shutdown) => {
                 return Some(self.fatal("triple fault (KVM_EXIT_SHUTDOWN)".into()))
@@ -167,6 +217,29 @@ impl Vcpu {
             Err(e) => return Some(self.fatal(format!("KVM_RUN failed: {e}"))),
         }
         None
+    }
+
+    /// A guest flush (or a store into pmem) could not be made durable: the write must not
+    /// complete, so this vCPU does not re-enter the guest until a retry succeeds (it parks
+    /// at the top of its loop), or ever.
+    fn flush_failed(&self, failure: FlushFailure) -> Option<ExitReason> {
+        let Some(fault) = failure.fault else {
+            // The power was cut under the flush: the VM is stopping.
+            return Some(ExitReason::Fatal(format!(
+                "vCPU {}: its flush was cut by a power cut",
+                self.id
+            )));
+        };
+        match failure.on_error {
+            OnError::Exit => Some(ExitReason::IoError(fault.line_for_exit())),
+            OnError::Stop => {
+                let line = fault.line();
+                if self.control.enter_io_error(fault) {
+                    eprintln!("pmvm: {line}");
+                }
+                None
+            }
+        }
     }
 
     fn internal_error(&mut self) -> String {
@@ -245,12 +318,17 @@ impl VcpuThreads {
     }
 
     fn kick_all(&self) {
-        for h in lock(&self.handles).iter() {
-            if !h.is_finished() {
-                // A thread that already left ignores the signal; ESRCH is harmless.
-                let _ = h.kill(signals::vcpu_kick_signal());
-            }
-        }
+        self.control.kick_all();
+    }
+
+    /// Why the VM is in `io-error`, if it is.
+    pub fn io_error(&self) -> Option<IoFault> {
+        self.control.io_error()
+    }
+
+    /// See [`VcpuControl::clear_io_error`].
+    pub fn clear_io_error(&self) {
+        self.control.clear_io_error();
     }
 
     /// Takes every vCPU out of KVM_RUN and holds it. A vCPU in the middle of a guest flush

@@ -424,6 +424,7 @@ pub fn run(config: &MachineConfig, opts: &RunOptions) -> Result<u8, VmError> {
                 threads: threads.clone(),
                 exit: exit.clone(),
                 paused: Mutex::new(false),
+                paused_flag: Default::default(),
             });
             let options = ServerOptions {
                 seccomp: Some(filters.api.clone()),
@@ -463,7 +464,7 @@ pub fn run(config: &MachineConfig, opts: &RunOptions) -> Result<u8, VmError> {
 
     let reason = exit.reason().unwrap_or(ExitReason::Shutdown);
     match &reason {
-        ExitReason::Fatal(msg) => eprintln!("pmvm: {msg}"),
+        ExitReason::Fatal(msg) | ExitReason::IoError(msg) => eprintln!("pmvm: {msg}"),
         ExitReason::PowerCut(cause) => {
             // Already done by whoever cut the power; repeated for any device added since.
             for d in &pmem_devices {

@@ -126,7 +126,8 @@ fn run(sc: &Scenario) -> Option<bool> {
         spawn_vcpu_with_ring(fd, Some((rings.clone(), handle)), move |exit| {
             if let Exit::MmioWrite(addr, data) = exit {
                 if (HINT_GPA..HINT_GPA + 4096).contains(addr) {
-                    dev.mmio_write(id, addr - HINT_GPA, data);
+                    dev.mmio_write(id, addr - HINT_GPA, data)
+                        .expect("the flush failed");
                 }
             }
         })
