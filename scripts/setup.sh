@@ -9,6 +9,13 @@ have iasl || need_pkgs+=(acpica-tools)
 have gcc || need_pkgs+=(gcc)
 have objdump || need_pkgs+=(binutils)
 have curl || need_pkgs+=(curl)
+# The fault-injection tests (tests/faults.rs): a FUSE file system that fails on command, and
+# small loop-mounted ext4 images.
+have pkg-config || need_pkgs+=(pkgconf)
+{ have pkg-config && pkg-config --exists fuse3; } || need_pkgs+=(libfuse3-dev)
+have fusermount3 || need_pkgs+=(fuse3)
+have mkfs.ext4 || need_pkgs+=(e2fsprogs)
+have fallocate || need_pkgs+=(util-linux)
 
 if ((${#need_pkgs[@]})); then
   if [ "$(id -u)" = 0 ] && have apt-get; then

@@ -175,8 +175,12 @@ impl PmemBus {
                 return PmemWrite::Claimed;
             }
             // A writable device's range is all memslot: KVM exits here only when it could
-            // not back the page (a full file system, say). The store is not lost: the
-            // device keeps it for the retry, and the vCPU waits.
+            // not back the page. A truncated file cannot be fixed by a retry: stop.
+            if let Some(msg) = dev.check_fatal_now() {
+                return PmemWrite::Fatal(msg);
+            }
+            // Otherwise (a full file system, say) the store is not lost: the device keeps
+            // it for the retry, and the vCPU waits.
             let e = dev.unbacked_store(offset, data);
             return PmemWrite::Failed(FlushFailure::of(dev, &e));
         }
@@ -187,12 +191,20 @@ impl PmemBus {
 /// A guest write that did not become durable, and what the VM does about it.
 #[derive(Debug, PartialEq, Eq)]
 pub struct FlushFailure {
-    /// None when the power was cut under it: nothing to retry, the VM is stopping.
+    /// None when the VM is stopping (a power cut, a fatal error): nothing to retry.
     pub fault: Option<IoFault>,
     pub on_error: OnError,
 }
 
 impl FlushFailure {
+    /// The VM is stopping under this write.
+    pub fn stopping() -> Self {
+        FlushFailure {
+            fault: None,
+            on_error: OnError::Exit,
+        }
+    }
+
     fn of(dev: &Nvdimm, e: &FlushError) -> Self {
         FlushFailure {
             fault: match e {

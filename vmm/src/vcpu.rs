@@ -224,9 +224,9 @@ impl Vcpu {
     /// at the top of its loop), or ever.
     fn flush_failed(&self, failure: FlushFailure) -> Option<ExitReason> {
         let Some(fault) = failure.fault else {
-            // The power was cut under the flush: the VM is stopping.
+            // The VM is stopping (a power cut, a fatal error), whose reason came first.
             return Some(ExitReason::Fatal(format!(
-                "vCPU {}: its flush was cut by a power cut",
+                "vCPU {}: stopped with its flush incomplete",
                 self.id
             )));
         };

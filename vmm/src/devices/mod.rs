@@ -101,10 +101,10 @@ impl Bus {
                 log::debug!("unclaimed MMIO write of {} bytes at {addr:#x}", data.len());
                 None
             }
-            // Nothing more can be made durable.
+            // Nothing more can be made durable: the VM stops, and this write never completes.
             PmemWrite::Fatal(msg) => {
                 self.exit.request(ExitReason::Fatal(msg));
-                None
+                Some(FlushFailure::stopping())
             }
             PmemWrite::Failed(failure) => Some(failure),
         }
