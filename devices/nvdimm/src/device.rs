@@ -868,16 +868,22 @@ impl Nvdimm {
         Ok(lock(&self.pending).take_runs())
     }
 
-    /// Dirty pages the next flush would write. Exact with the dirty ring (collecting moves
-    /// pages into the pending set and loses none), with manual protect (a GET without CLEAR)
-    /// and before attach; None in GET-clears mode, where reading the log would consume it.
+    /// Dirty pages the next flush would write, read without disturbing the guest: exact with
+    /// the dirty ring (a read-only walk of the published entries), with manual protect (a GET
+    /// without CLEAR) and before attach; None in GET-clears mode, where reading the log would
+    /// consume it, and once the rings overflowed.
     pub fn pending_pages(&self) -> Option<u64> {
         let peeked = match self.attachment.get().and_then(|a| a.dirty.as_ref()) {
             Some(Tracker::Log(log)) => log.peek_union(&lock(&self.pending)).map_err(|e| chain(&e)),
-            Some(Tracker::Ring(rings)) => rings
-                .collect()
-                .map(|_| Some(lock(&self.pending).len()))
-                .map_err(|e| chain(&e)),
+            Some(Tracker::Ring(rings)) => Ok(rings.peek(self.params.slot).map(|mut ring| {
+                // Rings first, then pending, as collecting locks them; a page collected in
+                // between is then in pending and counted once.
+                let pending = lock(&self.pending);
+                ring.retain(|&p| !pending.contains(p));
+                ring.sort_unstable();
+                ring.dedup();
+                pending.len() + ring.len() as u64
+            })),
             None => Ok(Some(lock(&self.pending).len())),
         };
         peeked.unwrap_or_else(|e| {

@@ -338,8 +338,10 @@ fn failed_flush_is_counted_and_its_pages_retried() {
     // SAFETY: a zero-size region deletes slot 1; KVM then holds no reference to any memory.
     unsafe { vm.vm.set_user_memory_region(region) }.unwrap();
 
-    dev.mmio_write(0, 0, &1u64.to_le_bytes())
-        .expect("the flush failed");
+    // The guest's flush fails: the vCPU must not complete it, and the device is in fault.
+    assert!(dev.mmio_write(0, 0, &1u64.to_le_bytes()).is_err());
+    let fault = dev.io_fault().expect("a failed flush leaves a fault");
+    assert!(fault.what.contains("KVM_GET_DIRTY_LOG"), "{fault:?}");
     let st = dev.stats();
     assert_eq!(
         (st.flushes, st.errors, st.pages_written),
@@ -384,6 +386,7 @@ fn failed_flush_is_counted_and_its_pages_retried() {
     );
     assert_eq!(dirty_pages(&file, 7), 0);
     assert_eq!(dev.stats().errors, 2);
+    assert_eq!(dev.io_fault(), None, "a durable retry clears the fault");
     drop(dev);
 }
 
