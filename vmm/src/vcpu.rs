@@ -1,6 +1,6 @@
 //! vCPU threads: the KVM_RUN loop, exit dispatch, pausing and stopping.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -27,8 +27,33 @@ pub struct VcpuControl {
     state: Mutex<PauseState>,
     changed: Condvar,
     /// The vCPU threads, for kicking them out of KVM_RUN.
-    threads: Mutex<Vec<libc::pthread_t>>,
+    threads: Mutex<Vec<Arc<VcpuSlot>>>,
 }
+
+/// What others need to know about one vCPU thread to make it leave the guest.
+struct VcpuSlot {
+    id: u8,
+    thread: libc::pthread_t,
+    /// Set just before KVM_RUN and cleared once it returns.
+    in_guest: AtomicBool,
+    /// KVM_RUN returns so far.
+    exits: AtomicU64,
+    /// Cleared when the thread leaves its loop: it must not be signalled after it is joined.
+    alive: AtomicBool,
+}
+
+impl VcpuSlot {
+    fn kick(&self) {
+        if self.alive.load(Ordering::Acquire) {
+            // SAFETY: the thread is alive (it clears `alive` before returning, and threads are
+            // joined only after they return), so its pthread_t is valid.
+            unsafe { libc::pthread_kill(self.thread, signals::vcpu_kick_signal()) };
+        }
+    }
+}
+
+/// How long a harvest waits for the other vCPUs to leave the guest.
+const HARVEST_BARRIER_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Default)]
 struct PauseState {
@@ -90,11 +115,56 @@ impl VcpuControl {
 
     /// Makes every vCPU thread that is in KVM_RUN leave it (an EINTR exit).
     fn kick_all(&self) {
-        for &t in lock(&self.threads).iter() {
-            // SAFETY: the ids are of threads that registered themselves and are joined only
-            // after `stop`, which removes nothing from this list before the process ends;
-            // pthread_kill on a thread that has exited but is not yet joined is valid.
-            unsafe { libc::pthread_kill(t, signals::vcpu_kick_signal()) };
+        for slot in lock(&self.threads).iter() {
+            slot.kick();
+        }
+    }
+
+    /// Registers the calling thread as vCPU `id`.
+    fn register(&self, id: u8) -> Arc<VcpuSlot> {
+        let slot = Arc::new(VcpuSlot {
+            id,
+            // SAFETY: pthread_self has no preconditions.
+            thread: unsafe { libc::pthread_self() },
+            in_guest: AtomicBool::new(false),
+            exits: AtomicU64::new(0),
+            alive: AtomicBool::new(true),
+        });
+        lock(&self.threads).push(slot.clone());
+        slot
+    }
+
+    /// The harvest barrier: returns once every vCPU but `except` that was in the guest when
+    /// called has left KVM_RUN at least once, kicking them until they have.
+    pub fn sync_exits(&self, except: Option<u32>) -> Result<(), String> {
+        let snapshot: Vec<(Arc<VcpuSlot>, u64)> = lock(&self.threads)
+            .iter()
+            .filter(|s| except != Some(u32::from(s.id)))
+            .map(|s| (s.clone(), s.exits.load(Ordering::SeqCst)))
+            .collect();
+        let deadline = Instant::now() + HARVEST_BARRIER_TIMEOUT;
+        loop {
+            let waiting: Vec<&Arc<VcpuSlot>> = snapshot
+                .iter()
+                .filter(|(s, exits)| {
+                    s.in_guest.load(Ordering::SeqCst) && s.exits.load(Ordering::SeqCst) == *exits
+                })
+                .map(|(s, _)| s)
+                .collect();
+            let Some(first) = waiting.first() else {
+                return Ok(());
+            };
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "vCPU {} did not leave KVM_RUN within {HARVEST_BARRIER_TIMEOUT:?}",
+                    first.id
+                ));
+            }
+            // Resent until it lands inside KVM_RUN: one that arrives just before is lost.
+            for s in &waiting {
+                s.kick();
+            }
+            std::thread::sleep(Duration::from_micros(200));
         }
     }
 }
@@ -118,8 +188,12 @@ pub struct Vcpu {
 impl Vcpu {
     /// Runs until the VM stops or this vCPU hits something fatal.
     pub fn run(mut self) {
-        // SAFETY: pthread_self has no preconditions.
-        lock(&self.control.threads).push(unsafe { libc::pthread_self() });
+        let slot = self.control.register(self.id);
+        self.run_loop(&slot);
+        slot.alive.store(false, Ordering::Release);
+    }
+
+    fn run_loop(&mut self, slot: &VcpuSlot) {
         if let Err(e) = self.seccomp.apply() {
             self.exit
                 .request(ExitReason::Fatal(format!("vCPU {}: {e}", self.id)));
@@ -133,7 +207,7 @@ impl Vcpu {
             if self.control.stopping() {
                 break;
             }
-            if let Some(reason) = self.run_once() {
+            if let Some(reason) = self.run_once(slot) {
                 self.exit.request(reason);
                 break;
             }
@@ -153,10 +227,14 @@ impl Vcpu {
     }
 
     /// One KVM_RUN and its exit. Returns why the VM must stop, if it must.
-    fn run_once(&mut self) -> Option<ExitReason> {
+    fn run_once(&mut self, slot: &VcpuSlot) -> Option<ExitReason> {
         let bus = &self.bus;
         let ring_mark = self.dirty_ring.as_ref().map(|(_, ring)| ring.mark());
-        match self.fd.run() {
+        slot.in_guest.store(true, Ordering::SeqCst);
+        let ran = self.fd.run();
+        slot.exits.fetch_add(1, Ordering::SeqCst);
+        slot.in_guest.store(false, Ordering::SeqCst);
+        match ran {
             Ok(VcpuExit::IoIn(port, data)) => bus.pio_read(port, data),
             Ok(VcpuExit::IoOut(port, data)) => bus.pio_write(port, data),
             Ok(VcpuExit::MmioRead(addr, data)) => bus.mmio_read(addr, data),
@@ -388,5 +466,52 @@ impl VcpuThreads {
                 log::error!("a vCPU thread panicked");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in vCPU thread: "in the guest" while blocked in pause(2), which the kick
+    /// signal ends, as it ends KVM_RUN. Returns its slot once it is in.
+    fn fake_vcpu(control: &Arc<VcpuControl>, id: u8) -> (Arc<VcpuSlot>, JoinHandle<()>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let c = control.clone();
+        let h = std::thread::spawn(move || {
+            let slot = c.register(id);
+            slot.in_guest.store(true, Ordering::SeqCst);
+            tx.send(slot.clone()).unwrap();
+            // SAFETY: pause has no preconditions; it returns when a handled signal arrives.
+            unsafe { libc::pause() };
+            slot.exits.fetch_add(1, Ordering::SeqCst);
+            slot.in_guest.store(false, Ordering::SeqCst);
+            slot.alive.store(false, Ordering::Release);
+        });
+        (rx.recv().unwrap(), h)
+    }
+
+    #[test]
+    fn the_harvest_barrier_waits_until_every_other_vcpu_left_the_guest() {
+        signals::install_kick_handler().unwrap();
+        let control = Arc::new(VcpuControl::default());
+        let (flushing, f) = fake_vcpu(&control, 0);
+        let (other, o) = fake_vcpu(&control, 1);
+        control.sync_exits(Some(0)).unwrap();
+        assert_eq!(
+            other.exits.load(Ordering::SeqCst),
+            1,
+            "vCPU 1 was kicked out"
+        );
+        o.join().unwrap();
+        // The flushing vCPU itself is not waited for: it is still "in the guest".
+        assert!(flushing.in_guest.load(Ordering::SeqCst));
+        assert_eq!(flushing.exits.load(Ordering::SeqCst), 0);
+        // A host writeback waits for every vCPU.
+        control.sync_exits(None).unwrap();
+        assert_eq!(flushing.exits.load(Ordering::SeqCst), 1);
+        f.join().unwrap();
+        // With nobody in the guest it returns at once.
+        control.sync_exits(None).unwrap();
     }
 }

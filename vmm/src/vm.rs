@@ -351,6 +351,10 @@ pub fn run(config: &MachineConfig, opts: &RunOptions) -> Result<u8, VmError> {
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("report its supported CPUID"))?;
     let control = Arc::new(VcpuControl::default());
+    for d in &pmem_devices {
+        let control = control.clone();
+        d.set_harvest_barrier(Arc::new(move |except| control.sync_exits(except)));
+    }
     let mut vcpus = Vec::new();
     for id in 0..config.cpus {
         let fd = vm

@@ -71,6 +71,8 @@ pub enum FlushError {
          while pmvm ran, and what the guest stored past the new end is lost"
     )]
     Shrunk { len: u64, size: u64 },
+    #[error("cannot make every vCPU leave the guest before the harvest: {0}")]
+    Barrier(String),
     #[error("cannot check the backing file's length")]
     Stat(#[source] vmm_sys_util::errno::Error),
     #[error(
@@ -112,6 +114,12 @@ impl FlushError {
         }
     }
 }
+
+/// Called before every harvest with the flushing vCPU (None for host and background
+/// writebacks): the VMM makes every other vCPU leave `KVM_RUN` once and returns when each has.
+/// With PML (Intel) KVM logs a vCPU's stores only when that vCPU exits, so a store another vCPU
+/// completed before the flush would otherwise be missing from the harvest.
+pub type HarvestBarrier = Arc<dyn Fn(Option<u32>) -> Result<(), String> + Send + Sync>;
 
 /// Who asked for a writeback: recorded in the flush-epoch log and the stats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -214,6 +222,8 @@ pub struct Nvdimm {
     distrust_page_cache: AtomicBool,
     /// Guest stores KVM could not back (offset, bytes): applied by the next writeback.
     unbacked: Mutex<Vec<(u64, Vec<u8>)>>,
+    /// Run before every harvest (see [`HarvestBarrier`]).
+    barrier: OnceLock<HarvestBarrier>,
     /// Set to stop the background writeback loop.
     background_stop: Mutex<bool>,
     background_wake: Condvar,
@@ -301,6 +311,7 @@ impl Nvdimm {
             fault: Mutex::new(None),
             distrust_page_cache: AtomicBool::new(false),
             unbacked: Mutex::new(Vec::new()),
+            barrier: OnceLock::new(),
             background_stop: Mutex::new(false),
             background_wake: Condvar::new(),
             mapping: Arc::new(mapping),
@@ -586,6 +597,7 @@ impl Nvdimm {
         let result = self
             .check_backing()
             .and_then(|()| self.apply_unbacked())
+            .and_then(|()| self.before_harvest(source))
             .and_then(|()| self.harvest())
             .and_then(|runs| {
                 self.metrics.last_harvest_pages.set(run_pages(&runs));
@@ -822,6 +834,24 @@ impl Nvdimm {
         if let Err(FlushError::PoweredOff) = committed.outcome {
             self.stop_background_writeback();
         }
+    }
+
+    /// Sets the VMM's [`HarvestBarrier`]; once per device.
+    pub fn set_harvest_barrier(&self, barrier: HarvestBarrier) {
+        if self.barrier.set(barrier).is_err() {
+            log::warn!("{}: harvest barrier set twice; the first stays", self.id);
+        }
+    }
+
+    fn before_harvest(&self, source: FlushSource) -> Result<(), FlushError> {
+        let Some(barrier) = self.barrier.get() else {
+            return Ok(());
+        };
+        let flushing = match source {
+            FlushSource::Vcpu(id) => Some(id),
+            FlushSource::Host | FlushSource::Background => None,
+        };
+        barrier(flushing).map_err(FlushError::Barrier)
     }
 
     /// Applies the guest stores KVM could not back, through the file (which the `adr` mapping

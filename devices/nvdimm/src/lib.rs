@@ -26,7 +26,7 @@ pub mod writeback;
 pub use backing::BackingError;
 pub use config::{validate_set, ConfigError, PmemConfig};
 pub use config::{OnError, PersistMode};
-pub use device::{FlushError, FlushSource, Nvdimm, NvdimmParams};
+pub use device::{FlushError, FlushSource, HarvestBarrier, Nvdimm, NvdimmParams};
 pub use dirty::enable_manual_protect;
 pub use dirty_ring::{DirtyRings, VcpuRingHandle};
 pub use fault::IoFault;
