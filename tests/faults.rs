@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pmvm_tests::{api_get_json, in_ci, kvm_or_skip, probe_elf, repo_root, wait_api, Pmvm};
+use pmvm_tests::{api_get_json, in_ci, kvm_or_skip, probe_pmem_args, repo_root, wait_api, Pmvm};
 
 const BOOT: Duration = Duration::from_secs(60);
 const MIB: u64 = 1 << 20;
@@ -27,17 +27,7 @@ fn pmvm() -> PathBuf {
 /// Boots the probe with WORDS, one --pmem and a control socket; stdin feeds `readline`.
 fn boot(dir: &Path, words: &str, pmem: &str) -> (Pmvm, PathBuf) {
     let sock = dir.join("api.sock");
-    let args = [
-        "--kernel".to_string(),
-        probe_elf().display().to_string(),
-        "--cmdline".into(),
-        format!("console=ttyS0 -- {words}"),
-        "--pmem".into(),
-        pmem.to_string(),
-        "--api-sock".into(),
-        sock.display().to_string(),
-    ];
-    let vm = Pmvm::spawn_with_input(&pmvm(), &args);
+    let vm = Pmvm::spawn_with_input(&pmvm(), &probe_pmem_args(words, pmem, Some(&sock)));
     if let Err(e) = wait_api(&sock, BOOT) {
         panic!("{e}\n{}", vm.transcript());
     }
@@ -171,6 +161,36 @@ fn fill_until(dir: &Path, leave: u64) -> PathBuf {
     ballast
 }
 
+/// The probe on a 16 MiB sparse device in a 32 MiB ext4 with 4 MiB free. Fields drop in
+/// order: pmvm stops before the file system is unmounted.
+struct FullExt4 {
+    vm: Pmvm,
+    sock: PathBuf,
+    img: PathBuf,
+    ballast: PathBuf,
+    _fs: Mount,
+    _dir: tempfile::TempDir,
+}
+
+impl FullExt4 {
+    fn boot(words: &str, pmem_extra: &str) -> FullExt4 {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = small_ext4(dir.path(), 32);
+        let ballast = fill_until(&fs.dir, 4 * MIB);
+        let img = fs.dir.join("p.img");
+        let pmem = format!("path={},size=16M,sparse=on{pmem_extra}", img.display());
+        let (vm, sock) = boot(dir.path(), words, &pmem);
+        FullExt4 {
+            vm,
+            sock,
+            img,
+            ballast,
+            _fs: fs,
+            _dir: dir,
+        }
+    }
+}
+
 /// `tests/faultfs` over `under`, mounted at `mnt`.
 fn faultfs(under: &Path, mnt: &Path) -> Mount {
     let script = repo_root().join("scripts/build-faultfs.sh");
@@ -207,6 +227,16 @@ fn faultfs(under: &Path, mnt: &Path) -> Mount {
         std::thread::sleep(Duration::from_millis(20));
     }
     mount
+}
+
+/// The first `len` bytes of `path` all hold `byte`.
+fn assert_filled(path: &Path, len: u64, byte: u8) {
+    let data = bytes_at(path, 0, len);
+    assert!(
+        data.iter().all(|&b| b == byte),
+        "{} lacks the flushed data",
+        path.display()
+    );
 }
 
 fn bytes_at(path: &Path, offset: u64, len: u64) -> Vec<u8> {
@@ -305,32 +335,22 @@ fn enospc_in_a_flush_holds_the_guest_until_space_returns() {
     if !kvm_or_skip("ENOSPC flush") || !root_or_skip("ENOSPC flush") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let fs = small_ext4(dir.path(), 32);
-    let ballast = fill_until(&fs.dir, 4 * MIB);
-    let img = fs.dir.join("p.img");
     // persist=flush: the guest's 12 MiB reach the file only at the flush, which cannot fit.
-    let (vm, sock) = boot(
-        dir.path(),
+    let full = FullExt4::boot(
         "write 0 0 0xc00000 0xa5 flush 0 mark FLUSHED wait",
-        &format!("path={},size=16M,persist=flush,sparse=on", img.display()),
+        ",persist=flush",
     );
-    let doc = wait_io_error(&vm, &sock, BOOT);
+    let (vm, sock, img) = (&full.vm, &full.sock, &full.img);
+    let doc = wait_io_error(vm, sock, BOOT);
     assert_eq!(doc["io_error"]["errno_name"], "ENOSPC", "{doc}");
     assert!(
         doc["io_error"]["pages_at_stake"].as_u64().unwrap() >= 1024,
         "{doc}"
     );
-    assert_held(&vm, "MARK FLUSHED");
-    fs::remove_file(&ballast).unwrap();
-    resume_and_complete(&vm, &sock, "probe: MARK FLUSHED");
-    let data = bytes_at(&img, 0, 12 * MIB);
-    assert!(
-        data.iter().all(|&b| b == 0xa5),
-        "the file lacks the flushed data"
-    );
-    drop(vm);
-    drop(fs);
+    assert_held(vm, "MARK FLUSHED");
+    fs::remove_file(&full.ballast).unwrap();
+    resume_and_complete(vm, sock, "probe: MARK FLUSHED");
+    assert_filled(img, 12 * MIB, 0xa5);
 }
 
 #[test]
@@ -338,37 +358,27 @@ fn enospc_under_a_guest_store_holds_the_guest_until_space_returns() {
     if !kvm_or_skip("ENOSPC store") || !root_or_skip("ENOSPC store") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let fs = small_ext4(dir.path(), 32);
-    let ballast = fill_until(&fs.dir, 4 * MIB);
-    let img = fs.dir.join("s.img");
     // persist=adr on a sparse file: the stores themselves need blocks the file system lacks.
-    let (vm, sock) = boot(
-        dir.path(),
+    let full = FullExt4::boot(
         "write 0 0 0xc00000 0xa6 mark WRITTEN flush 0 mark FLUSHED wait",
-        &format!("path={},size=16M,sparse=on", img.display()),
+        "",
     );
-    let doc = wait_io_error(&vm, &sock, BOOT);
-    assert_held(&vm, "MARK FLUSHED");
-    fs::remove_file(&ballast).unwrap();
+    let (vm, sock, img) = (&full.vm, &full.sock, &full.img);
+    let doc = wait_io_error(vm, sock, BOOT);
+    assert_held(vm, "MARK FLUSHED");
+    fs::remove_file(&full.ballast).unwrap();
     // Each retry applies what is pending; the guest may need more than one to get through
     // stores that met the full file system before it was freed.
     let deadline = Instant::now() + BOOT;
     while !vm.lines().iter().any(|l| l.contains("MARK FLUSHED")) {
         assert!(Instant::now() < deadline, "{doc}\n{}", vm.transcript());
-        if api_get_json(&sock, "/v1/vm")["state"] == "io-error" {
+        if api_get_json(sock, "/v1/vm")["state"] == "io-error" {
             let (ok, err) = client(&["resume", "--api-sock", sock.to_str().unwrap()]);
             assert!(ok, "resume failed with space free: {err}");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let data = bytes_at(&img, 0, 12 * MIB);
-    assert!(
-        data.iter().all(|&b| b == 0xa6),
-        "the file lacks the flushed data"
-    );
-    drop(vm);
-    drop(fs);
+    assert_filled(img, 12 * MIB, 0xa6);
 }
 
 #[test]

@@ -56,18 +56,7 @@ pub fn write_back(
     size: u64,
     sync_if_empty: bool,
 ) -> Result<Written, WritebackError> {
-    let mut written = Written::default();
-    for run in runs {
-        let offset = run.first_page * PAGE_SIZE;
-        if offset >= size {
-            break;
-        }
-        let len = (run.pages * PAGE_SIZE).min(size - offset);
-        submit(file, offset, len)?;
-        written.pages += len / PAGE_SIZE;
-        written.bytes += len;
-        written.runs += 1;
-    }
+    let written = each_run(runs, size, |offset, len| submit(file, offset, len))?;
     if written.pages > 0 || sync_if_empty {
         sync(file)?;
     }
@@ -86,14 +75,8 @@ pub fn rewrite(
 ) -> Result<Written, WritebackError> {
     use std::os::unix::fs::FileExt;
     const CHUNK: u64 = 256 * PAGE_SIZE;
-    let mut written = Written::default();
     let mut buf = Vec::new();
-    for run in runs {
-        let offset = run.first_page * PAGE_SIZE;
-        if offset >= size {
-            break;
-        }
-        let len = (run.pages * PAGE_SIZE).min(size - offset);
+    let written = each_run(runs, size, |offset, len| {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(CHUNK);
@@ -111,10 +94,8 @@ pub fn rewrite(
                 .map_err(|e| copy_error(e.raw_os_error()))?;
             done += n;
         }
-        written.pages += len / PAGE_SIZE;
-        written.bytes += len;
-        written.runs += 1;
-    }
+        Ok(())
+    })?;
     sync(file)?;
     Ok(written)
 }
@@ -133,13 +114,7 @@ pub fn copy_back(
     runs: &[Run],
     size: u64,
 ) -> Result<Written, WritebackError> {
-    let mut written = Written::default();
-    for run in runs {
-        let offset = run.first_page * PAGE_SIZE;
-        if offset >= size {
-            break;
-        }
-        let len = (run.pages * PAGE_SIZE).min(size - offset);
+    let written = each_run(runs, size, |offset, len| {
         let copy_error = |e: MmapError| {
             let raw = match &e {
                 MmapError::FileWrite { source, .. } => source.raw_os_error(),
@@ -154,13 +129,32 @@ pub fn copy_back(
         let chunk = usize::try_from(len).map_err(|_| copy_error(MmapError::Empty))?;
         mapping
             .write_to_file(file, offset, chunk)
-            .map_err(copy_error)?;
+            .map_err(copy_error)
+    })?;
+    if written.pages > 0 {
+        sync(file)?;
+    }
+    Ok(written)
+}
+
+/// Calls `write(offset, len)` for each run, in order, clipped to `size` bytes; what the calls
+/// covered, or the first error.
+fn each_run(
+    runs: &[Run],
+    size: u64,
+    mut write: impl FnMut(u64, u64) -> Result<(), WritebackError>,
+) -> Result<Written, WritebackError> {
+    let mut written = Written::default();
+    for run in runs {
+        let offset = run.first_page * PAGE_SIZE;
+        if offset >= size {
+            break;
+        }
+        let len = (run.pages * PAGE_SIZE).min(size - offset);
+        write(offset, len)?;
         written.pages += len / PAGE_SIZE;
         written.bytes += len;
         written.runs += 1;
-    }
-    if written.pages > 0 {
-        sync(file)?;
     }
     Ok(written)
 }
