@@ -10,9 +10,15 @@ have gcc || need_pkgs+=(gcc)
 have objdump || need_pkgs+=(binutils)
 have curl || need_pkgs+=(curl)
 # mkfs.ext4 -d and debugfs: pmem format, the guest suite's tools image, the Linux tests' checks
-have debugfs || need_pkgs+=(e2fsprogs)
+{ have debugfs && have mkfs.ext4; } || need_pkgs+=(e2fsprogs)
 # static glibc for guest-images/build-init.sh
 [ -f /usr/lib/x86_64-linux-gnu/libc.a ] || need_pkgs+=(libc6-dev)
+# The fault-injection tests (tests/faults.rs): a FUSE file system that fails on command, and
+# small loop-mounted ext4 images.
+have pkg-config || need_pkgs+=(pkgconf)
+{ have pkg-config && pkg-config --exists fuse3; } || need_pkgs+=(libfuse3-dev)
+have fusermount3 || need_pkgs+=(fuse3)
+have fallocate || need_pkgs+=(util-linux)
 
 if ((${#need_pkgs[@]})); then
   if [ "$(id -u)" = 0 ] && have apt-get; then

@@ -101,6 +101,22 @@ impl Log {
     }
 }
 
+/// The arguments that boot the probe with WORDS, one `--pmem` and, if given, a control socket.
+pub fn probe_pmem_args(words: &str, pmem: &str, sock: Option<&Path>) -> Vec<String> {
+    let mut args = vec![
+        "--kernel".to_string(),
+        probe_elf().display().to_string(),
+        "--cmdline".into(),
+        format!("console=ttyS0 -- {words}"),
+        "--pmem".into(),
+        pmem.to_string(),
+    ];
+    if let Some(sock) = sock {
+        args.extend(["--api-sock".into(), sock.display().to_string()]);
+    }
+    args
+}
+
 /// A running pmvm. Dropping it kills the process; if the test is failing, the console and
 /// stderr are printed so the failure can be read without rerunning.
 pub struct Pmvm {

@@ -200,6 +200,8 @@ const FLUSH: &[libc::c_long] = &[
     libc::SYS_fsync,
     libc::SYS_pwrite64,
     libc::SYS_pread64,
+    // Undoing a torn flush-log append on its error path.
+    libc::SYS_ftruncate,
 ];
 
 /// Dirty-tracking ioctls on the VM fd, also part of every flush.

@@ -351,6 +351,10 @@ pub fn run(config: &MachineConfig, opts: &RunOptions) -> Result<u8, VmError> {
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("report its supported CPUID"))?;
     let control = Arc::new(VcpuControl::default());
+    for d in &pmem_devices {
+        let control = control.clone();
+        d.set_harvest_barrier(Arc::new(move |except| control.sync_exits(except)));
+    }
     let mut vcpus = Vec::new();
     for id in 0..config.cpus {
         let fd = vm
@@ -424,6 +428,7 @@ pub fn run(config: &MachineConfig, opts: &RunOptions) -> Result<u8, VmError> {
                 threads: threads.clone(),
                 exit: exit.clone(),
                 paused: Mutex::new(false),
+                paused_flag: Default::default(),
             });
             let options = ServerOptions {
                 seccomp: Some(filters.api.clone()),
@@ -463,7 +468,7 @@ pub fn run(config: &MachineConfig, opts: &RunOptions) -> Result<u8, VmError> {
 
     let reason = exit.reason().unwrap_or(ExitReason::Shutdown);
     match &reason {
-        ExitReason::Fatal(msg) => eprintln!("pmvm: {msg}"),
+        ExitReason::Fatal(msg) | ExitReason::IoError(msg) => eprintln!("pmvm: {msg}"),
         ExitReason::PowerCut(cause) => {
             // Already done by whoever cut the power; repeated for any device added since.
             for d in &pmem_devices {

@@ -50,6 +50,16 @@ pub enum BackingError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "cannot allocate {size} bytes for {path}: guest stores must not meet a full file \
+         system later; free space, or add sparse=on to --pmem to create it sparse"
+    )]
+    Allocate {
+        path: PathBuf,
+        size: u64,
+        #[source]
+        source: io::Error,
+    },
     #[error("{path} is in use by another process (locked)")]
     Locked { path: PathBuf },
     #[error("cannot lock {path}")]
@@ -188,9 +198,16 @@ impl Backing {
                 size,
                 source,
             })?;
+            if !cfg.sparse {
+                allocate(&file, &path, size)?;
+            }
             size
         } else {
-            checked_size(&path, cfg.size, meta.len())?
+            let size = checked_size(&path, cfg.size, meta.len())?;
+            if !cfg.readonly {
+                warn_if_holes_do_not_fit(&file, &path, size, &meta);
+            }
+            size
         };
 
         Ok(Backing {
@@ -273,6 +290,57 @@ impl Drop for CreatedFile {
 fn remove_created(path: &Path) {
     if let Err(e) = fs::remove_file(path) {
         log::warn!("cannot remove {} that pmvm created: {e}", path.display());
+    }
+}
+
+/// Gives a created file its blocks, so a full file system fails the start rather than guest
+/// stores. File systems without fallocate keep the file sparse, with a warning.
+fn allocate(file: &File, path: &Path, size: u64) -> Result<(), BackingError> {
+    let len = libc::off_t::try_from(size).unwrap_or(libc::off_t::MAX);
+    // SAFETY: fallocate only reads its integer arguments; the descriptor is owned by `file`,
+    // which outlives the call.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let source = io::Error::last_os_error();
+    if source.raw_os_error() == Some(libc::EOPNOTSUPP) {
+        log::warn!(
+            "{}: the file system cannot allocate it; it stays sparse, and guest stores can \
+             meet a full file system",
+            path.display()
+        );
+        return Ok(());
+    }
+    Err(BackingError::Allocate {
+        path: path.to_path_buf(),
+        size,
+        source,
+    })
+}
+
+/// Warns when an existing sparse file's holes are larger than the free space left: guest
+/// stores into them would fail, and the VM would stop in `io-error`.
+fn warn_if_holes_do_not_fit(file: &File, path: &Path, size: u64, meta: &fs::Metadata) {
+    let holes = size.saturating_sub(meta.blocks().saturating_mul(512));
+    if holes == 0 {
+        return;
+    }
+    // SAFETY: a zeroed statvfs is a valid value for fstatvfs to fill in.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: the descriptor is owned by `file`, and `st` is a valid, writable statvfs.
+    if unsafe { libc::fstatvfs(file.as_raw_fd(), &mut st) } != 0 {
+        return;
+    }
+    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    if holes > free {
+        log::warn!(
+            "{}: {} of it are holes but its file system has {} free; guest stores there will \
+             stop the VM in io-error once it is full",
+            path.display(),
+            format_size(holes),
+            format_size(free)
+        );
     }
 }
 
@@ -477,10 +545,16 @@ mod tests {
     }
 
     #[test]
-    fn missing_with_size_is_created_sparse() {
+    fn missing_with_size_is_created_allocated_unless_sparse() {
         let dir = tempfile::tempdir().unwrap();
+        let allocated = dir.path().join("full.img");
+        Backing::open(&cfg(&allocated, ",size=4M"), "pmem0")
+            .unwrap()
+            .keep();
+        let blocks = fs::metadata(&allocated).unwrap().blocks() * 512;
+        assert!(blocks >= 4 * MIB, "only {blocks} bytes allocated");
         let path = dir.path().join("new.img");
-        let mut b = Backing::open(&cfg(&path, ",size=64M"), "pmem0").unwrap();
+        let mut b = Backing::open(&cfg(&path, ",size=64M,sparse=on"), "pmem0").unwrap();
         assert_eq!(b.size(), 64 * MIB);
         assert!(b.removes_on_drop());
         let meta = fs::metadata(&path).unwrap();

@@ -10,6 +10,7 @@ pub mod config;
 pub mod device;
 pub mod dirty;
 pub mod dirty_ring;
+pub mod fault;
 pub mod flush_log;
 pub mod group_commit;
 pub mod handler;
@@ -23,11 +24,12 @@ pub mod stats;
 pub mod writeback;
 
 pub use backing::BackingError;
-pub use config::PersistMode;
 pub use config::{validate_set, ConfigError, PmemConfig};
-pub use device::{FlushError, FlushSource, Nvdimm, NvdimmParams};
+pub use config::{OnError, PersistMode};
+pub use device::{FlushError, FlushSource, HarvestBarrier, Nvdimm, NvdimmParams};
 pub use dirty::enable_manual_protect;
 pub use dirty_ring::{DirtyRings, VcpuRingHandle};
+pub use fault::IoFault;
 pub use size::{format_size, parse_size, SizeError};
 
 /// Most NVDIMMs one VM may have. The layout has room for 32 hint pages; 16 keeps the NFIT and

@@ -210,6 +210,9 @@ pub fn stats_table(vm: &VmInfo, list: &PmemList) -> String {
         if vm.vcpus == 1 { "" } else { "s" },
         vm.memory_bytes >> 20
     );
+    if let Some(fault) = &vm.io_error {
+        text.push_str(&format!("{}\n", fault.line()));
+    }
     if list.devices.is_empty() {
         text.push_str("no pmem devices\n");
         return text;
