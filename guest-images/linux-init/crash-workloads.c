@@ -4,10 +4,12 @@
 // What it tells the host, one console line each (docs/crash-test.md has the model):
 //   DURABLE <path> size=<n> crc32c=<hex>    a sync returned: <path> holds exactly these bytes
 //   DURABLE <path> prefix=<n> crc32c=<hex>  a sync returned: <path>'s first n bytes are these
-//   PENDING <path> size=<n> crc32c=<hex>    an operation starts that may leave <path> with these
-//                                           bytes instead of its last DURABLE contents
+//   PENDING <path> size=<n> crc32c=<hex>    an atomic replacement starts: until the next DURABLE,
+//                                           <path> may hold these bytes instead
+//   CHANGING <path> prefix=<n> crc32c=<hex> an in-place change starts: until the next DURABLE,
+//                                           only <path>'s first n bytes are promised
 //   crash-workload: <name> start | done | FAIL: <why>, and "crash-workload: all done"
-// After each DURABLE or PENDING line it waits for one byte on the console: the host reads the
+// After each such line it waits for one byte on the console: the host reads the
 // flush log's length before it answers, so it knows which flushes came before the line, and
 // nothing of the next operation can reach a flush it has already counted.
 #define _GNU_SOURCE
@@ -172,7 +174,8 @@ static int wl_rename(void) {
   return 0;
 }
 
-// mmap store + msync(MS_SYNC).
+// mmap store + msync(MS_SYNC). Stores reach the media line by line, so while they are under
+// way nothing about the region is promised.
 static int wl_mmap(void) {
   if (make_dir("/ct/mmap")) return -1;
   const char *path = "/ct/mmap/region";
@@ -185,7 +188,7 @@ static int wl_mmap(void) {
   if (m == MAP_FAILED) return fail("mmap %s", path);
   for (unsigned round = 0; round < 2; round++) {
     fill(big, n, 31 + round);
-    if (tell("PENDING", path, "size", n, big)) return munmap(m, n), -1;
+    if (tell("CHANGING", path, "prefix", 0, big)) return munmap(m, n), -1;
     memcpy(m, big, n);
     if (msync(m, n, MS_SYNC)) return munmap(m, n), fail("msync %s", path);
     if (tell("DURABLE", path, "size", n, big)) return munmap(m, n), -1;
@@ -194,7 +197,8 @@ static int wl_mmap(void) {
   return 0;
 }
 
-// truncate down, then fallocate past the end, each followed by fsync.
+// truncate down, then fallocate past the end, each followed by fsync. Truncating zeroes the
+// tail of the last block in place, so during each only the bytes that stay are promised.
 static int wl_truncate(void) {
   if (make_dir("/ct/truncate")) return -1;
   const char *path = "/ct/truncate/data";
@@ -205,12 +209,12 @@ static int wl_truncate(void) {
   if (fsync(fd) || fsync_path("/ct/truncate")) return close(fd), fail("fsync %s", path);
   if (tell("DURABLE", path, "size", n, big)) return close(fd), -1;
   size_t small = 5000;
-  if (tell("PENDING", path, "size", small, big)) return close(fd), -1;
+  if (tell("CHANGING", path, "prefix", small, big)) return close(fd), -1;
   if (ftruncate(fd, small) || fsync(fd)) return close(fd), fail("truncate %s", path);
   if (tell("DURABLE", path, "size", small, big)) return close(fd), -1;
   size_t grown = 16384;
   memset(big + small, 0, grown - small);
-  if (tell("PENDING", path, "size", grown, big)) return close(fd), -1;
+  if (tell("CHANGING", path, "prefix", small, big)) return close(fd), -1;
   if (fallocate(fd, 0, 0, grown) || fsync(fd)) return close(fd), fail("fallocate %s", path);
   close(fd);
   return tell("DURABLE", path, "size", grown, big);

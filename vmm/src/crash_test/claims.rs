@@ -16,8 +16,10 @@ pub enum Extent {
 pub enum Kind {
     /// A sync returned: from this epoch on, the file must hold this (or a PENDING after it).
     Durable,
-    /// An operation starts that may leave the file holding this instead.
+    /// An atomic replacement starts that may leave the file holding this instead.
     Pending,
+    /// An in-place change starts: until the next DURABLE claim only this prefix is promised.
+    Changing,
 }
 
 /// One claim line.
@@ -36,7 +38,8 @@ pub struct Claim {
     pub line: String,
 }
 
-/// Parses `DURABLE <path> size=<n>|prefix=<n> crc32c=<hex>` (or PENDING, size only) into a
+/// Parses `DURABLE <path> size=<n>|prefix=<n> crc32c=<hex>` (PENDING takes size only,
+/// CHANGING prefix only) into a
 /// claim of epoch 0 and no workload, for the caller to stamp. Other lines are `Ok(None)`; a
 /// claim line that does not parse is an error naming what is wrong.
 pub fn parse(line: &str) -> Result<Option<Claim>, String> {
@@ -44,6 +47,7 @@ pub fn parse(line: &str) -> Result<Option<Claim>, String> {
     let kind = match words.next() {
         Some("DURABLE") => Kind::Durable,
         Some("PENDING") => Kind::Pending,
+        Some("CHANGING") => Kind::Changing,
         _ => return Ok(None),
     };
     let bad = |why: &str| Err(format!("malformed claim {line:?}: {why}"));
@@ -53,11 +57,14 @@ pub fn parse(line: &str) -> Result<Option<Claim>, String> {
     if path.split('/').any(|c| c == "..") || path.contains('"') {
         return bad("the path may not hold '..' or '\"'");
     }
-    let (extent, len) = match words.next().and_then(|w| w.split_once('=')) {
-        Some(("size", n)) => (Extent::Exact, n),
-        Some(("prefix", n)) if kind == Kind::Durable => (Extent::Prefix, n),
-        _ => return bad("expected size=<bytes> (or prefix=<bytes> for DURABLE)"),
-    };
+    let (extent, len) =
+        match words.next().and_then(|w| w.split_once('=')) {
+            Some(("size", n)) if kind != Kind::Changing => (Extent::Exact, n),
+            Some(("prefix", n)) if kind != Kind::Pending => (Extent::Prefix, n),
+            _ => return bad(
+                "expected size=<bytes> (DURABLE, PENDING) or prefix=<bytes> (DURABLE, CHANGING)",
+            ),
+        };
     let Ok(len) = len.parse::<u64>() else {
         return bad("the length is not a number");
     };
@@ -87,7 +94,8 @@ pub fn parse(line: &str) -> Result<Option<Claim>, String> {
 #[derive(Debug)]
 pub struct Expectation<'a> {
     pub path: &'a str,
-    /// The last DURABLE claim made at or before the epoch: what is checked.
+    /// The last DURABLE (or CHANGING after it) claim made at or before the epoch: what is
+    /// checked.
     pub durable: &'a Claim,
     /// PENDING claims made after it and at or before the epoch: accepted alternatives.
     pub alternatives: Vec<&'a Claim>,
@@ -100,7 +108,7 @@ pub fn expectations(claims: &[Claim], epoch: u64) -> Vec<Expectation<'_>> {
     for c in claims.iter().filter(|c| c.epoch <= epoch) {
         let at = out.iter().position(|e| e.path == c.path);
         match (c.kind, at) {
-            (Kind::Durable, Some(i)) => {
+            (Kind::Durable | Kind::Changing, Some(i)) => {
                 out[i].durable = c;
                 out[i].alternatives.clear();
             }
@@ -111,7 +119,7 @@ pub fn expectations(claims: &[Claim], epoch: u64) -> Vec<Expectation<'_>> {
             }),
             (Kind::Pending, Some(i)) => out[i].alternatives.push(c),
             // Nothing was promised about the path yet: anything goes.
-            (Kind::Pending, None) => {}
+            (Kind::Pending | Kind::Changing, None) => {}
         }
     }
     out
@@ -183,6 +191,7 @@ mod tests {
             "DURABLE /a size=1 crc32c=zz",
             "DURABLE /a/../b size=1 crc32c=0",
             "PENDING /a prefix=1 crc32c=0",
+            "CHANGING /a size=1 crc32c=0",
             "DURABLE /a size=1 crc32c=0 extra",
         ] {
             assert!(parse(bad).is_err(), "{bad}");
