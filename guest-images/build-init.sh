@@ -38,7 +38,7 @@ CFLAGS=(-std=gnu11 -O2 -g -Wall -Wextra -Werror -static -pthread)
 hash=$( {
   gcc --version | head -1
   printf '%s\n' "${CFLAGS[@]}"
-  cat "$0" "$src" "$wl_src" "$here/initramfs/mkcpio.py"
+  cat "$0" "$src" "$wl_src" "$here/linux-init/console.h" "$here/initramfs/mkcpio.py"
 } | sha256sum | cut -d' ' -f1)
 if [ -s "$elf" ] && [ -s "$cpio" ] && [ -s "$wl_elf" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$hash" ]; then
   step "up to date"

@@ -27,19 +27,9 @@
 #include <termios.h>
 #include <unistd.h>
 
-#define ACK_TIMEOUT_MS 120000
+#include "console.h"
 
-static void say(const char *fmt, ...) {
-  char buf[512];
-  va_list ap;
-  va_start(ap, fmt);
-  int n = vsnprintf(buf, sizeof buf - 1, fmt, ap);
-  va_end(ap);
-  if (n < 0) return;
-  if (n > (int)sizeof buf - 2) n = sizeof buf - 2;
-  buf[n++] = '\n';
-  (void)!write(1, buf, n);
-}
+#define ACK_TIMEOUT_MS 120000
 
 static char fail_buf[256];
 // Records why a workload failed; returns -1 so callers can `return fail(...)`.
@@ -51,15 +41,6 @@ static int fail(const char *fmt, ...) {
   if (n > 0 && errno) snprintf(fail_buf + strlen(fail_buf), sizeof fail_buf - strlen(fail_buf),
                                ": %s", strerror(errno));
   return -1;
-}
-
-static uint32_t crc32c(const uint8_t *p, size_t n) {
-  uint32_t c = ~0u;
-  while (n--) {
-    c ^= *p++;
-    for (int k = 0; k < 8; k++) c = (c >> 1) ^ (0x82f63b78 & -(c & 1));
-  }
-  return ~c;
 }
 
 // Byte j of the contents numbered `k`: different for every k, so a stale block shows.
