@@ -31,21 +31,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "console.h"
+
 static int passed, failed;
 static const char *self = "/init";
-
-static void say(const char *fmt, ...) {
-  char buf[512];
-  va_list ap;
-  va_start(ap, fmt);
-  int n = vsnprintf(buf, sizeof buf - 1, fmt, ap);
-  va_end(ap);
-  if (n < 0) return;
-  if (n > (int)sizeof buf - 2) n = sizeof buf - 2;
-  buf[n++] = '\n';
-  // One write per line, so lines of different processes never interleave.
-  (void)!write(1, buf, n);
-}
 
 static void result(const char *name, const char *why) {
   if (why) {
@@ -331,16 +320,6 @@ static void run_checks(void) {
   for (size_t i = 0; i < sizeof checks / sizeof checks[0]; i++)
     result(checks[i].name, checks[i].run());
   say("pmvm-init: checks done: %d ok, %d failed", passed, failed);
-}
-
-// CRC-32C, bitwise: small and enough for a few pages.
-static uint32_t crc32c(const uint8_t *p, size_t n) {
-  uint32_t c = ~0u;
-  while (n--) {
-    c ^= *p++;
-    for (int k = 0; k < 8; k++) c = (c >> 1) ^ (0x82f63b78 & -(c & 1));
-  }
-  return ~c;
 }
 
 // The pattern the host expects: byte i of the proof is (i * 131 + i / 4096) & 0xff.
