@@ -647,3 +647,71 @@ fn shutdown_with_a_flush_in_a_frozen_file_system_waits_a_bounded_time() {
         t.vm.transcript()
     );
 }
+
+#[test]
+fn a_second_pmvm_on_a_replaced_path_is_refused_naming_the_first() {
+    if !kvm_or_skip("replaced path lock") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.img");
+    let b = dir.path().join("b.img");
+    let (first, _sock) = boot(
+        dir.path(),
+        "mark RUNNING wait",
+        &format!("path={},size=2M", a.display()),
+    );
+    first.wait_for("probe: MARK RUNNING", BOOT).unwrap();
+    // The first pmvm's inode lock now sits on an orphan: only the path can refuse the second.
+    fs::write(&b, vec![0u8; 2 << 20]).unwrap();
+    fs::rename(&b, &a).unwrap();
+    let second = Command::new(pmvm())
+        .args(probe_pmem_args(
+            "mark NEVER poweroff",
+            &format!("path={}", a.display()),
+            None,
+        ))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("is in use by pmvm pid {}", first.pid())),
+        "{stderr}"
+    );
+    assert!(stderr.contains(".a.img.pmvm-lock"), "{stderr}");
+    assert!(!String::from_utf8_lossy(&second.stdout).contains("NEVER"));
+}
+
+#[test]
+fn a_lock_left_by_a_killed_pmvm_does_not_block_the_next() {
+    if !kvm_or_skip("stale path lock") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("k.img");
+    let (mut first, _sock) = boot(
+        dir.path(),
+        "mark RUNNING wait",
+        &format!("path={},size=2M", a.display()),
+    );
+    first.wait_for("probe: MARK RUNNING", BOOT).unwrap();
+    first.signal(libc::SIGKILL);
+    first.wait_exit(BOOT).unwrap();
+    assert!(dir.path().join(".k.img.pmvm-lock").exists(), "left behind");
+    let next = Command::new(pmvm())
+        .args(probe_pmem_args(
+            "mark NEXT poweroff",
+            &format!("path={}", a.display()),
+            None,
+        ))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&next.stderr);
+    assert_eq!(next.status.code(), Some(0), "{stderr}");
+    assert!(String::from_utf8_lossy(&next.stdout).contains("MARK NEXT"));
+    // An orderly exit removes it.
+    assert!(!dir.path().join(".k.img.pmvm-lock").exists());
+}

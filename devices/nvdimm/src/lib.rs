@@ -18,6 +18,7 @@ pub mod in_flight;
 pub mod metrics;
 pub mod mmap;
 pub mod page_set;
+pub mod path_lock;
 pub mod pfn;
 pub mod sigbus;
 pub mod size;
