@@ -772,6 +772,8 @@ fn readonly_device_drops_guest_writes_and_is_not_armed() {
     assert!(stderr.contains("is in use by another pmvm"), "{stderr}");
 
     g.shutdown();
+    // The last reader removed the path lock, under the default seccomp filter.
+    assert!(!dir.path().join(".ro.img.pmvm-lock").exists());
     assert!(
         std::fs::read(&img).unwrap() == original,
         "the read-only file changed"

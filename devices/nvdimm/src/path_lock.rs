@@ -114,9 +114,13 @@ impl PathLock {
 
 impl Drop for PathLock {
     fn drop(&mut self) {
-        // Only an exclusive holder knows nobody else holds it; a locker that opened it just
-        // before sees it unlinked and starts again.
-        if self.exclusive && still_named(&self.file, &self.path) {
+        // Removed only by a holder that knows nobody else holds it: a reader that can take
+        // it exclusively is the last. A locker that opened it just before sees it unlinked
+        // and starts again.
+        // SAFETY: flock only reads its integer arguments; `self.file` owns the descriptor.
+        let last = self.exclusive
+            || unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        if last && still_named(&self.file, &self.path) {
             let _ = fs::remove_file(&self.path);
         }
     }
@@ -172,7 +176,10 @@ mod tests {
             Err(PathLockError::Held { pid, .. }) => assert_eq!(pid, None),
             other => panic!("{other:?}"),
         }
-        drop((r1, r2));
+        drop(r1);
+        assert!(lock_file_for(&img).exists(), "r2 still holds it");
+        drop(r2);
+        assert!(!lock_file_for(&img).exists(), "the last reader removes it");
         PathLock::take(&img, true).unwrap();
     }
 }
