@@ -2,7 +2,9 @@
 //! guest flush must never let that flush complete. Each test checks that the guest did not get
 //! past its flush while the fault lasted, that the API reports `io-error` with the device and
 //! errno, and that `pmvm resume` after the fault clears completes the flush with the data in
-//! the file. Full file systems are small loop-mounted ext4 images and I/O errors come from
+//! the file. A frozen file system (`fsfreeze`) must hold the flush without silencing the API
+//! or hanging shutdown, and a second pmvm on a path whose file was replaced is refused by the
+//! path lock. Full file systems are small loop-mounted ext4 images and I/O errors come from
 //! `tests/faultfs` (a FUSE passthrough that fails on command); both need root, and every
 //! mount is undone when the test ends, also when it fails.
 
@@ -648,40 +650,55 @@ fn shutdown_with_a_flush_in_a_frozen_file_system_waits_a_bounded_time() {
     );
 }
 
+/// A first pmvm on `dir/name`, running.
+fn first_on(dir: &Path, name: &str) -> (Pmvm, PathBuf) {
+    let img = dir.join(name);
+    let (vm, _sock) = boot(
+        dir,
+        "mark RUNNING wait",
+        &format!("path={},size=2M", img.display()),
+    );
+    vm.wait_for("probe: MARK RUNNING", BOOT).unwrap();
+    (vm, img)
+}
+
+/// Another pmvm on `img` that marks `mark` and powers off; its status, console and stderr.
+fn second_on(img: &Path, mark: &str) -> (Option<i32>, String, String) {
+    let out = Command::new(pmvm())
+        .args(probe_pmem_args(
+            &format!("mark {mark} poweroff"),
+            &format!("path={}", img.display()),
+            None,
+        ))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[test]
 fn a_second_pmvm_on_a_replaced_path_is_refused_naming_the_first() {
     if !kvm_or_skip("replaced path lock") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let a = dir.path().join("a.img");
-    let b = dir.path().join("b.img");
-    let (first, _sock) = boot(
-        dir.path(),
-        "mark RUNNING wait",
-        &format!("path={},size=2M", a.display()),
-    );
-    first.wait_for("probe: MARK RUNNING", BOOT).unwrap();
+    let (first, a) = first_on(dir.path(), "a.img");
     // The first pmvm's inode lock now sits on an orphan: only the path can refuse the second.
+    let b = dir.path().join("b.img");
     fs::write(&b, vec![0u8; 2 << 20]).unwrap();
     fs::rename(&b, &a).unwrap();
-    let second = Command::new(pmvm())
-        .args(probe_pmem_args(
-            "mark NEVER poweroff",
-            &format!("path={}", a.display()),
-            None,
-        ))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&second.stderr);
-    assert_eq!(second.status.code(), Some(1), "{stderr}");
+    let (code, console, stderr) = second_on(&a, "NEVER");
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains(&format!("is in use by pmvm pid {}", first.pid())),
         "{stderr}"
     );
     assert!(stderr.contains(".a.img.pmvm-lock"), "{stderr}");
-    assert!(!String::from_utf8_lossy(&second.stdout).contains("NEVER"));
+    assert!(!console.contains("NEVER"), "{console}");
 }
 
 #[test]
@@ -690,28 +707,14 @@ fn a_lock_left_by_a_killed_pmvm_does_not_block_the_next() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let a = dir.path().join("k.img");
-    let (mut first, _sock) = boot(
-        dir.path(),
-        "mark RUNNING wait",
-        &format!("path={},size=2M", a.display()),
-    );
-    first.wait_for("probe: MARK RUNNING", BOOT).unwrap();
+    let (mut first, img) = first_on(dir.path(), "k.img");
     first.signal(libc::SIGKILL);
     first.wait_exit(BOOT).unwrap();
-    assert!(dir.path().join(".k.img.pmvm-lock").exists(), "left behind");
-    let next = Command::new(pmvm())
-        .args(probe_pmem_args(
-            "mark NEXT poweroff",
-            &format!("path={}", a.display()),
-            None,
-        ))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&next.stderr);
-    assert_eq!(next.status.code(), Some(0), "{stderr}");
-    assert!(String::from_utf8_lossy(&next.stdout).contains("MARK NEXT"));
+    let lock_file = dir.path().join(".k.img.pmvm-lock");
+    assert!(lock_file.exists(), "left behind");
+    let (code, console, stderr) = second_on(&img, "NEXT");
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(console.contains("MARK NEXT"), "{console}");
     // An orderly exit removes it.
-    assert!(!dir.path().join(".k.img.pmvm-lock").exists());
+    assert!(!lock_file.exists());
 }
