@@ -627,10 +627,22 @@ fn shutdown_with_a_flush_in_a_frozen_file_system_waits_a_bounded_time() {
     if !kvm_or_skip("fsfreeze shutdown") || !root_or_skip("fsfreeze shutdown") {
         return;
     }
+    for by_signal in [false, true] {
+        frozen_shutdown(by_signal);
+    }
+}
+
+/// Stops pmvm (`pmvm shutdown`, or SIGTERM) while its vCPU's flush is blocked in a frozen
+/// file system.
+fn frozen_shutdown(by_signal: bool) {
     let mut t = FrozenFlush::boot();
     t.wait_blocked(Duration::from_millis(200));
-    let (ok, err) = client(&["shutdown", "--api-sock", t.sock.to_str().unwrap()]);
-    assert!(ok, "{err}");
+    if by_signal {
+        t.vm.signal(libc::SIGTERM);
+    } else {
+        let (ok, err) = client(&["shutdown", "--api-sock", t.sock.to_str().unwrap()]);
+        assert!(ok, "{err}");
+    }
     // pmvm gives up on the blocked vCPU after its bounded wait and says what it waited for.
     let said = wait_stderr(&t.vm, "gave up waiting", BOOT);
     assert!(said.contains("vCPU 0") && said.contains("pmem0"), "{said}");
