@@ -2,7 +2,9 @@
 //! guest flush must never let that flush complete. Each test checks that the guest did not get
 //! past its flush while the fault lasted, that the API reports `io-error` with the device and
 //! errno, and that `pmvm resume` after the fault clears completes the flush with the data in
-//! the file. Full file systems are small loop-mounted ext4 images and I/O errors come from
+//! the file. A frozen file system (`fsfreeze`) must hold the flush without silencing the API
+//! or hanging shutdown, and a second pmvm on a path whose file was replaced is refused by the
+//! path lock. Full file systems are small loop-mounted ext4 images and I/O errors come from
 //! `tests/faultfs` (a FUSE passthrough that fails on command); both need root, and every
 //! mount is undone when the test ends, also when it fails.
 
@@ -471,4 +473,260 @@ fn eio_on_fdatasync_holds_the_guest_until_a_retry_succeeds() {
         return;
     }
     eio_scenario(".fail-fsync");
+}
+
+/// Waits until pmvm's stderr contains `needle`; returns the transcript.
+fn wait_stderr(vm: &Pmvm, needle: &str, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let t = vm.transcript();
+        if t.split("--- stderr ---")
+            .nth(1)
+            .is_some_and(|e| e.contains(needle))
+        {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "no {needle:?} on stderr\n{t}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A file system frozen with `fsfreeze`, thawed on drop (before its mount is undone).
+struct Frozen(PathBuf);
+
+impl Frozen {
+    fn freeze(mnt: &Path) -> Frozen {
+        run(Command::new("fsfreeze").arg("-f").arg(mnt));
+        Frozen(mnt.to_path_buf())
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = Command::new("fsfreeze").arg("-u").arg(&self.0).status();
+    }
+}
+
+/// How long a `GET /v1/vm` may take while a flush is stuck in a frozen file system: the spec
+/// says 1 s, and an answer that does not wait for the file system takes milliseconds; the
+/// margin is for a busy host, and a blocked API would not answer until the thaw at all.
+const ANSWERED: Duration = Duration::from_secs(3);
+
+/// `GET /v1/vm`, timed; fails if it takes longer than [`ANSWERED`].
+fn vm_state_answered(vm: &Pmvm, sock: &Path) -> serde_json::Value {
+    let asked = Instant::now();
+    let doc = api_get_json(sock, "/v1/vm");
+    let took = asked.elapsed();
+    assert!(
+        took < ANSWERED,
+        "GET /v1/vm took {took:?} with a flush blocked\n{}",
+        vm.transcript()
+    );
+    doc
+}
+
+/// The probe on a `persist=flush` device in a small ext4 whose flush copy meets a frozen
+/// file system. Fields drop in order: thaw, then pmvm, then the unmount.
+struct FrozenFlush {
+    frozen: Option<Frozen>,
+    vm: Pmvm,
+    sock: PathBuf,
+    img: PathBuf,
+    _fs: Mount,
+    _dir: tempfile::TempDir,
+}
+
+impl FrozenFlush {
+    fn boot() -> FrozenFlush {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = small_ext4(dir.path(), 32);
+        let img = fs.dir.join("z.img");
+        let (mut vm, sock) = boot(
+            dir.path(),
+            "write 0 0 0x4000 0x7e readline flush 0 mark FLUSHED wait",
+            &format!("path={},size=2M,persist=flush", img.display()),
+        );
+        vm.wait_for("probe: reading", BOOT).unwrap();
+        let frozen = Some(Frozen::freeze(&fs.dir));
+        vm.send(b"go\n").unwrap();
+        FrozenFlush {
+            frozen,
+            vm,
+            sock,
+            img,
+            _fs: fs,
+            _dir: dir,
+        }
+    }
+
+    /// Waits until the API reports pmem0's writeback in progress for at least `min`.
+    fn wait_blocked(&self, min: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + BOOT;
+        loop {
+            let doc = vm_state_answered(&self.vm, &self.sock);
+            let blocked = doc["writebacks_in_progress"]
+                .as_array()
+                .and_then(|w| w.first())
+                .filter(|w| w["running_ms"].as_u64().unwrap_or(0) >= min.as_millis() as u64);
+            if blocked.is_some() {
+                return doc;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no writeback reported in progress: {doc}\n{}",
+                self.vm.transcript()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+#[test]
+fn a_frozen_file_system_holds_the_flush_and_the_api_still_answers() {
+    if !kvm_or_skip("fsfreeze") || !root_or_skip("fsfreeze") {
+        return;
+    }
+    let mut t = FrozenFlush::boot();
+    let doc = t.wait_blocked(Duration::from_millis(500));
+    assert_eq!(doc["state"], "running", "{doc}");
+    let w = &doc["writebacks_in_progress"][0];
+    assert_eq!(w["device"], "pmem0", "{doc}");
+    assert_eq!(w["by"], "vCPU 0", "{doc}");
+    assert_held(&t.vm, "MARK FLUSHED");
+    // Every read-only query answers too: the stats table reads the devices.
+    let asked = Instant::now();
+    let stats = Command::new(pmvm())
+        .args(["stats", "--api-sock", t.sock.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        asked.elapsed() < ANSWERED,
+        "pmvm stats took {:?}",
+        asked.elapsed()
+    );
+    let table = String::from_utf8_lossy(&stats.stdout);
+    assert!(
+        table.contains("blocked") && table.contains("pmem0"),
+        "{table}"
+    );
+    drop(t.frozen.take());
+    if let Err(e) = t.vm.wait_for("probe: MARK FLUSHED", BOOT) {
+        panic!("{e}");
+    }
+    assert_eq!(bytes_at(&t.img, 0, 0x4000), vec![0x7e; 0x4000]);
+    let doc = vm_state_answered(&t.vm, &t.sock);
+    assert_eq!(
+        doc["writebacks_in_progress"],
+        serde_json::json!([]),
+        "{doc}"
+    );
+}
+
+#[test]
+fn shutdown_with_a_flush_in_a_frozen_file_system_waits_a_bounded_time() {
+    if !kvm_or_skip("fsfreeze shutdown") || !root_or_skip("fsfreeze shutdown") {
+        return;
+    }
+    for by_signal in [false, true] {
+        frozen_shutdown(by_signal);
+    }
+}
+
+/// Stops pmvm (`pmvm shutdown`, or SIGTERM) while its vCPU's flush is blocked in a frozen
+/// file system.
+fn frozen_shutdown(by_signal: bool) {
+    let mut t = FrozenFlush::boot();
+    t.wait_blocked(Duration::from_millis(200));
+    if by_signal {
+        t.vm.signal(libc::SIGTERM);
+    } else {
+        let (ok, err) = client(&["shutdown", "--api-sock", t.sock.to_str().unwrap()]);
+        assert!(ok, "{err}");
+    }
+    // pmvm gives up on the blocked vCPU after its bounded wait and says what it waited for.
+    let said = wait_stderr(&t.vm, "gave up waiting", BOOT);
+    assert!(said.contains("vCPU 0") && said.contains("pmem0"), "{said}");
+    assert!(
+        !t.vm.lines().iter().any(|l| l.contains("MARK FLUSHED")),
+        "{said}"
+    );
+    // The thread stuck in the file system holds the process until the thaw.
+    drop(t.frozen.take());
+    // Its own status (not a signal: the seccomp filter allowed every step of the stop).
+    let (status, stderr) = t.vm.wait_exit(BOOT).unwrap();
+    assert_eq!(status.code(), Some(IO_ERROR_STATUS), "{stderr}");
+    assert!(
+        !t.vm.lines().iter().any(|l| l.contains("MARK FLUSHED")),
+        "{}",
+        t.vm.transcript()
+    );
+}
+
+/// A first pmvm on `dir/name`, running.
+fn first_on(dir: &Path, name: &str) -> (Pmvm, PathBuf) {
+    let img = dir.join(name);
+    let (vm, _sock) = boot(
+        dir,
+        "mark RUNNING wait",
+        &format!("path={},size=2M", img.display()),
+    );
+    vm.wait_for("probe: MARK RUNNING", BOOT).unwrap();
+    (vm, img)
+}
+
+/// Another pmvm on `img` that marks `mark` and powers off; its status, console and stderr.
+fn second_on(img: &Path, mark: &str) -> (Option<i32>, String, String) {
+    let out = Command::new(pmvm())
+        .args(probe_pmem_args(
+            &format!("mark {mark} poweroff"),
+            &format!("path={}", img.display()),
+            None,
+        ))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_second_pmvm_on_a_replaced_path_is_refused_naming_the_first() {
+    if !kvm_or_skip("replaced path lock") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (first, a) = first_on(dir.path(), "a.img");
+    // The first pmvm's inode lock now sits on an orphan: only the path can refuse the second.
+    let b = dir.path().join("b.img");
+    fs::write(&b, vec![0u8; 2 << 20]).unwrap();
+    fs::rename(&b, &a).unwrap();
+    let (code, console, stderr) = second_on(&a, "NEVER");
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("is in use by pmvm pid {}", first.pid())),
+        "{stderr}"
+    );
+    assert!(stderr.contains(".a.img.pmvm-lock"), "{stderr}");
+    assert!(!console.contains("NEVER"), "{console}");
+}
+
+#[test]
+fn a_lock_left_by_a_killed_pmvm_does_not_block_the_next() {
+    if !kvm_or_skip("stale path lock") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (mut first, img) = first_on(dir.path(), "k.img");
+    first.signal(libc::SIGKILL);
+    first.wait_exit(BOOT).unwrap();
+    let lock_file = dir.path().join(".k.img.pmvm-lock");
+    assert!(lock_file.exists(), "left behind");
+    let (code, console, stderr) = second_on(&img, "NEXT");
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(console.contains("MARK NEXT"), "{console}");
+    // An orderly exit removes it.
+    assert!(!lock_file.exists());
 }

@@ -91,6 +91,11 @@ impl VmmControl for MachineControl {
             kernel: self.kernel.clone(),
             cmdline: self.cmdline.clone(),
             io_error: self.threads.io_error(),
+            writebacks_in_progress: self
+                .pmem
+                .iter()
+                .filter_map(|d| d.writeback_in_progress())
+                .collect(),
         }
     }
 

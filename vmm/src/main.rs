@@ -17,6 +17,7 @@ mod pmem;
 mod pmem_format;
 mod seccomp;
 mod signals;
+mod stop_wait;
 mod vcpu;
 mod vm;
 mod x86;

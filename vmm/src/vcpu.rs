@@ -18,6 +18,7 @@ use crate::devices::{lock, Bus, FlushFailure};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::seccomp::ThreadFilter;
 use crate::signals;
+use crate::stop_wait::{join_until, STOP_TIMEOUT};
 use crate::x86::paging;
 
 /// Shared by the vCPU threads and whoever pauses, resumes or stops them.
@@ -449,23 +450,18 @@ impl VcpuThreads {
         self.control.changed.notify_all();
     }
 
-    /// Stops and joins every vCPU thread. A vCPU in the middle of a guest flush finishes it.
-    pub fn stop(&self) {
+    /// Stops and joins every vCPU thread. A vCPU in the middle of a guest flush finishes it,
+    /// if it can within [`STOP_TIMEOUT`]; returns the names of the threads that did not (one
+    /// blocked in a frozen file system), which are left running, never to re-enter the guest.
+    pub fn stop(&self) -> Vec<String> {
         {
             // Under the lock, so a vCPU about to park cannot miss the wake-up.
             let _st = lock(&self.control.state);
             self.control.stop.store(true, Ordering::Release);
             self.control.changed.notify_all();
         }
-        while lock(&self.handles).iter().any(|h| !h.is_finished()) {
-            self.kick_all();
-            std::thread::sleep(KICK_INTERVAL);
-        }
-        for h in lock(&self.handles).drain(..) {
-            if h.join().is_err() {
-                log::error!("a vCPU thread panicked");
-            }
-        }
+        let handles: Vec<JoinHandle<()>> = lock(&self.handles).drain(..).collect();
+        join_until(handles, Instant::now() + STOP_TIMEOUT, || self.kick_all())
     }
 }
 

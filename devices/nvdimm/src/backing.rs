@@ -12,6 +12,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use crate::config::PmemConfig;
+use crate::path_lock::{PathLock, PathLockError};
 use crate::size::format_size;
 use crate::SIZE_ALIGN;
 
@@ -62,6 +63,25 @@ pub enum BackingError {
     },
     #[error("{path} is in use by another process (locked)")]
     Locked { path: PathBuf },
+    #[error(
+        "{path} is in use by {holder} (its lock file {lock_file} is locked); stop that pmvm \
+         first, or give this one another file"
+    )]
+    PathLocked {
+        path: PathBuf,
+        lock_file: PathBuf,
+        holder: String,
+    },
+    #[error(
+        "cannot lock {lock_file}, which guards {path} against a second pmvm; pmvm needs to \
+         create it in the backing file's directory"
+    )]
+    PathLock {
+        path: PathBuf,
+        lock_file: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot lock {path}")]
     Lock {
         path: PathBuf,
@@ -155,6 +175,8 @@ pub struct Backing {
     readonly: bool,
     /// Set while a file we created must be removed if the device does not come up.
     remove_on_drop: bool,
+    /// Last, so it is released after the file is closed (and removed, if ours to remove).
+    _path_lock: Option<PathLock>,
 }
 
 impl Backing {
@@ -190,6 +212,8 @@ impl Backing {
         if let Some(other) = find_same_file(opened.identity, already_open) {
             return Err(same_file_error(&opened, other));
         }
+        // The path first: the inode's lock alone misses a pmvm whose file was replaced.
+        let path_lock = lock_path(&path, cfg.readonly)?;
         lock(&file, &path, cfg.readonly)?;
         let size = if created {
             let size = cfg.size.unwrap_or_default();
@@ -216,6 +240,7 @@ impl Backing {
             size,
             readonly: cfg.readonly,
             remove_on_drop: guard.disarm(),
+            _path_lock: path_lock,
         })
     }
 
@@ -440,6 +465,32 @@ fn check_regular(path: &Path, meta: &fs::Metadata) -> Result<(), BackingError> {
         path: path.to_path_buf(),
         kind,
     })
+}
+
+/// Takes the lock on the path (see [`crate::path_lock`]). A read-only device in a directory
+/// it cannot write goes without: only writers can tear an image.
+fn lock_path(path: &Path, readonly: bool) -> Result<Option<PathLock>, BackingError> {
+    match PathLock::take(path, !readonly) {
+        Ok(l) => Ok(Some(l)),
+        Err(PathLockError::Held { lock_file, pid }) => Err(BackingError::PathLocked {
+            path: path.to_path_buf(),
+            lock_file,
+            holder: pid.map_or("another pmvm".into(), |p| format!("pmvm pid {p}")),
+        }),
+        Err(PathLockError::Io { lock_file, source }) if readonly => {
+            log::warn!(
+                "{}: no path lock ({}: {source}); only its inode is locked",
+                path.display(),
+                lock_file.display()
+            );
+            Ok(None)
+        }
+        Err(PathLockError::Io { lock_file, source }) => Err(BackingError::PathLock {
+            path: path.to_path_buf(),
+            lock_file,
+            source,
+        }),
+    }
 }
 
 /// Takes the whole-file advisory lock without waiting: exclusive to write, shared to read.

@@ -28,6 +28,7 @@ use crate::fault::{errno_name, IoFault};
 use crate::flush_log::{self, AppendError, FlushLogWriter};
 use crate::group_commit::GroupCommit;
 use crate::handler::{self, FlushHintAccess, HINT_WIDTH};
+use crate::in_flight::{InFlight, WritebackInProgress};
 use crate::metrics::NvdimmMetrics;
 use crate::mmap::{Mapping, Sharing};
 use crate::page_set::{run_pages, PageSet, Run};
@@ -216,6 +217,8 @@ pub struct Nvdimm {
     fatal: OnceLock<String>,
     /// The last writeback's failure, until a writeback succeeds: the VM stays in `io-error`.
     fault: Mutex<Option<IoFault>>,
+    /// The writeback running now, for whoever asks while it is blocked in the file system.
+    in_flight: InFlight,
     /// Set by a failed writeback: the kernel may have marked pages clean that never reached
     /// the disk (Linux does so after a failed writeback), so `adr` writebacks rewrite pages
     /// from the mapping until one succeeds.
@@ -309,6 +312,7 @@ impl Nvdimm {
             power_lost: AtomicBool::new(false),
             fatal: OnceLock::new(),
             fault: Mutex::new(None),
+            in_flight: InFlight::default(),
             distrust_page_cache: AtomicBool::new(false),
             unbacked: Mutex::new(Vec::new()),
             barrier: OnceLock::new(),
@@ -540,6 +544,12 @@ impl Nvdimm {
         outcome.map(|_| ())
     }
 
+    /// The writeback running now, if any; answers at once even if it is blocked in the
+    /// file system.
+    pub fn writeback_in_progress(&self) -> Option<WritebackInProgress> {
+        self.in_flight.get(&self.id)
+    }
+
     /// The fault that keeps this device from acknowledging flushes, if any.
     pub fn io_fault(&self) -> Option<IoFault> {
         lock(&self.fault).clone()
@@ -591,6 +601,7 @@ impl Nvdimm {
 
     /// One writeback: harvest, log, write back, account. Serialised by the group commit.
     fn write_back_dirty(&self, source: FlushSource) -> Result<Written, FlushError> {
+        let _running = self.in_flight.start(source);
         if self.power_lost.load(Ordering::Acquire) {
             return Err(FlushError::PoweredOff);
         }

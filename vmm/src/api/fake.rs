@@ -97,6 +97,7 @@ impl VmmControl for FakeVmm {
             kernel: "/boot/bzImage".into(),
             cmdline: "console=ttyS0 reboot=k panic=1 pci=off".into(),
             io_error: None,
+            writebacks_in_progress: Vec::new(),
         }
     }
 

@@ -6,7 +6,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 pub use nvdimm::stats::{FlushReport, PmemStats};
-pub use nvdimm::IoFault;
+pub use nvdimm::{IoFault, WritebackInProgress};
 
 /// Where the VM is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,6 +48,9 @@ pub struct VmInfo {
     /// Why the VM is in `io-error`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub io_error: Option<IoFault>,
+    /// Writebacks running now; one running for seconds is blocked in the file system.
+    #[serde(default)]
+    pub writebacks_in_progress: Vec<WritebackInProgress>,
 }
 
 /// One NVDIMM: `GET /v1/pmem/{id}`, and an element of `GET /v1/pmem`.
