@@ -59,7 +59,7 @@ pub enum Fsck {
 /// ext4: e2fsck replays the journal (as a mount would), then `e2fsck -fn`; debugfs reads files.
 pub struct Ext4;
 
-fn run_tool(cmd: &mut Command) -> io::Result<(i32, String)> {
+pub(super) fn run_tool(cmd: &mut Command) -> io::Result<(i32, String)> {
     let out = cmd.stdin(Stdio::null()).output()?;
     let mut text = String::from_utf8_lossy(&out.stdout).to_string();
     text.push_str(&String::from_utf8_lossy(&out.stderr));
