@@ -5,6 +5,7 @@
 
 use std::fs;
 use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
@@ -34,7 +35,7 @@ while read -r name; do
   if mount -n -t xfs -o loop "/mnt/$name" /mnt/uml-mnt 2>/mnt/uml-err; then
     umount -n /mnt/uml-mnt && sync && echo "REPLAY-OK $name" || echo "REPLAY-FAIL $name umount failed"
   else
-    echo "REPLAY-FAIL $name $(cat /mnt/uml-err; dmesg | grep -i xfs | tail -n 4) " | tr '\n' ' '
+    echo "REPLAY-FAIL $name $(cat /mnt/uml-err; dmesg | grep -i xfs | grep -v -e 'Mounting V' -e 'Starting recovery' -e 'First 128 bytes' -e 'Unmount and run' | tail -n 4) " | tr '\n' ' '
     echo
   fi
 done
@@ -55,7 +56,8 @@ pub enum Replay {
 pub struct Replayer {
     dir: PathBuf,
     child: Child,
-    input: ChildStdin,
+    /// Closing it ends the instance's loop: it powers off and takes its helpers with it.
+    input: Option<ChildStdin>,
     lines: Receiver<String>,
     /// It crashed or hung: drop it and start another.
     pub dead: bool,
@@ -101,6 +103,8 @@ impl Replayer {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
+            // Its own process group: the fallback kill reaches its helper processes too.
+            .process_group(0)
             .spawn()
             .map_err(|e| {
                 io::Error::new(
@@ -123,7 +127,7 @@ impl Replayer {
         let r = Replayer {
             dir,
             child,
-            input,
+            input: Some(input),
             lines,
             dead: false,
         };
@@ -152,8 +156,11 @@ impl Replayer {
                 ))
             })?
             .to_string();
-        writeln!(self.input, "{name}")?;
-        self.input.flush()?;
+        let Some(input) = self.input.as_mut() else {
+            return Err(io::Error::other("the user-mode kernel was shut down"));
+        };
+        writeln!(input, "{name}")?;
+        input.flush()?;
         match self.lines.recv_timeout(MOUNT_TIMEOUT) {
             Ok(l) if l == format!("REPLAY-OK {name}") => Ok(Replay::Mounted),
             Ok(l) => Ok(Replay::Refused(
@@ -182,7 +189,16 @@ impl Replayer {
 
 impl Drop for Replayer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        drop(self.input.take());
+        for _ in 0..200 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // SAFETY: signals only the process group this instance leads; the child is not yet
+        // reaped, so its id (the group's) cannot have been reused.
+        unsafe { libc::kill(-(self.child.id() as libc::pid_t), libc::SIGKILL) };
         let _ = self.child.wait();
     }
 }

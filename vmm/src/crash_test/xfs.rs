@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 
-use super::check::{run_tool, FsChecker, Fsck};
+use super::check::{complaints_except, run_tool, FsChecker, Fsck};
 use super::uml::{Replay, Replayer};
 use super::CrashTestError;
 
@@ -84,18 +84,11 @@ pub struct Xfs {
 
 /// The lines of xfs_repair's output that say what is wrong.
 fn complaints(text: &str) -> String {
-    text.lines()
-        .map(str::trim)
-        .filter(|l| {
-            !l.is_empty()
-                && !l.starts_with("Phase ")
-                && !l.starts_with("- ")
-                && !l.starts_with("No modify flag set")
-                && !l.starts_with("Note - ")
-        })
-        .take(6)
-        .collect::<Vec<_>>()
-        .join(" / ")
+    complaints_except(text, |l| {
+        ["Phase ", "- ", "No modify flag set", "Note - "]
+            .iter()
+            .any(|p| l.starts_with(p))
+    })
 }
 
 impl Xfs {
