@@ -22,20 +22,48 @@ fn pmvm(args: &[String]) -> Output {
     out
 }
 
-fn tools_or_skip(test: &str) -> bool {
-    let missing: Vec<&str> = ["e2fsck", "debugfs"]
-        .into_iter()
-        .filter(|t| Command::new(t).arg("-V").output().is_err())
+/// Whether the host tools are there; `tools` are (program, version option, package).
+fn tools_or_skip(test: &str, tools: &[(&str, &str, &str)]) -> bool {
+    let missing: Vec<&str> = tools
+        .iter()
+        .filter(|(t, v, _)| Command::new(t).arg(v).output().is_err())
+        .map(|(_, _, package)| *package)
         .collect();
     if missing.is_empty() {
         return true;
     }
-    assert!(
-        !in_ci(),
-        "{test}: {missing:?} (e2fsprogs) required under CI"
-    );
-    println!("SKIP: {test}: {missing:?} not installed (e2fsprogs)");
+    assert!(!in_ci(), "{test}: {missing:?} required under CI");
+    println!("SKIP: {test}: {missing:?} not installed (scripts/setup.sh)");
     false
+}
+
+/// `pmvm crash-test` on the minimal kernel with every workload and the control.
+fn run_args(vmlinux: &Path, tmp: &Path, dir: &Path, fs: &str, per_epoch: &str) -> Vec<String> {
+    let program = init_cpio().with_file_name("pmvm-crash-workload");
+    let mut args: Vec<String> = vec!["crash-test".into(), "--kernel".into()];
+    args.push(vmlinux.display().to_string());
+    args.extend(
+        [
+            "--fs",
+            fs,
+            "--workload",
+            "all,nosync",
+            "--states-per-epoch",
+            per_epoch,
+            "--timeout",
+            "600",
+        ]
+        .map(String::from),
+    );
+    args.extend(["--dir".into(), dir.display().to_string()]);
+    args.extend(["--guest-program".into(), program.display().to_string()]);
+    args.extend(["--scratch".into(), tmp.display().to_string()]);
+    if emulating_host() {
+        let profile = EmulatedProfile::load();
+        args.extend(profile.pmvm_args.iter().map(|a| format!("--vm-arg={a}")));
+        args.extend(["--append".into(), profile.cmdline]);
+    }
+    args
 }
 
 fn summary(dir: &Path) -> serde_json::Value {
@@ -74,36 +102,19 @@ fn assert_verdicts(s: &serde_json::Value) {
 #[test]
 fn crash_test_catches_the_negative_control_and_no_real_workload() {
     let test = "crash-test";
-    if !kvm_or_skip(test) || !tools_or_skip(test) {
+    let e2fsprogs = [
+        ("e2fsck", "-V", "e2fsprogs"),
+        ("debugfs", "-V", "e2fsprogs"),
+    ];
+    if !kvm_or_skip(test) || !tools_or_skip(test, &e2fsprogs) {
         return;
     }
     let Some(vmlinux) = minimal_kernel_or_skip(test) else {
         return;
     };
-    let program = init_cpio().with_file_name("pmvm-crash-workload");
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("run");
-    let mut args: Vec<String> = vec!["crash-test".into(), "--kernel".into()];
-    args.push(vmlinux.display().to_string());
-    args.extend(
-        [
-            "--workload",
-            "all,nosync",
-            "--states-per-epoch",
-            "8",
-            "--timeout",
-            "600",
-        ]
-        .map(String::from),
-    );
-    args.extend(["--dir".into(), dir.display().to_string()]);
-    args.extend(["--guest-program".into(), program.display().to_string()]);
-    args.extend(["--scratch".into(), tmp.path().display().to_string()]);
-    if emulating_host() {
-        let profile = EmulatedProfile::load();
-        args.extend(profile.pmvm_args.iter().map(|a| format!("--vm-arg={a}")));
-        args.extend(["--append".into(), profile.cmdline]);
-    }
+    let args = run_args(&vmlinux, tmp.path(), &dir, "ext4", "8");
 
     // Cache-line states: the control's claim is caught, so the run fails with status 1.
     let out = pmvm(&args);
@@ -156,4 +167,34 @@ fn crash_test_catches_the_negative_control_and_no_real_workload() {
     let blocks = summary(&dir);
     assert_verdicts(&blocks);
     assert_eq!(num(&blocks, "fsck_violations"), 0, "{blocks}");
+}
+
+/// xfs -o dax: every state's log is replayed by a user-mode Linux mount, then xfs_repair -n
+/// and the claims; the real workloads' claims hold and the control's is caught.
+#[test]
+fn crash_test_on_xfs_dax() {
+    let test = "crash-test xfs";
+    let tools = [
+        ("mkfs.xfs", "-V", "xfsprogs"),
+        ("xfs_repair", "-V", "xfsprogs"),
+        ("xfs_db", "-V", "xfsprogs"),
+        ("linux.uml", "--version", "user-mode-linux"),
+    ];
+    if !kvm_or_skip(test) || !tools_or_skip(test, &tools) {
+        return;
+    }
+    let Some(vmlinux) = minimal_kernel_or_skip(test) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("run");
+    let out = pmvm(&run_args(&vmlinux, tmp.path(), &dir, "xfs", "2"));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the control's violations exit 1"
+    );
+    let s = summary(&dir);
+    assert_verdicts(&s);
+    assert!(num(&s, "states") >= 40, "too few states: {s}");
 }

@@ -59,27 +59,31 @@ pub enum Fsck {
 /// ext4: e2fsck replays the journal (as a mount would), then `e2fsck -fn`; debugfs reads files.
 pub struct Ext4;
 
-fn run_tool(cmd: &mut Command) -> io::Result<(i32, String)> {
+pub(super) fn run_tool(cmd: &mut Command) -> io::Result<(i32, String)> {
     let out = cmd.stdin(Stdio::null()).output()?;
     let mut text = String::from_utf8_lossy(&out.stdout).to_string();
     text.push_str(&String::from_utf8_lossy(&out.stderr));
     Ok((out.status.code().unwrap_or(-1), text))
 }
 
-/// The lines of a checker's output that say what is wrong.
-fn complaints(text: &str) -> String {
+/// The first lines of a tool's output that are not `noise`: what it says is wrong.
+pub(super) fn complaints_except(text: &str, noise: impl Fn(&str) -> bool) -> String {
     text.lines()
         .map(str::trim)
-        .filter(|l| {
-            !l.is_empty()
-                && !l.starts_with("Pass ")
-                && !l.starts_with("e2fsck ")
-                && !l.starts_with("debugfs ")
-                && !l.contains("skipping journal recovery")
-        })
+        .filter(|l| !l.is_empty() && !noise(l))
         .take(6)
         .collect::<Vec<_>>()
         .join(" / ")
+}
+
+/// The lines of e2fsck's or debugfs's output that say what is wrong.
+fn complaints(text: &str) -> String {
+    complaints_except(text, |l| {
+        ["Pass ", "e2fsck ", "debugfs "]
+            .iter()
+            .any(|p| l.starts_with(p))
+            || l.contains("skipping journal recovery")
+    })
 }
 
 impl FsChecker for Ext4 {

@@ -13,7 +13,7 @@ use nvdimm::flush_log::{FileSource, FlushLog};
 use nvdimm::pfn::{PfnInfoBlock, INFO_BLOCK_OFFSET, INFO_BLOCK_SIZE};
 
 use super::claims::{self, Claim};
-use super::{CrashTestError, RunMeta};
+use super::{CrashTestError, Fs, RunMeta};
 use crate::pmem_format::{self, FormatArgs, Mode};
 
 /// What the guest program prints when every workload finished.
@@ -37,9 +37,9 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> CrashTestError {
     move |source| CrashTestError::Io { what, source }
 }
 
-/// Formats DIR/image.img with an ext4 holding the workload program as /init, keeps a copy as
-/// DIR/base.img, and returns where the filesystem starts.
-pub fn prepare(dir: &Path, run: &GuestRun<'_>) -> Result<u64, CrashTestError> {
+/// Formats DIR/image.img with a filesystem holding the workload program as /init, keeps a copy
+/// as DIR/base.img, and returns where the filesystem starts.
+pub fn prepare(dir: &Path, run: &GuestRun<'_>, fs: Fs) -> Result<u64, CrashTestError> {
     let root = dir.join("root");
     fs::create_dir_all(root.join("dev")).map_err(io_err(format!("create {}", root.display())))?;
     let init = root.join("init");
@@ -54,13 +54,17 @@ pub fn prepare(dir: &Path, run: &GuestRun<'_>) -> Result<u64, CrashTestError> {
         file: image.clone(),
         size: Some(run.size.to_string()),
         mode: Mode::Fsdax,
-        ext4_from: Some(root),
+        ext4_from: (fs == Fs::Ext4).then(|| root.clone()),
         align: "2M".into(),
         force: false,
     })
     .map_err(|e| CrashTestError::Format(crate::api::error_chain(&e)))?;
+    let offset = data_offset(&image)?;
+    if fs == Fs::Xfs {
+        super::xfs::format_data_area(&image, offset, &init, dir)?;
+    }
     fs::copy(&image, dir.join("base.img")).map_err(io_err("keep the base image"))?;
-    data_offset(&image)
+    Ok(offset)
 }
 
 /// The data offset of the fsdax namespace in `image`, from its info block.
@@ -94,11 +98,15 @@ fn epochs_now(log: &Path) -> Result<u64, CrashTestError> {
 }
 
 /// Boots the guest and collects its claims; the backing file and the log are left in `dir`.
-pub fn boot(dir: &Path, run: &GuestRun<'_>) -> Result<Vec<Claim>, CrashTestError> {
+pub fn boot(dir: &Path, run: &GuestRun<'_>, fs: Fs) -> Result<Vec<Claim>, CrashTestError> {
     let log = dir.join("flush.log");
+    let fstype = match fs {
+        Fs::Ext4 => "ext4",
+        Fs::Xfs => "xfs",
+    };
     let cmdline = format!(
-        "console=ttyS0 reboot=k panic=1 pci=off root=/dev/pmem0 rootflags=dax rw init=/init \
-         PMVM_WORKLOADS={} {}",
+        "console=ttyS0 reboot=k panic=1 pci=off root=/dev/pmem0 rootfstype={fstype} \
+         rootflags=dax rw init=/init PMVM_WORKLOADS={} {}",
         run.workloads, run.append
     );
     let pmem = format!(

@@ -7,6 +7,8 @@ mod claims;
 mod guest;
 mod report;
 mod states;
+mod uml;
+mod xfs;
 
 use std::fs::{self, File};
 use std::io;
@@ -50,7 +52,7 @@ pub struct CrashTestArgs {
 /// Booting the guest.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Guest kernel (vmlinux or bzImage) with fsdax and ext4 built in.
+    /// Guest kernel (vmlinux or bzImage) with fsdax and the --fs filesystem built in.
     #[arg(long, value_name = "PATH", required = true)]
     pub kernel: Option<PathBuf>,
     /// Workloads to run, in order, comma-separated: create, append, rename, mmap, truncate,
@@ -140,7 +142,11 @@ pub enum CrashTestCommand {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 pub enum Fs {
+    /// ext4 (checked with e2fsck, read with debugfs).
     Ext4,
+    /// xfs (log replayed by a user-mode Linux mount, checked with xfs_repair -n, read with
+    /// xfs_db); needs xfsprogs and user-mode-linux.
+    Xfs,
 }
 
 /// What a run leaves in DIR/run.json.
@@ -234,14 +240,23 @@ fn default_guest_program() -> Option<PathBuf> {
 }
 
 fn require_tools(fs: Fs) -> Result<(), CrashTestError> {
-    let tools: &[&str] = match fs {
-        Fs::Ext4 => &["e2fsck", "debugfs"],
+    let tools: &[(&str, &str)] = match fs {
+        Fs::Ext4 => &[("e2fsck", "e2fsprogs"), ("debugfs", "e2fsprogs")],
+        Fs::Xfs => &[
+            ("mkfs.xfs", "xfsprogs"),
+            ("xfs_repair", "xfsprogs"),
+            ("xfs_db", "xfsprogs"),
+            (uml::UML, "user-mode-linux"),
+        ],
     };
-    for t in tools {
-        let found = Command::new(t).arg("-V").output().is_ok();
+    for (t, package) in tools {
+        // The user-mode kernel boots on unknown options; --version only prints.
+        let probe = if *t == uml::UML { "--version" } else { "-V" };
+        let found = Command::new(t).arg(probe).output().is_ok();
         if !found {
             return Err(CrashTestError::Usage(format!(
-                "{t} is needed to check {fs:?} crash states: install e2fsprogs (apt-get install e2fsprogs)"
+                "{t} is needed to check {fs:?} crash states: install {package} \
+                 (apt-get install {package}, or scripts/setup.sh)"
             )));
         }
     }
@@ -299,7 +314,7 @@ fn run_and_check(run: &RunArgs, opts: &CheckOpts) -> Result<bool, CrashTestError
         append: &run.append,
         timeout: Duration::from_secs(run.timeout),
     };
-    let data_offset = guest::prepare(&dir, &guest)?;
+    let data_offset = guest::prepare(&dir, &guest, run.fs)?;
     eprintln!(
         "crash-test: booting {} with workloads {workloads} on {:?} (run directory {})",
         kernel.display(),
@@ -307,7 +322,7 @@ fn run_and_check(run: &RunArgs, opts: &CheckOpts) -> Result<bool, CrashTestError
         dir.display()
     );
     let start = Instant::now();
-    let claims = guest::boot(&dir, &guest)?;
+    let claims = guest::boot(&dir, &guest, run.fs)?;
     eprintln!(
         "crash-test: the guest ran in {:.1} s and made {} claims",
         start.elapsed().as_secs_f64(),
@@ -384,13 +399,18 @@ fn check_run(dir: &Path, meta: &RunMeta, opts: &CheckOpts) -> Result<bool, Crash
         opts.states_per_epoch,
         opts.seed
     );
-    let checker = check::Ext4;
+    let ext4 = check::Ext4;
+    let xfs = xfs::Xfs::default();
+    let checker: &dyn check::FsChecker = match meta.fs {
+        Fs::Ext4 => &ext4,
+        Fs::Xfs => &xfs,
+    };
     let ctx = check::Context {
         src: &src,
         log: &log,
         plan: &plan,
         claims: &meta.claims,
-        checker: &checker,
+        checker,
         data_base: &data_base,
         data_len,
     };
