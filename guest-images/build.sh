@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Builds the guest image of the fsync/msync suite into guest-images/out/suite/ from Debian
 # packages (apt-get download + dpkg-deb -x: nothing is installed system-wide) and this repo:
-#   initramfs.cpio  busybox, the suite, mkfs.ext4, mkfs.xfs, xfs_io, fio, ndctl with their
-#                   libraries and loader, the NVDIMM/xfs modules of a modular kernel, /init
+#   initramfs.cpio  busybox, the suite, /init, the NVDIMM/xfs modules of a modular kernel, and
+#                   links from /usr, /sbin, /lib64 and /lib/x86_64-linux-gnu into /tools
+#   tools.img       an ext4 image the guest gets as a read-only NVDIMM and mounts on /tools:
+#                   mkfs.ext4, mkfs.xfs, xfs_io, fio, ndctl with their libraries and loader,
+#                   and pmvm-init (build-init.sh). Reading it costs only the pages a program
+#                   touches, where unpacking the same 90 MB in the initramfs takes many minutes
+#                   on hosts that emulate guest kernel code
 #   preflight.cpio  the suite alone as /init: proves user space runs and lists the NVDIMMs
 #   image.env       what was built: kernels, initramfs paths, input hash
 # Kernels: Debian's cloud kernel (fetch-debian-kernel.sh: bzImage and uncompressed vmlinux)
@@ -47,12 +52,14 @@ if [ -n "$user_kernel" ]; then
 fi
 
 # The third-party programs in the image, by Debian package.
-TOOL_PACKAGES=(busybox-static e2fsprogs xfsprogs fio ndctl)
+TOOL_PACKAGES=(busybox-static e2fsprogs xfsprogs ndctl)
 # Binaries taken from them (paths in the packages), and where their libraries are resolved.
-TOOL_BINARIES=(usr/bin/fio usr/sbin/xfs_io sbin/mkfs.xfs sbin/mke2fs usr/bin/ndctl)
+TOOL_BINARIES=(usr/sbin/xfs_io sbin/mkfs.xfs sbin/mke2fs usr/bin/ndctl)
+# fio comes from Debian's source package, built statically (build-fio.sh).
 # Modules the suite needs from a modular kernel; their dependencies are added from .modinfo.
-MODULE_ROOTS_FULL=(nfit nd_pmem xfs)
-MODULE_ROOTS_PREFLIGHT=(nfit nd_pmem)
+# The NVDIMM drivers go into the initramfs; xfs into tools.img, loaded once /init mounted it.
+MODULE_ROOTS_EARLY=(nfit nd_pmem)
+MODULE_ROOTS_TOOLS=(xfs)
 
 need() { command -v "$1" >/dev/null || die "needs $1: $2"; }
 need python3 "install python3"
@@ -90,7 +97,7 @@ elif [ -z "$user_kernel" ]; then
   fi
 fi
 
-versions=$(apt-cache policy "${TOOL_PACKAGES[@]}" $kernel_pkg 2>/dev/null | awk '/^[^ ]/ {p=$1} /Candidate:/ {print p, $2}')
+versions=$(apt-cache policy "${TOOL_PACKAGES[@]}" fio $kernel_pkg 2>/dev/null | awk '/^[^ ]/ {p=$1} /Candidate:/ {print p, $2}')
 [ -n "$versions" ] || die "apt-cache knows none of ${TOOL_PACKAGES[*]}: is this a Debian (or Ubuntu) host with its archive configured?"
 kernel_id=""
 if [ -n "$user_kernel" ]; then
@@ -100,8 +107,8 @@ else
   kernel_id="debian $kernel_pkg"
 fi
 h() { sha256sum | cut -c1-16; }
-part_script=$(cat "$0" "$here/initramfs/mkcpio.py" | h)
-part_init=$(cat "$here/initramfs/init" | h)
+part_script=$(cat "$0" "$here/initramfs/mkcpio.py" "$here/build-fio.sh" | h)
+part_init=$(cat "$here/initramfs/init" "$here/initramfs/ndctl-check" "$here/linux-init/pmvm-init.c" "$here/build-init.sh" | h)
 part_suite=$( (cd "$repo" && find guest-images/pmem-tests/src guest-images/pmem-tests/Cargo.toml -type f | LC_ALL=C sort | xargs sha256sum; sha256sum Cargo.lock Cargo.toml) | h)
 part_packages=$(echo "$versions" | h)
 part_kernel=$(echo "$kernel_id gzip=$gzip" | h)
@@ -110,7 +117,7 @@ inputs=$(printf 'script %s\ninit %s\nsuite %s\npackages %s\nkernel %s\n' \
 hash=$(echo "$inputs" | h)
 
 stamp="$out/inputs"
-if [ -s "$out/initramfs.cpio" ] && [ -s "$out/preflight.cpio" ] && [ -s "$out/image.env" ] &&
+if [ -s "$out/initramfs.cpio" ] && [ -s "$out/preflight.cpio" ] && [ -s "$out/tools.img" ] && [ -s "$out/image.env" ] &&
   [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$inputs" ] && [ $refresh = 0 ]; then
   # The minimal kernel may appear after the image was built: refresh only its line, and only
   # when it changed (a check from a read-only checkout writes nothing).
@@ -262,38 +269,69 @@ loader="$root/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
 [ -f "$loader" ] || die "libc6 unpacked without ld-linux-x86-64.so.2"
 libpath=$(find "$root" -name '*.so*' -type f -printf '%h\n' 2>/dev/null | LC_ALL=C sort -u | paste -sd: -)
 step "resolving libraries with Debian's loader (ldd)"
-libs=()
-for b in "${TOOL_BINARIES[@]}"; do
-  [ -f "$root/$b" ] || die "$b is not in the unpacked packages"
-  listing=$("$loader" --library-path "$libpath" --list "$root/$b" 2>&1) || die "ldd $b failed: $listing"
-  if grep -q 'not found' <<<"$listing"; then
-    die "libraries of $b not in the downloaded packages: $(grep 'not found' <<<"$listing" | awk '{print $1}' | paste -sd' ' -)"
-  fi
-  while read -r lib; do libs+=("$lib"); done < <(awk '$2 == "=>" && $3 ~ /^\// {print $3}' <<<"$listing")
-done
-mapfile -t libs < <(printf '%s\n' "${libs[@]}" | LC_ALL=C sort -u)
+# Prints the libraries the unpacked binaries $@ load, one path a line, sorted.
+libs_of() {
+  local b listing
+  for b in "$@"; do
+    [ -f "$root/$b" ] || die "$b is not in the unpacked packages"
+    listing=$("$loader" --library-path "$libpath" --list "$root/$b" 2>&1) || die "ldd $b failed: $listing"
+    if grep -q 'not found' <<<"$listing"; then
+      die "libraries of $b not in the downloaded packages: $(grep 'not found' <<<"$listing" | awk '{print $1}' | paste -sd' ' -)"
+    fi
+    awk '$2 == "=>" && $3 ~ /^\// {print $3}' <<<"$listing"
+  done | LC_ALL=C sort -u
+}
+# Copies the binaries $2.. with their libraries and the loader into stage $1.
+install_tools() {
+  local stage=$1 b lib
+  shift
+  mkdir -p "$stage"/{sbin,usr/bin,usr/sbin,etc,lib/x86_64-linux-gnu,lib64}
+  for b in "$@"; do install -m 755 "$root/$b" "$stage/$b"; done
+  ln -sf mke2fs "$stage/sbin/mkfs.ext4"
+  [ -f "$root/etc/mke2fs.conf" ] && install -m 644 "$root/etc/mke2fs.conf" "$stage/etc/mke2fs.conf"
+  for lib in $(libs_of "$@"); do
+    cp -L "$lib" "$stage/lib/x86_64-linux-gnu/$(basename "$lib")"
+  done
+  cp -L "$loader" "$stage/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
+  ln -s ../lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 "$stage/lib64/ld-linux-x86-64.so.2"
+}
+
+# ---- staging: the tools image -------------------------------------------------------------
+step "assembling tools.img"
+init_cpio=$(bash "$here/build-init.sh" | tail -1) || die "build-init.sh failed"
+tools="$cache/stage-tools"
+rm -rf "$tools"
+install_tools "$tools" "${TOOL_BINARIES[@]}"
+install -m 755 "$(dirname "$init_cpio")/pmvm-init" "$tools/usr/bin/pmvm-init"
+fio=$(bash "$here/build-fio.sh" | tail -1) || die "build-fio.sh failed"
+install -m 755 "$fio" "$tools/usr/bin/fio"
+install_modules "$tools" "${MODULE_ROOTS_TOOLS[@]}"
+command -v mkfs.ext4 >/dev/null || need mke2fs "install e2fsprogs (builds tools.img)"
+# Room for the files and ext4's own metadata, in the 2 MiB steps pmvm's devices come in.
+mib=$(( ($(du -sm "$tools" | cut -f1) * 5 / 4 + 16 + 1) / 2 * 2 ))
+rm -f "$out/tools.img.tmp"
+truncate -s "${mib}M" "$out/tools.img.tmp"
+mkfs.ext4 -q -F -b 4096 -L pmvmtools -O ^has_journal -d "$tools" "$out/tools.img.tmp" >&2 ||
+  die "mkfs.ext4 -d could not build tools.img"
+mv -f "$out/tools.img.tmp" "$out/tools.img"
 
 # ---- staging: full image ------------------------------------------------------------------
 stage="$cache/stage-full"
 rm -rf "$stage"
-mkdir -p "$stage"/{bin,sbin,usr/bin,usr/sbin,etc,lib/x86_64-linux-gnu,lib64,proc,sys,dev,tmp,run,mnt,root}
+mkdir -p "$stage"/{bin,etc,lib,proc,sys,dev,tmp,run,mnt,root,tools}
 step "assembling initramfs.cpio"
 install -m 755 "$here/initramfs/init" "$stage/init"
+install -m 755 "$here/initramfs/ndctl-check" "$stage/bin/ndctl-check"
 install -m 755 "$root/bin/busybox" "$stage/bin/busybox"
 for applet in $("$root/bin/busybox" --list); do
   [ -e "$stage/bin/$applet" ] || ln -s busybox "$stage/bin/$applet"
 done
 install -m 755 "$suite_bin" "$stage/bin/pmem-tests"
-for b in "${TOOL_BINARIES[@]}"; do install -m 755 "$root/$b" "$stage/$b"; done
-ln -sf mke2fs "$stage/sbin/mkfs.ext4"
-[ -f "$root/etc/mke2fs.conf" ] && install -m 644 "$root/etc/mke2fs.conf" "$stage/etc/mke2fs.conf"
-for lib in "${libs[@]}"; do
-  cp -L "$lib" "$stage/lib/x86_64-linux-gnu/$(basename "$lib")"
-done
-cp -L "$loader" "$stage/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
-ln -s ../lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 "$stage/lib64/ld-linux-x86-64.so.2"
-install_modules "$stage" "${MODULE_ROOTS_FULL[@]}"
+# The tools live on the read-only NVDIMM that /init mounts on /tools.
+for d in usr sbin lib64 lib/x86_64-linux-gnu; do ln -s "/tools/$d" "$stage/$d"; done
+ln -s /tools/etc/mke2fs.conf "$stage/etc/mke2fs.conf"
 echo "root:x:0:0:root:/root:/bin/sh" >"$stage/etc/passwd"
+install_modules "$stage" "${MODULE_ROOTS_EARLY[@]}"
 NODES=(dev/console:c:5:1:600 dev/null:c:1:3:666 dev/ttyS0:c:4:64:600)
 python3 "$here/initramfs/mkcpio.py" "$stage" "$out/initramfs.cpio" "${NODES[@]}"
 if [ $gzip = 1 ]; then
@@ -309,7 +347,7 @@ pre="$cache/stage-preflight"
 rm -rf "$pre"
 mkdir -p "$pre"/{proc,sys,dev,mnt}
 install -m 755 "$suite_bin" "$pre/init"
-install_modules "$pre" "${MODULE_ROOTS_PREFLIGHT[@]}"
+install_modules "$pre" "${MODULE_ROOTS_EARLY[@]}"
 python3 "$here/initramfs/mkcpio.py" "$pre" "$out/preflight.cpio" "${NODES[@]}"
 
 # ---- record -------------------------------------------------------------------------------
@@ -323,8 +361,9 @@ PMEMTESTS_KERNEL_MINIMAL=$minimal
 PMEMTESTS_MODULES_RELEASE=$release
 PMEMTESTS_INITRAMFS=$out/initramfs.cpio
 PMEMTESTS_PREFLIGHT=$out/preflight.cpio
+PMEMTESTS_TOOLS=$out/tools.img
 PMEMTESTS_INPUT_HASH=$hash
 EOF
 echo "$inputs" >"$stamp"
-step "built $(du -h "$out/initramfs.cpio" | cut -f1) initramfs, $(du -h "$out/preflight.cpio" | cut -f1) preflight ($hash)"
+step "built $(du -h "$out/initramfs.cpio" | cut -f1) initramfs, $(du -h "$out/preflight.cpio" | cut -f1) preflight, $(du -h "$out/tools.img" | cut -f1) tools.img ($hash)"
 echo "$out/image.env"

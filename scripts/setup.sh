@@ -9,6 +9,19 @@ have iasl || need_pkgs+=(acpica-tools)
 have gcc || need_pkgs+=(gcc)
 have objdump || need_pkgs+=(binutils)
 have curl || need_pkgs+=(curl)
+# mkfs.ext4 -d and debugfs: pmem format, the guest suite's tools image, the Linux tests' checks
+{ have debugfs && have mkfs.ext4; } || need_pkgs+=(e2fsprogs)
+# crash-test --fs xfs: mkfs.xfs, xfs_repair, xfs_db, and a user-mode Linux that replays logs
+{ have mkfs.xfs && have xfs_repair && have xfs_db; } || need_pkgs+=(xfsprogs)
+have linux.uml || need_pkgs+=(user-mode-linux)
+# static glibc for guest-images/build-init.sh
+[ -f /usr/lib/x86_64-linux-gnu/libc.a ] || need_pkgs+=(libc6-dev)
+# The fault-injection tests (tests/faults.rs): a FUSE file system that fails on command, and
+# small loop-mounted ext4 images.
+have pkg-config || need_pkgs+=(pkgconf)
+{ have pkg-config && pkg-config --exists fuse3; } || need_pkgs+=(libfuse3-dev)
+have fusermount3 || need_pkgs+=(fuse3)
+have fallocate || need_pkgs+=(util-linux)
 
 if ((${#need_pkgs[@]})); then
   if [ "$(id -u)" = 0 ] && have apt-get; then

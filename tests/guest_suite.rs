@@ -13,7 +13,6 @@
 //! detection), PMVM_SUITE_NO_BUILD=1 (use the built image, fail if stale),
 //! PMVM_SUITE_RESULTS=1|PATH (save the results). See docs/guest-suite.md.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -22,6 +21,7 @@ use pmem_tests::host::api::ApiCounters;
 use pmem_tests::host::session::Session;
 use pmem_tests::host::stages::{self, Stage};
 use pmem_tests::host::table;
+use pmvm_tests::linux::{emulating_host, parse_env, EmulatedProfile};
 use pmvm_tests::{in_ci, kvm_or_skip, repo_root, Pmvm};
 
 const TEST: &str = "guest suite";
@@ -35,27 +35,6 @@ fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
-/// `KEY=value` and `KEY="value"` lines; `#` starts a comment line.
-fn parse_env(text: &str) -> Result<HashMap<String, String>, String> {
-    let mut map = HashMap::new();
-    for (n, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let (k, v) = line
-            .split_once('=')
-            .ok_or_else(|| format!("line {}: {line:?} is not KEY=value", n + 1))?;
-        let v = v.trim();
-        let v = v
-            .strip_prefix('"')
-            .and_then(|v| v.strip_suffix('"'))
-            .unwrap_or(v);
-        map.insert(k.trim().to_string(), v.to_string());
-    }
-    Ok(map)
-}
-
 /// What build.sh built, from its image.env.
 #[derive(Debug, PartialEq)]
 struct Image {
@@ -64,6 +43,7 @@ struct Image {
     minimal: Option<PathBuf>,
     initramfs: PathBuf,
     preflight: PathBuf,
+    tools: PathBuf,
 }
 
 impl Image {
@@ -101,6 +81,7 @@ impl Image {
             },
             initramfs: file("PMEMTESTS_INITRAMFS")?,
             preflight: file("PMEMTESTS_PREFLIGHT")?,
+            tools: file("PMEMTESTS_TOOLS")?,
         })
     }
 }
@@ -143,72 +124,37 @@ fn build_image() -> Result<Image, String> {
     Image::from_env(&env_path, &text)
 }
 
-/// The options that get a guest furthest on an emulating host (guest-images/suite-emulated.conf).
-#[derive(Debug, PartialEq)]
-struct Emulated {
-    kernel: String,
-    pmvm_args: Vec<String>,
-    cmdline: String,
-}
-
-impl Emulated {
-    fn parse(text: &str) -> Result<Emulated, String> {
-        let map = parse_env(text)?;
-        let get = |k: &str| {
-            map.get(k)
-                .cloned()
-                .ok_or_else(|| format!("suite-emulated.conf has no {k}"))
-        };
-        Ok(Emulated {
-            kernel: get("KERNEL")?,
-            pmvm_args: get("PMVM_ARGS")?
-                .split_whitespace()
-                .map(str::to_string)
-                .collect(),
-            cmdline: get("KERNEL_CMDLINE")?,
-        })
-    }
-
-    fn load() -> Emulated {
-        let path = repo_root().join("guest-images/suite-emulated.conf");
-        let text = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-        Emulated::parse(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-    }
-}
-
-/// Whether this host's KVM emulates guest kernel code (nested PVM).
-fn emulating_host() -> bool {
-    match env("PMVM_SUITE_EMULATED").as_deref() {
-        Some("1") => true,
-        Some("0") => false,
-        _ => Path::new("/sys/module/kvm_pvm").exists(),
-    }
-}
-
 /// How the guest is booted.
 #[derive(Debug, PartialEq)]
 struct Boot {
     kernel: PathBuf,
     /// Which kernel, in words, for reports.
     label: String,
+    /// Whether the kernel carries guest-images/kernel/patches/0003 (the minimal kernel does),
+    /// without which user space cannot run where KVM delivers SYSCALL as a page fault.
+    syscall_patch: bool,
     pmvm_args: Vec<String>,
     cmdline: String,
 }
 
 fn choose_boot(
     image: &Image,
-    emulated: Option<&Emulated>,
+    emulated: Option<&EmulatedProfile>,
     user: bool,
     extra: Option<&str>,
 ) -> Boot {
-    let (kernel, label) = match (user, emulated, &image.minimal) {
-        (true, _, _) => (image.kernel.clone(), "your kernel".to_string()),
+    let (kernel, label, syscall_patch) = match (user, emulated, &image.minimal) {
+        (true, _, _) => (image.kernel.clone(), "your kernel".to_string(), false),
         (false, Some(e), Some(min)) if e.kernel == "minimal" => (
             min.clone(),
             "the minimal kernel of build-kernel.sh".to_string(),
+            true,
         ),
-        _ => (image.kernel.clone(), format!("the {} kernel", image.kind)),
+        _ => (
+            image.kernel.clone(),
+            format!("the {} kernel", image.kind),
+            false,
+        ),
     };
     let mut cmdline = BASE_CMDLINE.to_string();
     if let Some(e) = emulated {
@@ -223,38 +169,52 @@ fn choose_boot(
             Some(_) => format!("{label} with the emulated-KVM options"),
             None => label,
         },
+        syscall_patch,
         pmvm_args: emulated.map(|e| e.pmvm_args.clone()).unwrap_or_default(),
         cmdline,
     }
 }
 
-/// pmvm's arguments for a boot with `initrd` and two NVDIMMs in `dir`.
-fn pmvm_args(
-    boot: &Boot,
-    initrd: &Path,
-    dir: &Path,
-    cmdline_extra: &str,
-    api: Option<&Path>,
-) -> Vec<String> {
+/// What one boot of the image gets besides the kernel.
+struct Launch<'a> {
+    initrd: &'a Path,
+    /// tools.img, given as a read-only NVDIMM after the suite's two.
+    tools: Option<&'a Path>,
+    cmdline_extra: &'a str,
+    /// `persist=` for the suite's NVDIMMs, when not the default.
+    persist: Option<&'a str>,
+    api: Option<&'a Path>,
+}
+
+/// pmvm's arguments for a boot with two NVDIMMs in `dir` (and the tools, when given).
+fn pmvm_args(boot: &Boot, launch: &Launch, dir: &Path) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "--kernel".into(),
         boot.kernel.display().to_string(),
         "--initrd".into(),
-        initrd.display().to_string(),
+        launch.initrd.display().to_string(),
         "--memory".into(),
         MEMORY.into(),
         "--cmdline".into(),
-        format!("{} {cmdline_extra}", boot.cmdline),
+        format!("{} {}", boot.cmdline, launch.cmdline_extra),
     ];
     args.extend(boot.pmvm_args.iter().cloned());
     for (i, size) in PMEM_SIZES.iter().enumerate() {
         args.push("--pmem".into());
-        args.push(format!(
+        let mut spec = format!(
             "path={},size={size},id=pmem{i}",
             dir.join(format!("pmem{i}.img")).display()
-        ));
+        );
+        if let Some(p) = launch.persist {
+            spec.push_str(&format!(",persist={p}"));
+        }
+        args.push(spec);
     }
-    if let Some(sock) = api {
+    if let Some(tools) = launch.tools {
+        args.push("--pmem".into());
+        args.push(format!("path={},readonly=on,id=tools", tools.display()));
+    }
+    if let Some(sock) = launch.api {
         args.push("--api-sock".into());
         args.push(sock.display().to_string());
     }
@@ -287,7 +247,8 @@ impl Seen {
         if stages::userspace_blocked(&self.console) {
             format!(
                 "guest user space cannot run on this host's KVM: the first system call of \
-                 /init faults ({})",
+                 /init faults (kernel without the system-call patch, \
+                 guest-images/kernel/patches/0003): {}",
                 died.unwrap_or_default()
             )
         } else if let Some(d) = died {
@@ -303,13 +264,14 @@ impl Seen {
 /// Boots the preflight image: the suite alone as /init, listing the NVDIMMs.
 fn preflight(boot: &Boot, image: &Image, timeout: Duration) -> Seen {
     let dir = scratch();
-    let args = pmvm_args(
-        boot,
-        &image.preflight,
-        dir.path(),
-        "pmemtests.preflight=1",
-        None,
-    );
+    let launch = Launch {
+        initrd: &image.preflight,
+        tools: None,
+        cmdline_extra: "pmemtests.preflight=1",
+        persist: None,
+        api: None,
+    };
+    let args = pmvm_args(boot, &launch, dir.path());
     let mut vm = Pmvm::spawn(&pmvm_bin(), &args);
     let exited = vm.wait_exit(timeout).ok();
     Seen {
@@ -330,7 +292,14 @@ struct SuiteRun {
 fn run_suite(boot: &Boot, image: &Image) -> SuiteRun {
     let dir = scratch();
     let sock = dir.path().join("api.sock");
-    let args = pmvm_args(boot, &image.initramfs, dir.path(), "", Some(&sock));
+    let launch = Launch {
+        initrd: &image.initramfs,
+        tools: Some(&image.tools),
+        cmdline_extra: "",
+        persist: None,
+        api: Some(&sock),
+    };
+    let args = pmvm_args(boot, &launch, dir.path());
     let mut vm = Pmvm::spawn_with_input(&pmvm_bin(), &args);
     let mut session = Session::new(ApiCounters { sock: sock.clone() });
     let boot_timeout = Duration::from_secs(300);
@@ -469,7 +438,7 @@ fn guest_suite_end_to_end() {
             return;
         }
     };
-    let emulated = emulating_host().then(Emulated::load);
+    let emulated = emulating_host().then(EmulatedProfile::load);
     let extra = env("PMVM_SUITE_CMDLINE");
     let boot = choose_boot(
         &image,
@@ -494,7 +463,9 @@ fn guest_suite_end_to_end() {
     if stage < Stage::UserSpace {
         let reason = pre.reason(wait);
         let tail = stages::tail(&pre.console, 12);
-        if emulated.is_some() {
+        // Only a kernel without the system-call patch may stop here on an emulating host: the
+        // minimal kernel has it, so there this is a failure like any other.
+        if emulated.is_some() && !boot.syscall_patch && stages::userspace_blocked(&pre.console) {
             let line = format!("stage reached: {stage} ({}); {reason}", boot.label);
             save_results(
                 &boot,
@@ -547,6 +518,133 @@ fn guest_suite_end_to_end() {
     );
 }
 
+/// The console lines of one ndctl-check step, between its `NDCTL step` and `NDCTL rc` lines,
+/// and its exit status.
+fn ndctl_step(console: &[String], name: &str) -> (Vec<String>, Option<i32>) {
+    let start = format!("NDCTL step {name}:");
+    let end = format!("NDCTL rc {name} ");
+    let mut out = Vec::new();
+    let mut inside = false;
+    for line in console {
+        if line.starts_with(&start) {
+            inside = true;
+        } else if let Some(rc) = line.strip_prefix(&end) {
+            return (out, rc.trim().parse().ok());
+        } else if inside {
+            out.push(line.clone());
+        }
+    }
+    (out, None)
+}
+
+/// ndctl as users run it (guest-images/initramfs/ndctl-check): `ndctl list -N` shows the raw
+/// namespace, `ndctl create-namespace -f -e namespace0.0 -m fsdax` converts it, ext4 mounted
+/// with `-o dax` takes a file that pmvm-init fsyncs. pmvm's device is strict (`persist=flush`),
+/// so after the guest powers off the host finds ndctl's info block and the file only if the
+/// guest's flushes carried them.
+#[test]
+fn ndctl_converts_a_raw_namespace_and_a_file_fsynced_on_it_reaches_the_host() {
+    let test = "guest ndctl";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let image = match build_image() {
+        Ok(i) => i,
+        Err(e) if in_ci() => panic!("{test}: the guest image: {e}"),
+        Err(e) => {
+            println!("SKIP: {test}: no guest image: {e}");
+            return;
+        }
+    };
+    let emulated = emulating_host().then(EmulatedProfile::load);
+    let boot = choose_boot(
+        &image,
+        emulated.as_ref(),
+        env("PMVM_SUITE_KERNEL").is_some(),
+        env("PMVM_SUITE_CMDLINE").as_deref(),
+    );
+    let dir = scratch();
+    let launch = Launch {
+        initrd: &image.initramfs,
+        tools: Some(&image.tools),
+        cmdline_extra: "pmemtests.ndctl=1",
+        persist: Some("flush"),
+        api: None,
+    };
+    let start = Instant::now();
+    let mut vm = Pmvm::spawn(&pmvm_bin(), &pmvm_args(&boot, &launch, dir.path()));
+    let timeout = Duration::from_secs(if emulated.is_some() { 900 } else { 180 });
+    if let Err(e) = vm.wait_for("NDCTL done", timeout) {
+        let console = vm.lines();
+        panic!(
+            "{test}: ndctl-check did not finish (stage {}): {e}",
+            Stage::reached(&console)
+        );
+    }
+    println!("{test}: ndctl-check done after {:?}", start.elapsed());
+    let console = vm.lines();
+    for name in [
+        "list-before",
+        "create",
+        "list-after",
+        "mkfs",
+        "mount",
+        "proof",
+    ] {
+        let (out, rc) = ndctl_step(&console, name);
+        assert_eq!(
+            rc,
+            Some(0),
+            "{test}: step {name} failed:\n{}",
+            out.join("\n")
+        );
+    }
+    let listing = |name| {
+        ndctl_step(&console, name)
+            .0
+            .join("")
+            .replace([' ', '\n'], "")
+    };
+    let before = listing("list-before");
+    assert!(
+        before.contains(r#""dev":"namespace0.0","mode":"raw""#),
+        "{test}: ndctl list -N before: {before}"
+    );
+    let after = listing("list-after");
+    assert!(
+        after.contains(r#""dev":"namespace0.0","mode":"fsdax""#),
+        "{test}: ndctl list -N after create-namespace: {after}"
+    );
+    pmvm_tests::linux::wait_proof(&vm, 0);
+    let (status, stderr) = vm.wait_exit(Duration::from_secs(120)).unwrap();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "{test}: the guest powered off: {stderr}"
+    );
+
+    // The host side: pmvm's own reader of the namespace finds ndctl's info block and the ext4
+    // behind it; the file's bytes are there.
+    let img = dir.path().join("pmem0.img");
+    let out = Command::new(pmvm_bin())
+        .args(["pmem", "info"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    let info = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        info.contains("fsdax (NVDIMM_PFN_INFO)") && info.contains("linux:          accepts it"),
+        "{test}: the backing file has no valid fsdax info block:\n{info}"
+    );
+    let fs_offset = info
+        .lines()
+        .find_map(|l| l.strip_prefix("filesystem:     ext4 at 0x"))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|h| u64::from_str_radix(h, 16).ok())
+        .unwrap_or_else(|| panic!("{test}: no ext4 in the backing file:\n{info}"));
+    pmvm_tests::linux::check_proof_in_backing_file(&img, fs_offset, "/proof.bin");
+}
+
 #[cfg(test)]
 mod harness_tests {
     use super::*;
@@ -563,17 +661,17 @@ mod harness_tests {
 
     #[test]
     fn the_checked_in_emulated_options_parse_and_hide_what_the_notes_say() {
-        let e = Emulated::load();
+        let e = EmulatedProfile::load();
         assert_eq!(e.kernel, "minimal");
         assert!(e.pmvm_args.contains(&"--cpu-vendor".to_string()));
         assert!(e
             .pmvm_args
             .iter()
-            .any(|a| a.contains("-cx16") && a.contains("-popcnt")));
+            .any(|a| a.contains("-cx16") && a.contains("-popcnt") && a.contains("-clwb")));
         for word in [
             "mitigations=off",
             "noxsave",
-            "clearcpuid=cx16,popcnt,smap,fsgsbase",
+            "clearcpuid=cx16,popcnt,smap,fsgsbase,clwb",
         ] {
             assert!(e.cmdline.split_whitespace().any(|w| w == word), "{word}");
         }
@@ -595,14 +693,21 @@ mod harness_tests {
         let dir = tempfile::tempdir().unwrap();
         let f = files(
             dir.path(),
-            &["vmlinux", "min", "initramfs.cpio", "preflight.cpio"],
+            &[
+                "vmlinux",
+                "min",
+                "initramfs.cpio",
+                "preflight.cpio",
+                "tools.img",
+            ],
         );
         let text = format!(
             "PMEMTESTS_KERNEL={}\nPMEMTESTS_KERNEL_KIND=debian\nPMEMTESTS_KERNEL_MINIMAL=\n\
-             PMEMTESTS_INITRAMFS={}\nPMEMTESTS_PREFLIGHT={}\n",
+             PMEMTESTS_INITRAMFS={}\nPMEMTESTS_PREFLIGHT={}\nPMEMTESTS_TOOLS={}\n",
             f[0].display(),
             f[2].display(),
-            f[3].display()
+            f[3].display(),
+            f[4].display()
         );
         let env_path = dir.path().join("image.env");
         let img = Image::from_env(&env_path, &text).unwrap();
@@ -626,8 +731,9 @@ mod harness_tests {
             minimal: Some("/k/minimal".into()),
             initramfs: "/i".into(),
             preflight: "/p".into(),
+            tools: "/t".into(),
         };
-        let e = Emulated::parse(
+        let e = EmulatedProfile::parse(
             "KERNEL=minimal\nPMVM_ARGS=\"--cpu-vendor intel\"\nKERNEL_CMDLINE=noxsave\n",
         )
         .unwrap();
@@ -639,11 +745,11 @@ mod harness_tests {
         assert_eq!(emu.kernel, PathBuf::from("/k/minimal"));
         assert_eq!(emu.cmdline, format!("{BASE_CMDLINE} noxsave loglevel=8"));
         assert_eq!(emu.pmvm_args, vec!["--cpu-vendor", "intel"]);
-        // Your own kernel always wins.
-        assert_eq!(
-            choose_boot(&image, Some(&e), true, None).kernel,
-            PathBuf::from("/k/vmlinux")
-        );
+        assert!(emu.syscall_patch && !hw.syscall_patch);
+        // Your own kernel always wins, and may lack the system-call patch.
+        let yours = choose_boot(&image, Some(&e), true, None);
+        assert_eq!(yours.kernel, PathBuf::from("/k/vmlinux"));
+        assert!(!yours.syscall_patch);
         let no_min = Image {
             minimal: None,
             ..image
@@ -655,28 +761,34 @@ mod harness_tests {
     }
 
     #[test]
-    fn pmvm_gets_two_nvdimms_the_initrd_and_the_socket() {
+    fn pmvm_gets_two_nvdimms_the_tools_the_initrd_and_the_socket() {
         let boot = Boot {
             kernel: "/k".into(),
             label: "k".into(),
+            syscall_patch: true,
             pmvm_args: vec!["--cpu-vendor".into(), "intel".into()],
             cmdline: BASE_CMDLINE.into(),
         };
-        let args = pmvm_args(
-            &boot,
-            Path::new("/i.cpio"),
-            Path::new("/d"),
-            "pmemtests.preflight=1",
-            Some(Path::new("/d/s")),
-        );
+        let launch = Launch {
+            initrd: Path::new("/i.cpio"),
+            tools: Some(Path::new("/t.img")),
+            cmdline_extra: "pmemtests.preflight=1",
+            persist: Some("flush"),
+            api: Some(Path::new("/d/s")),
+        };
+        let args = pmvm_args(&boot, &launch, Path::new("/d"));
         let joined = args.join(" ");
+        assert!(
+            joined.contains("--pmem path=/t.img,readonly=on,id=tools"),
+            "{joined}"
+        );
         assert!(joined.contains("--initrd /i.cpio"), "{joined}");
         assert!(
-            joined.contains("--pmem path=/d/pmem0.img,size=256M,id=pmem0"),
+            joined.contains("--pmem path=/d/pmem0.img,size=256M,id=pmem0,persist=flush"),
             "{joined}"
         );
         assert!(
-            joined.contains("--pmem path=/d/pmem1.img,size=512M,id=pmem1"),
+            joined.contains("--pmem path=/d/pmem1.img,size=512M,id=pmem1,persist=flush"),
             "{joined}"
         );
         assert!(joined.contains("--api-sock /d/s"), "{joined}");

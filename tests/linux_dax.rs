@@ -7,156 +7,44 @@
 //! shows), and init started. From the host, through the API and cachestat(2): the mount made the
 //! guest flush, pmvm wrote the dirtied pages back, and the file's page cache is clean after.
 //!
-//! Where the host emulates guest kernel code (nested PVM, see docs/linux-guest.md) user space
-//! cannot run, so the test ends at "Run /init" and says so with a SKIP line for that stage.
+//! Then user space: /init (guest-images/linux-init/pmvm-init.c) writes /proof.bin in the DAX
+//! root, fsyncs it and its directory and powers the guest off; after pmvm exits, the host finds
+//! the file's blocks with debugfs and checks its bytes in the backing file at the data offset.
+//! On a host whose KVM emulates guest kernel code (nested PVM) this needs the minimal kernel's
+//! system-call patch and the CPU profile of guest-images/suite-emulated.conf.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use pmvm_tests::linux::{
+    check_proof_in_backing_file, emulating_host, init_elf, minimal_kernel_or_skip, wait_proof,
+    EmulatedProfile, PROOF_BYTES,
+};
 use pmvm_tests::{
-    api_get_json, api_request, cachestat, in_ci, kvm_or_skip, page_cache_or_skip, repo_root,
-    wait_api, Pmvm,
+    api_get_json, api_request, cachestat, in_ci, kvm_or_skip, page_cache_or_skip, wait_api, Pmvm,
 };
 
 /// The whole boot, banner to init, may take this long on an emulating host shared with
 /// another test (measured: about 45 s alone).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(420);
 
-/// pmvm options for hosts whose KVM emulates guest kernel code: hide what it cannot run.
-const CPU_ARGS: [&str; 4] = [
-    "--cpu-vendor",
-    "intel",
-    "--cpu-features=-cx16,-popcnt,-smap,-fsgsbase",
-    "--memory=128M",
-];
-
-/// The kernel command line: the CPU profile, the DAX root, and libnvdimm's probe messages
-/// (debug level, so `loglevel=8` to see them) switched on. No `panic=1`: when init dies the guest stays up, so the host can
-/// still read its statistics.
-fn cmdline(extra: &str) -> String {
+/// The kernel command line: the DAX root, init's mode, and libnvdimm's probe messages (debug
+/// level, so `loglevel=8` to see them) switched on; on an emulating host, its CPU profile. No
+/// `panic=1`: when init dies the guest stays up, so the host can still read its statistics.
+fn cmdline(init_mode: &str, extra: &str) -> String {
+    let profile = if emulating_host() {
+        EmulatedProfile::load().cmdline
+    } else {
+        String::new()
+    };
     format!(
-        "console=ttyS0 earlyprintk=serial mitigations=off noxsave \
-         clearcpuid=cx16,popcnt,smap,fsgsbase reboot=k pci=off loglevel=8 \
-         dyndbg=\"func nvdimm_bus_probe +p; func nd_pfn_probe +p\" {extra}"
+        "console=ttyS0 earlyprintk=serial {profile} reboot=k pci=off loglevel=8 \
+         dyndbg=\"func nvdimm_bus_probe +p; func nd_pfn_probe +p\" \
+         PMVM_INIT={init_mode} PMVM_PROOF_BYTES={PROOF_BYTES} {extra}"
     )
-}
-
-/// Builds (or finds in the cache) the minimal kernel once per test process.
-fn kernel() -> &'static Result<PathBuf, String> {
-    static KERNEL: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    KERNEL.get_or_init(|| {
-        let script = repo_root().join("guest-images/build-kernel.sh");
-        let start = Instant::now();
-        let out = Command::new("bash")
-            .arg(&script)
-            .output()
-            .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        for line in stderr.lines() {
-            println!("{line}");
-        }
-        if !out.status.success() {
-            let last = stderr.lines().last().unwrap_or("no message").to_string();
-            return Err(format!("build-kernel.sh failed: {last}"));
-        }
-        let path = PathBuf::from(
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .last()
-                .unwrap_or("")
-                .trim(),
-        );
-        if !path.is_file() {
-            return Err(format!("build-kernel.sh printed {path:?}, not a file"));
-        }
-        println!(
-            "kernel ready after {:.1} s: {}",
-            start.elapsed().as_secs_f64(),
-            path.display()
-        );
-        Ok(path)
-    })
-}
-
-/// The kernel, or None after printing why the test cannot run (a failure under CI).
-fn kernel_or_skip(test: &str) -> Option<PathBuf> {
-    match kernel() {
-        Ok(p) => Some(p.clone()),
-        Err(why) if in_ci() => panic!("{test}: the minimal kernel is required under CI: {why}"),
-        Err(why) => {
-            println!("SKIP: {test}: kernel build: {why}");
-            None
-        }
-    }
-}
-
-/// A static x86-64 ELF that writes one line to the console and then waits in pause(2)
-/// forever, so the guest stays up for the host to inspect. Hand-assembled: no compiler needed.
-fn init_elf() -> Vec<u8> {
-    const BASE: u64 = 0x40_0000;
-    const CODE_OFF: u64 = 64 + 56;
-    let msg = b"pmvm-init: user space runs\n";
-    let mut code = vec![
-        0xb8,
-        1,
-        0,
-        0,
-        0, // mov eax, 1 (write)
-        0xbf,
-        1,
-        0,
-        0,
-        0, // mov edi, 1 (stdout: /dev/console)
-        0x48,
-        0x8d,
-        0x35,
-        16,
-        0,
-        0,
-        0, // lea rsi, [rip + 16] (msg)
-        0xba,
-        msg.len() as u8,
-        0,
-        0,
-        0, // mov edx, len
-        0x0f,
-        0x05, // syscall
-        0xb8,
-        34,
-        0,
-        0,
-        0, // again: mov eax, 34 (pause)
-        0x0f,
-        0x05, // syscall
-        0xeb,
-        0xf7, // jmp again
-    ];
-    code.extend_from_slice(msg);
-    let total = CODE_OFF + code.len() as u64;
-    let mut elf = Vec::new();
-    elf.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
-    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    elf.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
-    elf.extend_from_slice(&1u32.to_le_bytes());
-    elf.extend_from_slice(&(BASE + CODE_OFF).to_le_bytes()); // entry
-    elf.extend_from_slice(&64u64.to_le_bytes()); // phoff
-    elf.extend_from_slice(&0u64.to_le_bytes()); // shoff
-    elf.extend_from_slice(&0u32.to_le_bytes()); // flags
-    for v in [64u16, 56, 1, 64, 0, 0] {
-        elf.extend_from_slice(&v.to_le_bytes()); // ehsize phentsize phnum shentsize shnum shstrndx
-    }
-    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
-    for v in [0, BASE, BASE, total, total, 0x1000u64] {
-        elf.extend_from_slice(&v.to_le_bytes()); // offset vaddr paddr filesz memsz align
-    }
-    assert_eq!(elf.len() as u64, CODE_OFF);
-    elf.extend_from_slice(&code);
-    elf
 }
 
 /// A root directory for the guest: /init and an empty /dev for devtmpfs.
@@ -164,12 +52,13 @@ fn rootfs(dir: &Path) -> PathBuf {
     let root = dir.join("root");
     fs::create_dir_all(root.join("dev")).unwrap();
     let init = root.join("init");
-    fs::write(&init, init_elf()).unwrap();
+    fs::copy(init_elf(), &init).unwrap();
     fs::set_permissions(&init, fs::Permissions::from_mode(0o755)).unwrap();
     root
 }
 
-fn pmem_format(img: &Path, mode: &str, root: &Path) {
+/// Formats `img` with an ext4 holding `root`; returns where the filesystem starts in the file.
+fn pmem_format(img: &Path, mode: &str, root: &Path) -> u64 {
     let out = Command::new(env!("CARGO_BIN_EXE_pmvm"))
         .args(["pmem", "format"])
         .arg(img)
@@ -182,7 +71,14 @@ fn pmem_format(img: &Path, mode: &str, root: &Path) {
         "pmvm pmem format failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    println!("{}", String::from_utf8_lossy(&out.stdout).trim());
+    let summary = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    println!("{summary}");
+    let at = summary
+        .rsplit(" at 0x")
+        .next()
+        .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+        .unwrap_or_else(|| panic!("no filesystem offset in {summary:?}"));
+    at
 }
 
 fn mkfs_or_skip(test: &str) -> bool {
@@ -262,33 +158,6 @@ impl<'a> Milestones<'a> {
     }
 }
 
-/// Waits for our init's line (Ok) or for the kernel to report init's death (Err, that line).
-fn user_space_outcome(vm: &Pmvm, from: usize, timeout: Duration) -> Result<String, String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        for line in vm.lines().into_iter().skip(from) {
-            if line.contains("pmvm-init: user space runs") {
-                return Ok(line);
-            }
-            if [
-                "segfault",
-                "Kernel panic",
-                "Requested init",
-                "Failed to execute",
-            ]
-            .iter()
-            .any(|w| line.contains(w))
-            {
-                return Err(line);
-            }
-        }
-        if Instant::now() >= deadline {
-            return Err(format!("no word from init within {timeout:?}"));
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 fn pmem_stats(sock: &Path) -> serde_json::Value {
     let doc = api_get_json(sock, "/v1/pmem");
     doc["devices"][0]["stats"].clone()
@@ -316,14 +185,16 @@ fn settled_stats(sock: &Path, quiet: Duration, timeout: Duration) -> serde_json:
     }
 }
 
-/// Boots `vmlinux` with the CI CPU profile, one NVDIMM and `cmd`; with `sock`, also the
+/// Boots `vmlinux` (with the emulating host's CPU profile there), one NVDIMM and `cmd`; with `sock`, also the
 /// control socket, waited for until it answers.
 fn boot(vmlinux: &Path, pmem: &str, sock: Option<&Path>, cmd: &str) -> Pmvm {
-    let mut args: Vec<&str> = vec!["--kernel", vmlinux.to_str().unwrap()];
-    args.extend(CPU_ARGS);
-    args.extend(["--pmem", pmem, "--cmdline", cmd]);
+    let mut args: Vec<String> = vec!["--kernel".into(), vmlinux.display().to_string()];
+    if emulating_host() {
+        args.extend(EmulatedProfile::load().pmvm_args);
+    }
+    args.extend(["--memory=128M", "--pmem", pmem, "--cmdline", cmd].map(String::from));
     if let Some(sock) = sock {
-        args.extend(["--api-sock", sock.to_str().unwrap()]);
+        args.extend(["--api-sock".into(), sock.display().to_string()]);
     }
     let vm = Pmvm::spawn(&PathBuf::from(env!("CARGO_BIN_EXE_pmvm")), &args);
     if let Some(sock) = sock {
@@ -338,7 +209,7 @@ fn minimal_kernel_mounts_an_fsdax_ext4_root_and_its_flushes_reach_the_file() {
     if !kvm_or_skip(test) || !mkfs_or_skip(test) {
         return;
     }
-    let Some(vmlinux) = kernel_or_skip(test) else {
+    let Some(vmlinux) = minimal_kernel_or_skip(test) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -347,12 +218,12 @@ fn minimal_kernel_mounts_an_fsdax_ext4_root_and_its_flushes_reach_the_file() {
     }
     let root = rootfs(dir.path());
     let img = dir.path().join("root.img");
-    pmem_format(&img, "fsdax", &root);
+    let fs_offset = pmem_format(&img, "fsdax", &root);
     let sock = dir.path().join("api.sock");
 
     let start = Instant::now();
     let pmem = format!("path={}", img.display());
-    let cmd = cmdline("root=/dev/pmem0 rootflags=dax rw init=/init");
+    let cmd = cmdline("dax-fsync", "root=/dev/pmem0 rootflags=dax rw init=/init");
     let mut vm = boot(&vmlinux, &pmem, Some(&sock), &cmd);
 
     let mut m = Milestones::new(&vm, "fsdax", start);
@@ -427,29 +298,16 @@ fn minimal_kernel_mounts_an_fsdax_ext4_root_and_its_flushes_reach_the_file() {
         println!("the guest flushed again while cachestat ran; the clean check is not conclusive");
     }
 
-    // User space: runs on hardware KVM (our init prints a line), dies on an emulating host.
-    match user_space_outcome(&vm, m.next_line, Duration::from_secs(60)) {
-        Ok(_) => println!(
-            "milestone [fsdax] {:<34} wall {:7.2} s",
-            "user space ran /init",
-            start.elapsed().as_secs_f64()
-        ),
-        Err(why) => println!(
-            "SKIP: {test}: user space: reached \"Run /init\" but init did not run here: {why}"
-        ),
-    }
-
-    let (status, body) = api_request(&sock, "PUT", "/v1/vm/shutdown").unwrap();
-    assert_eq!(status, 204, "shutdown: {body}");
-    let (exit, stderr) = vm.wait_exit(Duration::from_secs(60)).unwrap();
+    // User space: /init writes and fsyncs its proof in the DAX root and powers off.
+    wait_proof(&vm, m.next_line);
     println!(
-        "pmvm exited {exit:?}: {}",
-        stderr
-            .lines()
-            .filter(|l| l.contains("pmem0:"))
-            .collect::<Vec<_>>()
-            .join(" | ")
+        "milestone [fsdax] {:<34} wall {:7.2} s",
+        "/init wrote and fsynced its proof",
+        start.elapsed().as_secs_f64()
     );
+    let (exit, stderr) = vm.wait_exit(Duration::from_secs(120)).unwrap();
+    assert_eq!(exit.code(), Some(0), "init powered off: {stderr}");
+    check_proof_in_backing_file(&img, fs_offset, "/proof.bin");
 }
 
 /// The control: the same root on a raw namespace (no info block) cannot be mounted with
@@ -460,7 +318,7 @@ fn a_raw_namespace_refuses_the_dax_root() {
     if !kvm_or_skip(test) || !mkfs_or_skip(test) {
         return;
     }
-    let Some(vmlinux) = kernel_or_skip(test) else {
+    let Some(vmlinux) = minimal_kernel_or_skip(test) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -470,7 +328,7 @@ fn a_raw_namespace_refuses_the_dax_root() {
 
     let start = Instant::now();
     let pmem = format!("path={}", img.display());
-    let cmd = cmdline("root=/dev/pmem0 rootflags=dax rw init=/init");
+    let cmd = cmdline("pause", "root=/dev/pmem0 rootflags=dax rw init=/init");
     let vm = boot(&vmlinux, &pmem, None, &cmd);
     let mut m = Milestones::new(&vm, "raw control", start);
     m.reach(
@@ -502,19 +360,23 @@ fn strict_model_power_cut_after_the_mount_leaves_a_root_that_mounts_again() {
     if !kvm_or_skip(test) || !mkfs_or_skip(test) {
         return;
     }
-    let Some(vmlinux) = kernel_or_skip(test) else {
+    let Some(vmlinux) = minimal_kernel_or_skip(test) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
     let root = rootfs(dir.path());
     let img = dir.path().join("root.img");
-    pmem_format(&img, "fsdax", &root);
+    let fs_offset = pmem_format(&img, "fsdax", &root);
     let pmem = format!("path={},persist=flush", img.display());
-    let cmd = cmdline("root=/dev/pmem0 rootflags=dax rw init=/init");
 
-    for (n, tag) in [(1, "power cut, boot 1"), (2, "power cut, boot 2")] {
+    // Boot 1's init only waits, so the proof of boot 2 cannot come from boot 1.
+    for (n, tag, mode) in [
+        (1, "power cut, boot 1", "pause"),
+        (2, "power cut, boot 2", "dax-fsync"),
+    ] {
         let sock = dir.path().join(format!("api{n}.sock"));
         let start = Instant::now();
+        let cmd = cmdline(mode, "root=/dev/pmem0 rootflags=dax rw init=/init");
         let mut vm = boot(&vmlinux, &pmem, Some(&sock), &cmd);
         let mut m = Milestones::new(&vm, tag, start);
         m.reach(
@@ -547,10 +409,13 @@ fn strict_model_power_cut_after_the_mount_leaves_a_root_that_mounts_again() {
             let (exit, stderr) = vm.wait_exit(Duration::from_secs(60)).unwrap();
             assert_eq!(exit.code(), Some(3), "a power cut exits 3: {stderr}");
         } else {
+            // The strict model writes nothing back when the guest powers off, so the proof
+            // can reach the file only through the flushes of init's fsync.
             m.reach("init started", "Run /init as init process");
-            let (status, body) = api_request(&sock, "PUT", "/v1/vm/shutdown").unwrap();
-            assert_eq!(status, 204, "shutdown: {body}");
-            vm.wait_exit(Duration::from_secs(60)).unwrap();
+            wait_proof(&vm, m.next_line);
+            let (exit, stderr) = vm.wait_exit(Duration::from_secs(120)).unwrap();
+            assert_eq!(exit.code(), Some(0), "init powered off: {stderr}");
+            check_proof_in_backing_file(&img, fs_offset, "/proof.bin");
         }
     }
 }

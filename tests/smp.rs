@@ -1,7 +1,8 @@
 //! Several vCPUs: the probe starts application processors with INIT/SIPI through pmvm's
 //! in-kernel local APIC, as Linux does, and hands them words (`on CPU WORD`, `join CPU`).
 //! Output lines from different CPUs never tear, and a flush on one vCPU writes back exactly the
-//! pages every vCPU dirtied, with the dirty ring and with the bitmap.
+//! pages every vCPU dirtied, with the dirty ring and with the bitmap, also while another vCPU
+//! stores without ever exiting.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -125,5 +126,68 @@ fn a_flush_on_one_vcpu_writes_back_the_pages_every_vcpu_dirtied() {
             page(0x20000).iter().all(|&b| b == 0),
             "{mode}: unflushed page"
         );
+    }
+}
+
+/// The harvest barrier, end to end: vCPU 1 stores sequence numbers into 16 pmem pages in a
+/// tight loop that never exits to the host, while vCPU 0 flushes 100 times, each time after
+/// reading the last number vCPU 1 published (B). With `persist=flush` the file must hold
+/// exactly the last flush's image: every page at least the last number up to B that went to
+/// it (those stores completed before the flush began), none past the number published when
+/// the flush returned (A, plus the one store that may precede its publication); stores after
+/// the last flush, up to the power-off, never reach the file.
+///
+/// On this host's KVM (nested PVM) every store is logged as it happens, so this proves the
+/// end-to-end promise (a completed flush has every completed store of another vCPU in the
+/// file, and nothing later) but would pass without the barrier. On hardware KVM with PML a
+/// vCPU's logged pages reach the dirty log only when it exits, so the same test fails there
+/// unless the flush kicks vCPU 1 out of the guest before harvesting.
+#[test]
+fn a_flush_holds_every_store_another_vcpu_completed_without_exiting() {
+    if !kvm_or_skip("smp harvest") {
+        return;
+    }
+    const PAGES: u64 = 16;
+    for mode in ["ring", "bitmap"] {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("s.img");
+        let (code, lines, stderr) = run(
+            &format!("on 1 scribble 0 {PAGES} flushseq 0 100 poweroff"),
+            &[
+                "--pmem".into(),
+                format!("path={},size=2M,persist=flush", img.display()),
+                "--dirty-tracking".into(),
+                mode.into(),
+            ],
+        );
+        assert_eq!(code, Some(0), "{mode}: {stderr}\n{lines:?}");
+        let done = lines
+            .iter()
+            .find_map(|l| l.strip_prefix("probe: flushseq dev=0 n=100 "))
+            .unwrap_or_else(|| panic!("{mode}: no flushseq line: {lines:?}"));
+        let num = |key: &str| -> u64 {
+            done.split(' ')
+                .find_map(|f| f.strip_prefix(key))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{mode}: {done}"))
+        };
+        let (before, after) = (num("before="), num("after="));
+        assert!(before >= PAGES, "{mode}: vCPU 1 barely ran: {done}");
+        let file = std::fs::read(&img).unwrap();
+        for page in 0..PAGES {
+            let at = (page * 4096) as usize;
+            let got = u64::from_le_bytes(file[at..at + 8].try_into().unwrap());
+            // The last k <= before with k % PAGES == page.
+            let least = before - (before + PAGES - page) % PAGES;
+            assert!(
+                got >= least,
+                "{mode}: page {page} holds {got}, but store {least} completed before the \
+                 flush ({done})"
+            );
+            assert!(
+                got <= after + 1,
+                "{mode}: page {page} holds {got}, stored after the flush returned ({done})"
+            );
+        }
     }
 }

@@ -250,3 +250,48 @@ int pmem_storm(u64 dev, u64 n)
 	}
 	return rounds_done("storm", dev, n);
 }
+
+/* The last sequence number `scribble` stored; written after the store it numbers, so a CPU
+ * that reads k here knows every store up to k is visible (x86 keeps stores in order). */
+static volatile u64 scribbled;
+
+int pmem_scribble(u64 dev, u64 pages)
+{
+	u64 addr;
+	if (pages == 0 || map_dev_range("scribble", dev, 0, pages * 4096, &addr))
+		return -1;
+	/* Plain stores and nothing else: this CPU never exits to the host. */
+	for (u64 k = 1;; k++) {
+		*(volatile u64 *)(usize)(addr + (k % pages) * 4096) = k;
+		scribbled = k;
+	}
+}
+
+int pmem_flushseq(u64 dev, u64 n)
+{
+	u64 hint, before = 0, after = 0;
+	/* The scribbler maps its range first; then this CPU maps the hint page. */
+	while (scribbled == 0)
+		cpu_relax_barrier();
+	if (flush_hint("flushseq", dev, &hint))
+		return -1;
+	for (u64 i = 0; i < n; i++) {
+		/* New stores since the last flush, each round. */
+		while (scribbled == after)
+			cpu_relax_barrier();
+		before = scribbled;
+		flush_store(hint);
+		after = scribbled;
+	}
+	line_begin();
+	out_str("flushseq dev=");
+	out_dec(dev);
+	out_str(" n=");
+	out_dec(n);
+	out_str(" before=");
+	out_dec(before);
+	out_str(" after=");
+	out_dec(after);
+	line_end();
+	return 0;
+}

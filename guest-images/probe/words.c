@@ -245,6 +245,19 @@ static int w_storm(struct cursor *c)
 	return arg_num(c, "DEV", &dev) || arg_num(c, "N", &n) ? -1 : pmem_storm(dev, n);
 }
 
+static int w_scribble(struct cursor *c)
+{
+	u64 dev, pages;
+	return arg_num(c, "DEV", &dev) || arg_num(c, "PAGES", &pages) ? -1
+								   : pmem_scribble(dev, pages);
+}
+
+static int w_flushseq(struct cursor *c)
+{
+	u64 dev, n;
+	return arg_num(c, "DEV", &dev) || arg_num(c, "N", &n) ? -1 : pmem_flushseq(dev, n);
+}
+
 static int w_on(struct cursor *c);
 static int w_join(struct cursor *c);
 
@@ -266,6 +279,8 @@ static const struct {
 	{"flushw", w_flushw, 2},
 	{"flushes", w_flushes, 2},
 	{"storm", w_storm, 2},
+	{"scribble", w_scribble, 2},
+	{"flushseq", w_flushseq, 2},
 	{"counter", w_counter, 0},
 	{"triplefault", w_triplefault, 0},
 	{"emufail", w_emufail, 0},

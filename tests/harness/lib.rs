@@ -7,6 +7,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+pub mod linux;
+
 /// The repository root.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -104,6 +106,22 @@ impl Log {
     fn text(&self) -> String {
         self.lines.lock().unwrap().join("\n")
     }
+}
+
+/// The arguments that boot the probe with WORDS, one `--pmem` and, if given, a control socket.
+pub fn probe_pmem_args(words: &str, pmem: &str, sock: Option<&Path>) -> Vec<String> {
+    let mut args = vec![
+        "--kernel".to_string(),
+        probe_elf().display().to_string(),
+        "--cmdline".into(),
+        format!("console=ttyS0 -- {words}"),
+        "--pmem".into(),
+        pmem.to_string(),
+    ];
+    if let Some(sock) = sock {
+        args.extend(["--api-sock".into(), sock.display().to_string()]);
+    }
+    args
 }
 
 /// A running pmvm. Dropping it kills the process; if the test is failing, the console and

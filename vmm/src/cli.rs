@@ -200,4 +200,8 @@ pub enum Command {
     Log(crate::log_cmd::LogArgs),
     /// Format or inspect an NVDIMM backing file offline (`pmvm pmem format|info`).
     Pmem(crate::pmem_format::PmemArgs),
+    /// Crash-consistency test: run a workload in a Linux guest on a DAX filesystem, then check
+    /// every crash state between its flushes with the filesystem's checker and against each
+    /// `DURABLE` claim the guest made (docs/crash-test.md).
+    CrashTest(Box<crate::crash_test::CrashTestArgs>),
 }

@@ -1,5 +1,6 @@
 //! What the control socket may do to a running machine.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -23,13 +24,18 @@ pub struct MachineControl {
     pub exit: Arc<ExitSignal>,
     /// Held across a pause or resume, so the two never interleave.
     pub paused: Mutex<bool>,
+    /// The same value, readable without waiting for a pause or resume in progress: a state
+    /// query must answer while a vCPU is stuck in the file system.
+    pub paused_flag: AtomicBool,
 }
 
 impl MachineControl {
     fn state(&self) -> VmState {
         if self.exit.reason().is_some() {
             VmState::ShuttingDown
-        } else if *lock(&self.paused) {
+        } else if self.threads.io_error().is_some() {
+            VmState::IoError
+        } else if self.paused_flag.load(Ordering::Acquire) {
             VmState::Paused
         } else {
             VmState::Running
@@ -71,6 +77,7 @@ pub fn pmem_info(d: &Nvdimm) -> PmemInfo {
         writeback_interval_ms: d.writeback_interval().map(|i| i.as_millis() as u64),
         flush_log: d.flush_log_path().map(|p| p.display().to_string()),
         dirty_tracking: d.dirty_tracking().to_string(),
+        io_error: d.io_fault(),
     }
 }
 
@@ -83,6 +90,12 @@ impl VmmControl for MachineControl {
             memory_bytes: self.memory,
             kernel: self.kernel.clone(),
             cmdline: self.cmdline.clone(),
+            io_error: self.threads.io_error(),
+            writebacks_in_progress: self
+                .pmem
+                .iter()
+                .filter_map(|d| d.writeback_in_progress())
+                .collect(),
         }
     }
 
@@ -122,12 +135,16 @@ impl VmmControl for MachineControl {
             source: Box::new(e),
         })?;
         *paused = true;
+        self.paused_flag.store(true, Ordering::Release);
         Ok(())
     }
 
     fn resume(&self) -> Result<(), ApiError> {
         self.refuse_if_stopping("resume")?;
         let mut paused = lock(&self.paused);
+        if self.threads.io_error().is_some() {
+            return self.retry_io_error();
+        }
         if !*paused {
             return Err(ApiError::WrongState {
                 action: "resume",
@@ -136,6 +153,7 @@ impl VmmControl for MachineControl {
         }
         self.threads.resume();
         *paused = false;
+        self.paused_flag.store(false, Ordering::Release);
         Ok(())
     }
 
@@ -156,15 +174,32 @@ impl VmmControl for MachineControl {
 }
 
 impl MachineControl {
-    /// Devices first, so nothing becomes durable after the request; then the vCPUs, so the
-    /// guest stops storing. Both are done when the client gets its answer.
+    /// The stop first, so a vCPU whose flush the cut ends never re-enters the guest; then the
+    /// devices, so nothing becomes durable after the request; then the vCPUs, so the guest
+    /// stops storing. All are done when the client gets its answer.
     fn cut(&self, cause: PowerCutCause) -> Result<(), ApiError> {
         self.refuse_if_stopping("cut the power of")?;
+        self.exit.request(ExitReason::PowerCut(cause));
         for d in &self.pmem {
             d.power_cut();
         }
-        self.exit.request(ExitReason::PowerCut(cause));
         self.threads.stop();
+        Ok(())
+    }
+
+    /// `resume` in `io-error`: a writeback of every device in fault, which rewrites its pages
+    /// from guest memory; the vCPUs run again only if every one is durable.
+    fn retry_io_error(&self) -> Result<(), ApiError> {
+        let mut pages = 0;
+        for d in self.pmem.iter().filter(|d| d.io_fault().is_some()) {
+            let report = d.host_flush().map_err(|e| ApiError::Failed {
+                action: format!("retrying the writeback of {}", d.id()),
+                source: Box::new(e),
+            })?;
+            pages += report.pages;
+        }
+        self.threads.clear_io_error();
+        eprintln!("pmvm: io-error cleared: the retry made {pages} pages durable; resuming");
         Ok(())
     }
 }

@@ -21,6 +21,8 @@ pub enum ExitReason {
     Fatal(String),
     /// Simulated power loss: nothing more is written back, not even at exit.
     PowerCut(PowerCutCause),
+    /// A flush failed on an `on-error=exit` device; the message names the fault.
+    IoError(String),
 }
 
 /// Who cut the power.
@@ -48,6 +50,10 @@ impl fmt::Display for PowerCutCause {
 /// apart from 1 (errors, guest failures) and 2 (command-line mistakes).
 pub const POWER_CUT_EXIT_CODE: u8 = 3;
 
+/// pmvm's exit status when an `on-error=exit` device's flush failed: the guest never saw it
+/// complete, and what it flushed is not all on disk.
+pub const IO_ERROR_EXIT_CODE: u8 = 4;
+
 impl ExitReason {
     /// Whether pmvm writes back what the guest left dirty before exiting: when the host
     /// stopped an orderly guest (and only for `persist=adr` devices). A guest that powered off
@@ -62,6 +68,7 @@ impl ExitReason {
         match self {
             ExitReason::Fatal(_) => 1,
             ExitReason::PowerCut(_) => POWER_CUT_EXIT_CODE,
+            ExitReason::IoError(_) => IO_ERROR_EXIT_CODE,
             _ => 0,
         }
     }
@@ -135,6 +142,8 @@ mod tests {
         assert!(ExitReason::Shutdown.writes_back());
         assert!(!ExitReason::PowerOff.writes_back());
         assert!(!ExitReason::Fatal("x".into()).writes_back());
+        assert!(!ExitReason::IoError("x".into()).writes_back());
+        assert_eq!(ExitReason::IoError("x".into()).exit_code(), 4);
         assert!(!s.power_cut());
     }
 

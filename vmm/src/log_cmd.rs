@@ -399,7 +399,7 @@ fn apply(
     Ok(applied)
 }
 
-fn replay(
+pub(crate) fn replay(
     src: &FileSource,
     log: &FlushLog,
     base: &Path,

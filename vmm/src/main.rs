@@ -4,6 +4,7 @@ mod api;
 mod boot;
 mod cli;
 mod control;
+mod crash_test;
 mod devices;
 mod exit;
 mod layout;
@@ -16,6 +17,7 @@ mod pmem;
 mod pmem_format;
 mod seccomp;
 mod signals;
+mod stop_wait;
 mod vcpu;
 mod vm;
 mod x86;
@@ -61,6 +63,7 @@ fn run_client(cmd: cli::Command) -> ExitCode {
         },
         Command::Pmem(args) => return pmem_format::run(args),
         Command::Log(args) => return log_cmd::run(&args),
+        Command::CrashTest(args) => return crash_test::run(*args),
     };
     match api::client::run_client(cmd) {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use nvdimm::config::{PersistMode, PmemConfig};
-use nvdimm::{Nvdimm, NvdimmError, NvdimmParams};
+use nvdimm::{FlushError, IoFault, Nvdimm, NvdimmError, NvdimmParams, OnError};
 
 use crate::layout;
 use crate::memory;
@@ -152,25 +152,67 @@ impl PmemBus {
     /// the VM must stop.
     pub fn write(&self, vcpu: u8, addr: u64, data: &[u8]) -> PmemWrite {
         if let Some((dev, off)) = self.hint_target(addr) {
-            dev.mmio_write(u32::from(vcpu), off, data);
-            return dev
-                .fatal_error()
-                .map_or(PmemWrite::Claimed, PmemWrite::Fatal);
+            let flushed = dev.mmio_write(u32::from(vcpu), off, data);
+            if let Some(msg) = dev.fatal_error() {
+                return PmemWrite::Fatal(msg);
+            }
+            return match flushed {
+                Ok(()) => PmemWrite::Claimed,
+                Err(e) => PmemWrite::Failed(FlushFailure::of(dev, &e)),
+            };
         }
         if let Some(dev) = self
             .devices
             .iter()
             .find(|d| (d.guest_base()..d.guest_base() + d.size()).contains(&addr))
         {
-            // Only read-only devices exit on a write to their range: the write is dropped.
-            log::debug!(
-                "dropped a guest write to read-only {} at offset {:#x}",
-                dev.id(),
-                addr - dev.guest_base()
-            );
-            return PmemWrite::Claimed;
+            let offset = addr - dev.guest_base();
+            if dev.readonly() {
+                log::debug!(
+                    "dropped a guest write to read-only {} at offset {offset:#x}",
+                    dev.id()
+                );
+                return PmemWrite::Claimed;
+            }
+            // A writable device's range is all memslot: KVM exits here only when it could
+            // not back the page. A truncated file cannot be fixed by a retry: stop.
+            if let Some(msg) = dev.check_fatal_now() {
+                return PmemWrite::Fatal(msg);
+            }
+            // Otherwise (a full file system, say) the store is not lost: the device keeps
+            // it for the retry, and the vCPU waits.
+            let e = dev.unbacked_store(offset, data);
+            return PmemWrite::Failed(FlushFailure::of(dev, &e));
         }
         PmemWrite::Unclaimed
+    }
+}
+
+/// A guest write that did not become durable, and what the VM does about it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct FlushFailure {
+    /// None when the VM is stopping (a power cut, a fatal error): nothing to retry.
+    pub fault: Option<IoFault>,
+    pub on_error: OnError,
+}
+
+impl FlushFailure {
+    /// The VM is stopping under this write.
+    pub fn stopping() -> Self {
+        FlushFailure {
+            fault: None,
+            on_error: OnError::Exit,
+        }
+    }
+
+    fn of(dev: &Nvdimm, e: &FlushError) -> Self {
+        FlushFailure {
+            fault: match e {
+                FlushError::PoweredOff => None,
+                _ => dev.io_fault(),
+            },
+            on_error: dev.on_error(),
+        }
     }
 }
 
@@ -182,6 +224,8 @@ pub enum PmemWrite {
     Claimed,
     /// A flush found the device's backing file truncated: why the VM must stop.
     Fatal(String),
+    /// A flush or store that is not durable: the vCPU must not complete it.
+    Failed(FlushFailure),
 }
 
 #[cfg(test)]

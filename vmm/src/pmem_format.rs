@@ -725,7 +725,7 @@ fn tree_size(dir: &Path) -> u64 {
 }
 
 /// Copies `src` into `dst` at `offset`, skipping holes (the destination already reads zero).
-fn copy_sparse(src: &File, dst: &File, offset: u64) -> io::Result<()> {
+pub(crate) fn copy_sparse(src: &File, dst: &File, offset: u64) -> io::Result<()> {
     let len = src.metadata()?.len();
     let mut pos = 0u64;
     let mut buf = vec![0u8; 1 << 20];

@@ -200,6 +200,8 @@ const FLUSH: &[libc::c_long] = &[
     libc::SYS_fsync,
     libc::SYS_pwrite64,
     libc::SYS_pread64,
+    // Undoing a torn flush-log append on its error path.
+    libc::SYS_ftruncate,
 ];
 
 /// Dirty-tracking ioctls on the VM fd, also part of every flush.
@@ -221,10 +223,12 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
                 libc::SYS_epoll_wait,
                 libc::SYS_epoll_pwait,
                 libc::SYS_epoll_ctl,
-                // Teardown: the socket file and its staging directory.
+                // Teardown: the socket file and its staging directory, the pmem path locks
+                // (a read-only holder takes its lock exclusively to learn it is the last).
                 libc::SYS_unlink,
                 libc::SYS_unlinkat,
                 libc::SYS_rmdir,
+                libc::SYS_flock,
             ]);
             ioctls.extend([
                 // Restoring the terminal; deleting the pmem memslots at teardown.

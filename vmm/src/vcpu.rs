@@ -1,6 +1,6 @@
 //! vCPU threads: the KVM_RUN loop, exit dispatch, pausing and stopping.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -11,13 +11,14 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use nvdimm::{DirtyRings, VcpuRingHandle};
+use nvdimm::{IoFault, OnError};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::signal::Killable;
 
-use crate::devices::{lock, Bus};
+use crate::devices::{lock, Bus, FlushFailure};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::seccomp::ThreadFilter;
 use crate::signals;
+use crate::stop_wait::{join_until, STOP_TIMEOUT};
 use crate::x86::paging;
 
 /// Shared by the vCPU threads and whoever pauses, resumes or stops them.
@@ -26,12 +27,42 @@ pub struct VcpuControl {
     stop: AtomicBool,
     state: Mutex<PauseState>,
     changed: Condvar,
+    /// The vCPU threads, for kicking them out of KVM_RUN.
+    threads: Mutex<Vec<Arc<VcpuSlot>>>,
 }
+
+/// What others need to know about one vCPU thread to make it leave the guest.
+struct VcpuSlot {
+    id: u8,
+    thread: libc::pthread_t,
+    /// Set just before KVM_RUN and cleared once it returns.
+    in_guest: AtomicBool,
+    /// KVM_RUN returns so far.
+    exits: AtomicU64,
+    /// Cleared when the thread leaves its loop: it must not be signalled after it is joined.
+    alive: AtomicBool,
+}
+
+impl VcpuSlot {
+    fn kick(&self) {
+        if self.alive.load(Ordering::Acquire) {
+            // SAFETY: the thread is alive (it clears `alive` before returning, and threads are
+            // joined only after they return), so its pthread_t is valid.
+            unsafe { libc::pthread_kill(self.thread, signals::vcpu_kick_signal()) };
+        }
+    }
+}
+
+/// How long a harvest waits for the other vCPUs to leave the guest.
+const HARVEST_BARRIER_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Default)]
 struct PauseState {
     requested: bool,
     parked: usize,
+    /// Set when a flush failed: every vCPU is held, the one whose flush failed included,
+    /// until a retry succeeds.
+    io_error: Option<IoFault>,
 }
 
 impl VcpuControl {
@@ -39,19 +70,103 @@ impl VcpuControl {
         self.stop.load(Ordering::Acquire)
     }
 
-    /// Holds the calling vCPU while a pause is requested.
+    /// Holds the calling vCPU while a pause is requested or the VM is in `io-error`.
     fn park_if_paused(&self) {
+        let held = |st: &PauseState| st.requested || st.io_error.is_some();
         let mut st = lock(&self.state);
-        if !st.requested {
+        if !held(&st) {
             return;
         }
         st.parked += 1;
         self.changed.notify_all();
-        while st.requested && !self.stopping() {
+        while held(&st) && !self.stopping() {
             st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
         }
         st.parked -= 1;
         self.changed.notify_all();
+    }
+
+    /// Puts the VM in `io-error` and kicks every vCPU out of the guest. Returns whether this
+    /// call did it (the first fault is the one reported).
+    fn enter_io_error(&self, fault: IoFault) -> bool {
+        let first = {
+            let mut st = lock(&self.state);
+            let first = st.io_error.is_none();
+            if first {
+                st.io_error = Some(fault);
+            }
+            self.changed.notify_all();
+            first
+        };
+        self.kick_all();
+        first
+    }
+
+    /// Why the VM is in `io-error`, if it is.
+    pub fn io_error(&self) -> Option<IoFault> {
+        lock(&self.state).io_error.clone()
+    }
+
+    /// Ends `io-error`: the vCPUs run again, the one whose flush failed completing its hint
+    /// write. Only once the failed flush's pages are durable.
+    pub fn clear_io_error(&self) {
+        lock(&self.state).io_error = None;
+        self.changed.notify_all();
+    }
+
+    /// Makes every vCPU thread that is in KVM_RUN leave it (an EINTR exit).
+    fn kick_all(&self) {
+        for slot in lock(&self.threads).iter() {
+            slot.kick();
+        }
+    }
+
+    /// Registers the calling thread as vCPU `id`.
+    fn register(&self, id: u8) -> Arc<VcpuSlot> {
+        let slot = Arc::new(VcpuSlot {
+            id,
+            // SAFETY: pthread_self has no preconditions.
+            thread: unsafe { libc::pthread_self() },
+            in_guest: AtomicBool::new(false),
+            exits: AtomicU64::new(0),
+            alive: AtomicBool::new(true),
+        });
+        lock(&self.threads).push(slot.clone());
+        slot
+    }
+
+    /// The harvest barrier: returns once every vCPU but `except` that was in the guest when
+    /// called has left KVM_RUN at least once, kicking them until they have.
+    pub fn sync_exits(&self, except: Option<u32>) -> Result<(), String> {
+        let snapshot: Vec<(Arc<VcpuSlot>, u64)> = lock(&self.threads)
+            .iter()
+            .filter(|s| except != Some(u32::from(s.id)))
+            .map(|s| (s.clone(), s.exits.load(Ordering::SeqCst)))
+            .collect();
+        let deadline = Instant::now() + HARVEST_BARRIER_TIMEOUT;
+        loop {
+            let waiting: Vec<&Arc<VcpuSlot>> = snapshot
+                .iter()
+                .filter(|(s, exits)| {
+                    s.in_guest.load(Ordering::SeqCst) && s.exits.load(Ordering::SeqCst) == *exits
+                })
+                .map(|(s, _)| s)
+                .collect();
+            let Some(first) = waiting.first() else {
+                return Ok(());
+            };
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "vCPU {} did not leave KVM_RUN within {HARVEST_BARRIER_TIMEOUT:?}",
+                    first.id
+                ));
+            }
+            // Resent until it lands inside KVM_RUN: one that arrives just before is lost.
+            for s in &waiting {
+                s.kick();
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
     }
 }
 
@@ -74,6 +189,12 @@ pub struct Vcpu {
 impl Vcpu {
     /// Runs until the VM stops or this vCPU hits something fatal.
     pub fn run(mut self) {
+        let slot = self.control.register(self.id);
+        self.run_loop(&slot);
+        slot.alive.store(false, Ordering::Release);
+    }
+
+    fn run_loop(&mut self, slot: &VcpuSlot) {
         if let Err(e) = self.seccomp.apply() {
             self.exit
                 .request(ExitReason::Fatal(format!("vCPU {}: {e}", self.id)));
@@ -87,7 +208,7 @@ impl Vcpu {
             if self.control.stopping() {
                 break;
             }
-            if let Some(reason) = self.run_once() {
+            if let Some(reason) = self.run_once(slot) {
                 self.exit.request(reason);
                 break;
             }
@@ -107,14 +228,22 @@ impl Vcpu {
     }
 
     /// One KVM_RUN and its exit. Returns why the VM must stop, if it must.
-    fn run_once(&mut self) -> Option<ExitReason> {
+    fn run_once(&mut self, slot: &VcpuSlot) -> Option<ExitReason> {
         let bus = &self.bus;
         let ring_mark = self.dirty_ring.as_ref().map(|(_, ring)| ring.mark());
-        match self.fd.run() {
+        slot.in_guest.store(true, Ordering::SeqCst);
+        let ran = self.fd.run();
+        slot.exits.fetch_add(1, Ordering::SeqCst);
+        slot.in_guest.store(false, Ordering::SeqCst);
+        match ran {
             Ok(VcpuExit::IoIn(port, data)) => bus.pio_read(port, data),
             Ok(VcpuExit::IoOut(port, data)) => bus.pio_write(port, data),
             Ok(VcpuExit::MmioRead(addr, data)) => bus.mmio_read(addr, data),
-            Ok(VcpuExit::MmioWrite(addr, data)) => bus.mmio_write(self.id, addr, data),
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if let Some(failure) = bus.mmio_write(self.id, addr, data) {
+                    return self.flush_failed(failure);
+                }
+            }
             Ok(VcpuExit::Hlt) => std::thread::sleep(Duration::from_millis(1)),
             Ok(VcpuExit::Shutdown) => {
                 return Some(self.fatal("triple fault (KVM_EXIT_SHUTDOWN)".into()))
@@ -167,6 +296,29 @@ impl Vcpu {
             Err(e) => return Some(self.fatal(format!("KVM_RUN failed: {e}"))),
         }
         None
+    }
+
+    /// A guest flush (or a store into pmem) could not be made durable: the write must not
+    /// complete, so this vCPU does not re-enter the guest until a retry succeeds (it parks
+    /// at the top of its loop), or ever.
+    fn flush_failed(&self, failure: FlushFailure) -> Option<ExitReason> {
+        let Some(fault) = failure.fault else {
+            // The VM is stopping (a power cut, a fatal error), whose reason came first.
+            return Some(ExitReason::Fatal(format!(
+                "vCPU {}: stopped with its flush incomplete",
+                self.id
+            )));
+        };
+        match failure.on_error {
+            OnError::Exit => Some(ExitReason::IoError(fault.line_for_exit())),
+            OnError::Stop => {
+                let line = fault.line();
+                if self.control.enter_io_error(fault) {
+                    eprintln!("pmvm: {line}");
+                }
+                None
+            }
+        }
     }
 
     fn internal_error(&mut self) -> String {
@@ -245,12 +397,17 @@ impl VcpuThreads {
     }
 
     fn kick_all(&self) {
-        for h in lock(&self.handles).iter() {
-            if !h.is_finished() {
-                // A thread that already left ignores the signal; ESRCH is harmless.
-                let _ = h.kill(signals::vcpu_kick_signal());
-            }
-        }
+        self.control.kick_all();
+    }
+
+    /// Why the VM is in `io-error`, if it is.
+    pub fn io_error(&self) -> Option<IoFault> {
+        self.control.io_error()
+    }
+
+    /// See [`VcpuControl::clear_io_error`].
+    pub fn clear_io_error(&self) {
+        self.control.clear_io_error();
     }
 
     /// Takes every vCPU out of KVM_RUN and holds it. A vCPU in the middle of a guest flush
@@ -293,22 +450,64 @@ impl VcpuThreads {
         self.control.changed.notify_all();
     }
 
-    /// Stops and joins every vCPU thread. A vCPU in the middle of a guest flush finishes it.
-    pub fn stop(&self) {
+    /// Stops and joins every vCPU thread. A vCPU in the middle of a guest flush finishes it,
+    /// if it can within [`STOP_TIMEOUT`]; returns the names of the threads that did not (one
+    /// blocked in a frozen file system), which are left running, never to re-enter the guest.
+    pub fn stop(&self) -> Vec<String> {
         {
             // Under the lock, so a vCPU about to park cannot miss the wake-up.
             let _st = lock(&self.control.state);
             self.control.stop.store(true, Ordering::Release);
             self.control.changed.notify_all();
         }
-        while lock(&self.handles).iter().any(|h| !h.is_finished()) {
-            self.kick_all();
-            std::thread::sleep(KICK_INTERVAL);
-        }
-        for h in lock(&self.handles).drain(..) {
-            if h.join().is_err() {
-                log::error!("a vCPU thread panicked");
-            }
-        }
+        let handles: Vec<JoinHandle<()>> = lock(&self.handles).drain(..).collect();
+        join_until(handles, Instant::now() + STOP_TIMEOUT, || self.kick_all())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in vCPU thread: "in the guest" while blocked in pause(2), which the kick
+    /// signal ends, as it ends KVM_RUN. Returns its slot once it is in.
+    fn fake_vcpu(control: &Arc<VcpuControl>, id: u8) -> (Arc<VcpuSlot>, JoinHandle<()>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let c = control.clone();
+        let h = std::thread::spawn(move || {
+            let slot = c.register(id);
+            slot.in_guest.store(true, Ordering::SeqCst);
+            tx.send(slot.clone()).unwrap();
+            // SAFETY: pause has no preconditions; it returns when a handled signal arrives.
+            unsafe { libc::pause() };
+            slot.exits.fetch_add(1, Ordering::SeqCst);
+            slot.in_guest.store(false, Ordering::SeqCst);
+            slot.alive.store(false, Ordering::Release);
+        });
+        (rx.recv().unwrap(), h)
+    }
+
+    #[test]
+    fn the_harvest_barrier_waits_until_every_other_vcpu_left_the_guest() {
+        signals::install_kick_handler().unwrap();
+        let control = Arc::new(VcpuControl::default());
+        let (flushing, f) = fake_vcpu(&control, 0);
+        let (other, o) = fake_vcpu(&control, 1);
+        control.sync_exits(Some(0)).unwrap();
+        assert_eq!(
+            other.exits.load(Ordering::SeqCst),
+            1,
+            "vCPU 1 was kicked out"
+        );
+        o.join().unwrap();
+        // The flushing vCPU itself is not waited for: it is still "in the guest".
+        assert!(flushing.in_guest.load(Ordering::SeqCst));
+        assert_eq!(flushing.exits.load(Ordering::SeqCst), 0);
+        // A host writeback waits for every vCPU.
+        control.sync_exits(None).unwrap();
+        assert_eq!(flushing.exits.load(Ordering::SeqCst), 1);
+        f.join().unwrap();
+        // With nobody in the guest it returns at once.
+        control.sync_exits(None).unwrap();
     }
 }

@@ -31,6 +31,7 @@ use crate::platform::{self, PlatformError};
 use crate::pmem::{self, PmemBus};
 use crate::seccomp::{Filters, SeccompError, ThreadFilter};
 use crate::signals::{self, StopSignals};
+use crate::stop_wait::{self, STOP_TIMEOUT};
 use crate::vcpu::{Vcpu, VcpuControl, VcpuError, VcpuThreads};
 use crate::x86::{cpuid, regs, regs::RegsError};
 
@@ -354,6 +355,10 @@ pub fn run(config: &MachineConfig, opts: &RunOptions) -> Result<u8, VmError> {
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("report its supported CPUID"))?;
     let control = Arc::new(VcpuControl::default());
+    for d in &pmem_devices {
+        let control = control.clone();
+        d.set_harvest_barrier(Arc::new(move |except| control.sync_exits(except)));
+    }
     let mut vcpus = Vec::new();
     for id in 0..config.cpus {
         let fd = vm
@@ -420,6 +425,7 @@ pub fn run(config: &MachineConfig, opts: &RunOptions) -> Result<u8, VmError> {
                 threads: threads.clone(),
                 exit: exit.clone(),
                 paused: Mutex::new(false),
+                paused_flag: Default::default(),
             });
             let options = ServerOptions {
                 seccomp: Some(filters.api.clone()),
@@ -436,7 +442,7 @@ pub fn run(config: &MachineConfig, opts: &RunOptions) -> Result<u8, VmError> {
     let background = start_background_writeback(&pmem_devices, &filters.writeback)?;
     if let Err(e) = threads.start(vcpus) {
         threads.stop();
-        stop_background_writeback(&pmem_devices, background);
+        stop_background_writeback(&pmem_devices, background, Instant::now() + STOP_TIMEOUT);
         return Err(e.into());
     }
     // Last: every other thread is running under its own filter, and what the main thread
@@ -453,13 +459,28 @@ pub fn run(config: &MachineConfig, opts: &RunOptions) -> Result<u8, VmError> {
     if let Some(server) = api {
         server.stop();
     }
-    threads.stop();
-    stop_background_writeback(&pmem_devices, background);
+    let stopping = Instant::now();
+    let mut stuck = threads.stop();
+    stuck.extend(stop_background_writeback(
+        &pmem_devices,
+        background,
+        stopping + STOP_TIMEOUT,
+    ));
     drop(raw_terminal);
+    if !stuck.is_empty() {
+        // A flush blocked in the file system: it was never acknowledged, and a final
+        // writeback would block the same way.
+        eprintln!("pmvm: {}", stop_wait::stuck_line(&stuck, &pmem_devices));
+        let reason = exit.reason().unwrap_or(ExitReason::Shutdown);
+        return Ok(match reason {
+            ExitReason::PowerCut(_) => reason.exit_code(),
+            _ => crate::exit::IO_ERROR_EXIT_CODE,
+        });
+    }
 
     let reason = exit.reason().unwrap_or(ExitReason::Shutdown);
     match &reason {
-        ExitReason::Fatal(msg) => eprintln!("pmvm: {msg}"),
+        ExitReason::Fatal(msg) | ExitReason::IoError(msg) => eprintln!("pmvm: {msg}"),
         ExitReason::PowerCut(cause) => {
             // Already done by whoever cut the power; repeated for any device added since.
             for d in &pmem_devices {
@@ -496,7 +517,7 @@ fn start_background_writeback(
         match spawned {
             Ok(h) => handles.push(h),
             Err(e) => {
-                stop_background_writeback(devices, handles);
+                stop_background_writeback(devices, handles, Instant::now() + STOP_TIMEOUT);
                 return Err(host_err("a background writeback thread")(e));
             }
         }
@@ -504,19 +525,17 @@ fn start_background_writeback(
     Ok(handles)
 }
 
-/// Stops the background writeback threads; a round in progress finishes first.
+/// Stops the background writeback threads; a round in progress finishes first, if it does
+/// by `deadline`. Returns the names of the threads that did not stop.
 fn stop_background_writeback(
     devices: &[Arc<nvdimm::Nvdimm>],
     handles: Vec<std::thread::JoinHandle<()>>,
-) {
+    deadline: Instant,
+) -> Vec<String> {
     for d in devices {
         d.stop_background_writeback();
     }
-    for h in handles {
-        if h.join().is_err() {
-            log::error!("a background writeback thread panicked");
-        }
-    }
+    stop_wait::join_until(handles, deadline, || {})
 }
 
 /// Makes what the guest left unflushed durable, when the host (not the guest) stopped the VM.

@@ -12,6 +12,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use crate::config::PmemConfig;
+use crate::path_lock::{PathLock, PathLockError};
 use crate::size::format_size;
 use crate::SIZE_ALIGN;
 
@@ -50,8 +51,37 @@ pub enum BackingError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "cannot allocate {size} bytes for {path}: guest stores must not meet a full file \
+         system later; free space, or add sparse=on to --pmem to create it sparse"
+    )]
+    Allocate {
+        path: PathBuf,
+        size: u64,
+        #[source]
+        source: io::Error,
+    },
     #[error("{path} is in use by another process (locked)")]
     Locked { path: PathBuf },
+    #[error(
+        "{path} is in use by {holder} (its lock file {lock_file} is locked); stop that pmvm \
+         first, or give this one another file"
+    )]
+    PathLocked {
+        path: PathBuf,
+        lock_file: PathBuf,
+        holder: String,
+    },
+    #[error(
+        "cannot lock {lock_file}, which guards {path} against a second pmvm; pmvm needs to \
+         create it in the backing file's directory"
+    )]
+    PathLock {
+        path: PathBuf,
+        lock_file: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot lock {path}")]
     Lock {
         path: PathBuf,
@@ -145,6 +175,8 @@ pub struct Backing {
     readonly: bool,
     /// Set while a file we created must be removed if the device does not come up.
     remove_on_drop: bool,
+    /// Last, so it is released after the file is closed (and removed, if ours to remove).
+    _path_lock: Option<PathLock>,
 }
 
 impl Backing {
@@ -180,6 +212,8 @@ impl Backing {
         if let Some(other) = find_same_file(opened.identity, already_open) {
             return Err(same_file_error(&opened, other));
         }
+        // The path first: the inode's lock alone misses a pmvm whose file was replaced.
+        let path_lock = lock_path(&path, cfg.readonly)?;
         lock(&file, &path, cfg.readonly)?;
         let size = if created {
             let size = cfg.size.unwrap_or_default();
@@ -188,9 +222,16 @@ impl Backing {
                 size,
                 source,
             })?;
+            if !cfg.sparse {
+                allocate(&file, &path, size)?;
+            }
             size
         } else {
-            checked_size(&path, cfg.size, meta.len())?
+            let size = checked_size(&path, cfg.size, meta.len())?;
+            if !cfg.readonly {
+                warn_if_holes_do_not_fit(&file, &path, size, &meta);
+            }
+            size
         };
 
         Ok(Backing {
@@ -199,6 +240,7 @@ impl Backing {
             size,
             readonly: cfg.readonly,
             remove_on_drop: guard.disarm(),
+            _path_lock: path_lock,
         })
     }
 
@@ -273,6 +315,57 @@ impl Drop for CreatedFile {
 fn remove_created(path: &Path) {
     if let Err(e) = fs::remove_file(path) {
         log::warn!("cannot remove {} that pmvm created: {e}", path.display());
+    }
+}
+
+/// Gives a created file its blocks, so a full file system fails the start rather than guest
+/// stores. File systems without fallocate keep the file sparse, with a warning.
+fn allocate(file: &File, path: &Path, size: u64) -> Result<(), BackingError> {
+    let len = libc::off_t::try_from(size).unwrap_or(libc::off_t::MAX);
+    // SAFETY: fallocate only reads its integer arguments; the descriptor is owned by `file`,
+    // which outlives the call.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let source = io::Error::last_os_error();
+    if source.raw_os_error() == Some(libc::EOPNOTSUPP) {
+        log::warn!(
+            "{}: the file system cannot allocate it; it stays sparse, and guest stores can \
+             meet a full file system",
+            path.display()
+        );
+        return Ok(());
+    }
+    Err(BackingError::Allocate {
+        path: path.to_path_buf(),
+        size,
+        source,
+    })
+}
+
+/// Warns when an existing sparse file's holes are larger than the free space left: guest
+/// stores into them would fail, and the VM would stop in `io-error`.
+fn warn_if_holes_do_not_fit(file: &File, path: &Path, size: u64, meta: &fs::Metadata) {
+    let holes = size.saturating_sub(meta.blocks().saturating_mul(512));
+    if holes == 0 {
+        return;
+    }
+    // SAFETY: a zeroed statvfs is a valid value for fstatvfs to fill in.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: the descriptor is owned by `file`, and `st` is a valid, writable statvfs.
+    if unsafe { libc::fstatvfs(file.as_raw_fd(), &mut st) } != 0 {
+        return;
+    }
+    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    if holes > free {
+        log::warn!(
+            "{}: {} of it are holes but its file system has {} free; guest stores there will \
+             stop the VM in io-error once it is full",
+            path.display(),
+            format_size(holes),
+            format_size(free)
+        );
     }
 }
 
@@ -372,6 +465,32 @@ fn check_regular(path: &Path, meta: &fs::Metadata) -> Result<(), BackingError> {
         path: path.to_path_buf(),
         kind,
     })
+}
+
+/// Takes the lock on the path (see [`crate::path_lock`]). A read-only device in a directory
+/// it cannot write goes without: only writers can tear an image.
+fn lock_path(path: &Path, readonly: bool) -> Result<Option<PathLock>, BackingError> {
+    match PathLock::take(path, !readonly) {
+        Ok(l) => Ok(Some(l)),
+        Err(PathLockError::Held { lock_file, pid }) => Err(BackingError::PathLocked {
+            path: path.to_path_buf(),
+            lock_file,
+            holder: pid.map_or("another pmvm".into(), |p| format!("pmvm pid {p}")),
+        }),
+        Err(PathLockError::Io { lock_file, source }) if readonly => {
+            log::warn!(
+                "{}: no path lock ({}: {source}); only its inode is locked",
+                path.display(),
+                lock_file.display()
+            );
+            Ok(None)
+        }
+        Err(PathLockError::Io { lock_file, source }) => Err(BackingError::PathLock {
+            path: path.to_path_buf(),
+            lock_file,
+            source,
+        }),
+    }
 }
 
 /// Takes the whole-file advisory lock without waiting: exclusive to write, shared to read.
@@ -477,10 +596,16 @@ mod tests {
     }
 
     #[test]
-    fn missing_with_size_is_created_sparse() {
+    fn missing_with_size_is_created_allocated_unless_sparse() {
         let dir = tempfile::tempdir().unwrap();
+        let allocated = dir.path().join("full.img");
+        Backing::open(&cfg(&allocated, ",size=4M"), "pmem0")
+            .unwrap()
+            .keep();
+        let blocks = fs::metadata(&allocated).unwrap().blocks() * 512;
+        assert!(blocks >= 4 * MIB, "only {blocks} bytes allocated");
         let path = dir.path().join("new.img");
-        let mut b = Backing::open(&cfg(&path, ",size=64M"), "pmem0").unwrap();
+        let mut b = Backing::open(&cfg(&path, ",size=64M,sparse=on"), "pmem0").unwrap();
         assert_eq!(b.size(), 64 * MIB);
         assert!(b.removes_on_drop());
         let meta = fs::metadata(&path).unwrap();

@@ -1,5 +1,6 @@
 //! `--pmem` device configuration: `path=FILE[,size=SIZE][,id=NAME][,readonly=on|off][,hints=N]`
-//! `[,persist=adr|flush][,writeback-interval=MS][,flush-log=PATH]`.
+//! `[,persist=adr|flush][,writeback-interval=MS][,flush-log=PATH][,on-error=stop|exit]`
+//! `[,sparse=on|off]`.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -28,6 +29,31 @@ pub struct PmemConfig {
     pub writeback_interval: Option<Duration>,
     /// Append every flush's pages to this flush-epoch log.
     pub flush_log: Option<PathBuf>,
+    /// What the VM does when a flush of this device fails.
+    pub on_error: OnError,
+    /// Leave a file this device creates sparse instead of allocating it (a full file system
+    /// then fails guest stores, not the start).
+    pub sparse: bool,
+}
+
+/// What happens to the VM when a flush cannot be made durable. Either way the flushing vCPU
+/// never sees its flush complete.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnError {
+    /// Pause in the `io-error` state; `resume` retries (QEMU's `werror=stop`).
+    #[default]
+    Stop,
+    /// Stop pmvm with its own exit status.
+    Exit,
+}
+
+impl OnError {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnError::Stop => "stop",
+            OnError::Exit => "exit",
+        }
+    }
 }
 
 /// When guest stores reach the backing file.
@@ -71,7 +97,7 @@ pub enum ConfigError {
     Empty,
     #[error("--pmem segment {segment:?} is not key=value (commas inside paths are not supported)")]
     NotKeyValue { segment: String },
-    #[error("--pmem has unknown key {key:?}: expected path, size, id, readonly or hints, or persist, writeback-interval or flush-log")]
+    #[error("--pmem has unknown key {key:?}: expected path, size, id, readonly or hints, or persist, writeback-interval, flush-log, on-error or sparse")]
     UnknownKey { key: String },
     #[error("--pmem gives {key}= twice")]
     DuplicateKey { key: String },
@@ -97,6 +123,10 @@ pub enum ConfigError {
     BadHints { value: String },
     #[error("--pmem persist={value:?} must be adr or flush")]
     BadPersist { value: String },
+    #[error("--pmem on-error={value:?} must be stop or exit")]
+    BadOnError { value: String },
+    #[error("--pmem sparse={value:?} must be on or off")]
+    BadSparse { value: String },
     #[error("--pmem writeback-interval={value:?} is not a number of milliseconds between {min} and {max}", min = MIN_WRITEBACK_INTERVAL_MS, max = MAX_WRITEBACK_INTERVAL_MS)]
     BadWritebackInterval { value: String },
     #[error("--pmem flush-log= is empty")]
@@ -129,6 +159,8 @@ impl FromStr for PmemConfig {
         let mut persist = None;
         let mut writeback_interval = None;
         let mut flush_log = None;
+        let mut on_error = None;
+        let mut sparse = None;
         for segment in s.split(',') {
             let (key, value) = segment
                 .split_once('=')
@@ -152,6 +184,15 @@ impl FromStr for PmemConfig {
                 "flush-log" => {
                     set_once(&mut flush_log, parse_flush_log(value)?).ok_or_else(duplicate)?
                 }
+                "on-error" => {
+                    set_once(&mut on_error, parse_on_error(value)?).ok_or_else(duplicate)?
+                }
+                "sparse" => {
+                    let on = parse_on_off(value).map_err(|_| ConfigError::BadSparse {
+                        value: value.to_string(),
+                    })?;
+                    set_once(&mut sparse, on).ok_or_else(duplicate)?
+                }
                 _ => {
                     return Err(ConfigError::UnknownKey {
                         key: key.to_string(),
@@ -168,6 +209,8 @@ impl FromStr for PmemConfig {
             persist: persist.unwrap_or_default(),
             writeback_interval,
             flush_log,
+            on_error: on_error.unwrap_or_default(),
+            sparse: sparse.unwrap_or(false),
         };
         config.check_combination(persist.is_some())?;
         Ok(config)
@@ -263,6 +306,16 @@ fn parse_persist(value: &str) -> Result<PersistMode, ConfigError> {
     }
 }
 
+fn parse_on_error(value: &str) -> Result<OnError, ConfigError> {
+    match value {
+        "stop" => Ok(OnError::Stop),
+        "exit" => Ok(OnError::Exit),
+        _ => Err(ConfigError::BadOnError {
+            value: value.to_string(),
+        }),
+    }
+}
+
 fn parse_interval(value: &str) -> Result<Duration, ConfigError> {
     match value.parse::<u64>() {
         Ok(ms) if (MIN_WRITEBACK_INTERVAL_MS..=MAX_WRITEBACK_INTERVAL_MS).contains(&ms) => {
@@ -315,6 +368,12 @@ impl fmt::Display for PmemConfig {
         if let Some(log) = &self.flush_log {
             write!(f, ",flush-log={}", log.display())?;
         }
+        if self.on_error != OnError::Stop {
+            write!(f, ",on-error={}", self.on_error.as_str())?;
+        }
+        if self.sparse {
+            write!(f, ",sparse=on")?;
+        }
         Ok(())
     }
 }
@@ -366,6 +425,8 @@ mod tests {
                 persist: PersistMode::Adr,
                 writeback_interval: None,
                 flush_log: None,
+                on_error: OnError::Stop,
+                sparse: false,
             }
         );
         assert_eq!(c.id_or_default(3), "pmem3");
@@ -638,5 +699,32 @@ mod tests {
             NvdimmError::TooManyDevices { count: 17, max: 16 }
         ));
         assert!(err.to_string().contains("17") && err.to_string().contains("16"));
+    }
+
+    #[test]
+    fn on_error_and_sparse() {
+        let c = parse("path=a,on-error=exit,sparse=on").unwrap();
+        assert_eq!((c.on_error, c.sparse), (OnError::Exit, true));
+        assert_eq!(c.to_string(), "path=a,on-error=exit,sparse=on");
+        assert_eq!(
+            parse("path=a,on-error=stop").unwrap().on_error,
+            OnError::Stop
+        );
+        assert_eq!(
+            parse("path=a,on-error=ignore").unwrap_err(),
+            ConfigError::BadOnError {
+                value: "ignore".into()
+            }
+        );
+        assert_eq!(
+            parse("path=a,sparse=yes").unwrap_err(),
+            ConfigError::BadSparse {
+                value: "yes".into()
+            }
+        );
+        assert!(matches!(
+            parse("path=a,on-error=exit,on-error=stop").unwrap_err(),
+            ConfigError::DuplicateKey { .. }
+        ));
     }
 }

@@ -11,6 +11,7 @@
 //! no writeback starts again, whoever asks.
 
 use std::fmt;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
@@ -20,12 +21,14 @@ use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM
 use kvm_ioctls::VmFd;
 
 use crate::backing::{Backing, OpenedFile};
-use crate::config::{PersistMode, PmemConfig};
+use crate::config::{OnError, PersistMode, PmemConfig};
 use crate::dirty::{DirtyError, DirtyLog, DirtyLogMode};
 use crate::dirty_ring::{DirtyRingError, DirtyRings};
+use crate::fault::{errno_name, IoFault};
 use crate::flush_log::{self, AppendError, FlushLogWriter};
 use crate::group_commit::GroupCommit;
 use crate::handler::{self, FlushHintAccess, HINT_WIDTH};
+use crate::in_flight::{InFlight, WritebackInProgress};
 use crate::metrics::NvdimmMetrics;
 use crate::mmap::{Mapping, Sharing};
 use crate::page_set::{run_pages, PageSet, Run};
@@ -69,9 +72,55 @@ pub enum FlushError {
          while pmvm ran, and what the guest stored past the new end is lost"
     )]
     Shrunk { len: u64, size: u64 },
+    #[error("cannot make every vCPU leave the guest before the harvest: {0}")]
+    Barrier(String),
     #[error("cannot check the backing file's length")]
     Stat(#[source] vmm_sys_util::errno::Error),
+    #[error(
+        "its backing file was replaced (the path now names another file, or none): flushes \
+         would reach a file nobody can open any more; put the original file back at the path"
+    )]
+    Replaced,
+    #[error(
+        "its backing file was deleted: nothing written to it can be found again, and resuming \
+         cannot fix that; save the guest's data with `cp {copy_from} FILE` before stopping pmvm"
+    )]
+    Unlinked { copy_from: String },
+    #[error(
+        "the host could not back a guest store of {len} bytes at offset {offset:#x} (KVM \
+         could not map the page: the file system may be full)"
+    )]
+    UnbackedStore {
+        offset: u64,
+        len: usize,
+        #[source]
+        source: Option<vmm_sys_util::errno::Error>,
+    },
 }
+
+impl FlushError {
+    /// The host errno behind the failure, for the `io-error` report (EIO when none is known).
+    pub fn errno(&self) -> i32 {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = source {
+            if let Some(errno) = e.downcast_ref::<vmm_sys_util::errno::Error>() {
+                return errno.errno();
+            }
+            source = e.source();
+        }
+        match self {
+            FlushError::Replaced | FlushError::Unlinked { .. } => libc::ESTALE,
+            FlushError::UnbackedStore { .. } => libc::EFAULT,
+            _ => libc::EIO,
+        }
+    }
+}
+
+/// Called before every harvest with the flushing vCPU (None for host and background
+/// writebacks): the VMM makes every other vCPU leave `KVM_RUN` once and returns when each has.
+/// With PML (Intel) KVM logs a vCPU's stores only when that vCPU exits, so a store another vCPU
+/// completed before the flush would otherwise be missing from the harvest.
+pub type HarvestBarrier = Arc<dyn Fn(Option<u32>) -> Result<(), String> + Send + Sync>;
 
 /// Who asked for a writeback: recorded in the flush-epoch log and the stats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -155,6 +204,7 @@ pub struct Nvdimm {
     commit: GroupCommit<Result<Written, FlushError>>,
     metrics: NvdimmMetrics,
     persist: PersistMode,
+    on_error: OnError,
     writeback_interval: Option<Duration>,
     /// Created by [`Nvdimm::open_flush_log`]; appended to only inside a writeback, which the
     /// group commit serialises.
@@ -165,6 +215,18 @@ pub struct Nvdimm {
     /// Why the device can no longer make the guest's stores durable (its file shrank); the VMM
     /// stops the VM when it sees this.
     fatal: OnceLock<String>,
+    /// The last writeback's failure, until a writeback succeeds: the VM stays in `io-error`.
+    fault: Mutex<Option<IoFault>>,
+    /// The writeback running now, for whoever asks while it is blocked in the file system.
+    in_flight: InFlight,
+    /// Set by a failed writeback: the kernel may have marked pages clean that never reached
+    /// the disk (Linux does so after a failed writeback), so `adr` writebacks rewrite pages
+    /// from the mapping until one succeeds.
+    distrust_page_cache: AtomicBool,
+    /// Guest stores KVM could not back (offset, bytes): applied by the next writeback.
+    unbacked: Mutex<Vec<(u64, Vec<u8>)>>,
+    /// Run before every harvest (see [`HarvestBarrier`]).
+    barrier: OnceLock<HarvestBarrier>,
     /// Set to stop the background writeback loop.
     background_stop: Mutex<bool>,
     background_wake: Condvar,
@@ -243,11 +305,17 @@ impl Nvdimm {
             commit: GroupCommit::new(),
             metrics: NvdimmMetrics::default(),
             persist: cfg.persist,
+            on_error: cfg.on_error,
             writeback_interval: cfg.writeback_interval,
             flush_log: Mutex::new(None),
             flush_log_path: cfg.flush_log.clone(),
             power_lost: AtomicBool::new(false),
             fatal: OnceLock::new(),
+            fault: Mutex::new(None),
+            in_flight: InFlight::default(),
+            distrust_page_cache: AtomicBool::new(false),
+            unbacked: Mutex::new(Vec::new()),
+            barrier: OnceLock::new(),
             background_stop: Mutex::new(false),
             background_wake: Condvar::new(),
             mapping: Arc::new(mapping),
@@ -380,6 +448,11 @@ impl Nvdimm {
         self.persist
     }
 
+    /// What the VM does when a flush of this device fails (`on-error=`).
+    pub fn on_error(&self) -> OnError {
+        self.on_error
+    }
+
     /// The `writeback-interval=`, if the device has a background writeback.
     pub fn writeback_interval(&self) -> Option<Duration> {
         self.writeback_interval
@@ -418,23 +491,39 @@ impl Nvdimm {
     }
 
     /// A guest write by vCPU `vcpu` to the hint page at `offset`: the synchronous flush path.
-    /// Runs on the vCPU thread, which resumes only when the pages are durable (and, with a
-    /// flush log, logged). Never fails towards the guest: errors are logged and counted.
-    pub fn mmio_write(&self, vcpu: u32, offset: u64, data: &[u8]) {
+    /// Runs on the vCPU thread. `Ok` when the pages are durable (and, with a flush log,
+    /// logged); on `Err` the vCPU must not complete the write (never re-enter the guest)
+    /// until [`Nvdimm::io_fault`] is cleared by a writeback that succeeds.
+    pub fn mmio_write(&self, vcpu: u32, offset: u64, data: &[u8]) -> Result<(), FlushError> {
         match handler::decode_write(offset, data.len(), self.hints) {
-            FlushHintAccess::Flush { .. } => self.guest_flush(vcpu),
-            FlushHintAccess::BadWidth { len } => {
-                self.metrics.bad_width_writes.inc();
-                log::debug!(
-                    "{}: ignored {len}-byte write to flush hint at {offset:#x}",
-                    self.id
-                );
+            FlushHintAccess::Flush { odd, .. } => {
+                if odd {
+                    self.metrics.bad_width_writes.inc();
+                }
+                self.guest_flush(vcpu)
             }
             FlushHintAccess::Outside { offset } => {
                 self.metrics.outside_writes.inc();
                 log::debug!("{}: ignored write at hint-page offset {offset:#x}", self.id);
+                Ok(())
             }
         }
+    }
+
+    /// A guest store into the device's range that reached pmvm as an MMIO exit: KVM could
+    /// not back the page (a full file system, an I/O error on the page fault). The store is
+    /// kept and applied by the next writeback; until one succeeds the device is in fault, and
+    /// the vCPU must not re-enter the guest.
+    pub fn unbacked_store(&self, offset: u64, data: &[u8]) -> FlushError {
+        lock(&self.unbacked).push((offset, data.to_vec()));
+        self.metrics.errors.inc();
+        let e = FlushError::UnbackedStore {
+            offset,
+            len: data.len(),
+            source: None,
+        };
+        self.record_fault(&e);
+        e
     }
 
     /// A guest read of the hint page: zeros.
@@ -442,18 +531,48 @@ impl Nvdimm {
         handler::read(data);
     }
 
-    fn guest_flush(&self, vcpu: u32) {
+    fn guest_flush(&self, vcpu: u32) -> Result<(), FlushError> {
         let arrived = Instant::now();
         let outcome = self.flush(FlushSource::Vcpu(vcpu));
         self.metrics.flushes.inc();
         self.metrics
             .latency
             .record(arrived.elapsed().as_micros() as u64);
-        if let Ok(written) = outcome {
-            if written.pages == 0 {
-                self.metrics.empty_flushes.inc();
-            }
+        if written_nothing(&outcome) {
+            self.metrics.empty_flushes.inc();
         }
+        outcome.map(|_| ())
+    }
+
+    /// The writeback running now, if any; answers at once even if it is blocked in the
+    /// file system.
+    pub fn writeback_in_progress(&self) -> Option<WritebackInProgress> {
+        self.in_flight.get(&self.id)
+    }
+
+    /// The fault that keeps this device from acknowledging flushes, if any.
+    pub fn io_fault(&self) -> Option<IoFault> {
+        lock(&self.fault).clone()
+    }
+
+    fn record_fault(&self, e: &FlushError) {
+        if self.persist == PersistMode::Adr {
+            self.distrust_page_cache.store(true, Ordering::Release);
+        }
+        let errno = e.errno();
+        let stake = lock(&self.pending).len()
+            + lock(&self.unbacked)
+                .iter()
+                .map(|(off, d)| pages_spanned(*off, d.len()))
+                .sum::<u64>();
+        *lock(&self.fault) = Some(IoFault {
+            device: self.id.clone(),
+            path: self.path().display().to_string(),
+            errno,
+            errno_name: errno_name(errno),
+            what: chain(e),
+            pages_at_stake: stake,
+        });
     }
 
     /// A flush requested by the host (the API): like a guest flush, but counted as a host flush
@@ -482,11 +601,14 @@ impl Nvdimm {
 
     /// One writeback: harvest, log, write back, account. Serialised by the group commit.
     fn write_back_dirty(&self, source: FlushSource) -> Result<Written, FlushError> {
+        let _running = self.in_flight.start(source);
         if self.power_lost.load(Ordering::Acquire) {
             return Err(FlushError::PoweredOff);
         }
         let result = self
             .check_backing()
+            .and_then(|()| self.apply_unbacked())
+            .and_then(|()| self.before_harvest(source))
             .and_then(|()| self.harvest())
             .and_then(|runs| {
                 self.metrics.last_harvest_pages.set(run_pages(&runs));
@@ -500,12 +622,23 @@ impl Nvdimm {
                 self.log_epoch(source, &runs)
                     .map_err(FlushError::Log)
                     .map_err(keep_pending)?;
+                let file = self.backing.file();
                 let written = match self.persist {
-                    PersistMode::Adr => {
-                        writeback::write_back(self.backing.file(), &runs, self.size())
+                    // The page cache's dirty bits can no longer be trusted: rewrite.
+                    PersistMode::Adr if self.distrust_page_cache.load(Ordering::Acquire) => {
+                        writeback::rewrite(file, &self.mapping, &runs, self.size())
                     }
+                    // A guest or host flush syncs even with nothing harvested: a safety net
+                    // for any page the log missed, and it reports a writeback the host
+                    // kernel failed on its own.
+                    PersistMode::Adr => writeback::write_back(
+                        file,
+                        &runs,
+                        self.size(),
+                        source != FlushSource::Background,
+                    ),
                     PersistMode::Flush => {
-                        writeback::copy_back(self.backing.file(), &self.mapping, &runs, self.size())
+                        writeback::copy_back(file, &self.mapping, &runs, self.size())
                     }
                 };
                 written.map_err(FlushError::Writeback).map_err(keep_pending)
@@ -513,6 +646,10 @@ impl Nvdimm {
         self.metrics.writebacks.inc();
         match &result {
             Ok(written) => {
+                self.distrust_page_cache.store(false, Ordering::Release);
+                if lock(&self.fault).take().is_some() {
+                    log::info!("{}: writeback succeeded; the fault is cleared", self.id);
+                }
                 self.metrics.pages_written.add(written.pages);
                 self.metrics.bytes_written.add(written.bytes);
                 self.metrics.runs.add(written.runs);
@@ -529,22 +666,38 @@ impl Nvdimm {
                 if shrunk {
                     // Fatal: the VMM stops the VM and prints this once.
                     let _ = self.fatal.set(self.shrink_message());
-                } else {
-                    log::error!(
-                        "{}: flush of {} failed: {}",
-                        self.id,
-                        self.path().display(),
-                        chain(e)
-                    );
+                } else if *e != FlushError::PoweredOff {
+                    self.record_fault(e);
+                    log::debug!("{}: writeback failed: {}", self.id, chain(e));
                 }
             }
         }
         result
     }
 
-    /// Fails if the backing file is now shorter than the device: guest stores past its end
-    /// cannot be made durable (and host reads there would fault).
+    /// Fails if the backing file is now shorter than the device (guest stores past its end
+    /// cannot be made durable, and host reads there would fault), or if the path no longer
+    /// names it (a flush would reach an orphaned inode).
     fn check_backing(&self) -> Result<(), FlushError> {
+        use std::os::unix::fs::MetadataExt;
+        let open = self
+            .backing
+            .file()
+            .metadata()
+            .map_err(|e| FlushError::Stat(io_errno(&e)))?;
+        if open.nlink() == 0 {
+            return Err(FlushError::Unlinked {
+                copy_from: format!(
+                    "/proc/{}/fd/{}",
+                    std::process::id(),
+                    self.backing.file().as_raw_fd()
+                ),
+            });
+        }
+        match std::fs::metadata(self.path()) {
+            Ok(named) if named.dev() == open.dev() && named.ino() == open.ino() => {}
+            _ => return Err(FlushError::Replaced),
+        }
         match self.backing_shrunk() {
             Some(Ok(len)) => Err(FlushError::Shrunk {
                 len,
@@ -694,6 +847,52 @@ impl Nvdimm {
         }
     }
 
+    /// Sets the VMM's [`HarvestBarrier`]; once per device.
+    pub fn set_harvest_barrier(&self, barrier: HarvestBarrier) {
+        if self.barrier.set(barrier).is_err() {
+            log::warn!("{}: harvest barrier set twice; the first stays", self.id);
+        }
+    }
+
+    fn before_harvest(&self, source: FlushSource) -> Result<(), FlushError> {
+        let Some(barrier) = self.barrier.get() else {
+            return Ok(());
+        };
+        let flushing = match source {
+            FlushSource::Vcpu(id) => Some(id),
+            FlushSource::Host | FlushSource::Background => None,
+        };
+        barrier(flushing).map_err(FlushError::Barrier)
+    }
+
+    /// Applies the guest stores KVM could not back, through the file (which the `adr` mapping
+    /// shares) or the private copy; each applied store's pages become pending.
+    fn apply_unbacked(&self) -> Result<(), FlushError> {
+        use std::os::unix::fs::FileExt;
+        let mut stores = lock(&self.unbacked);
+        while let Some((offset, data)) = stores.first() {
+            let failed = |source| FlushError::UnbackedStore {
+                offset: *offset,
+                len: data.len(),
+                source: Some(source),
+            };
+            match self.persist {
+                PersistMode::Adr => self
+                    .backing
+                    .file()
+                    .write_all_at(data, *offset)
+                    .map_err(|e| failed(io_errno(&e)))?,
+                PersistMode::Flush => self
+                    .mapping
+                    .write_at(*offset, data)
+                    .map_err(|_| failed(vmm_sys_util::errno::Error::new(libc::EFAULT)))?,
+            }
+            self.mark_pending(*offset, data.len());
+            stores.remove(0);
+        }
+        Ok(())
+    }
+
     /// Takes the pending pages merged with what the guest dirtied (if attached and writable),
     /// in runs. Whatever a failed harvest already took stays pending.
     fn harvest(&self) -> Result<Vec<Run>, FlushError> {
@@ -710,16 +909,22 @@ impl Nvdimm {
         Ok(lock(&self.pending).take_runs())
     }
 
-    /// Dirty pages the next flush would write. Exact with the dirty ring (collecting moves
-    /// pages into the pending set and loses none), with manual protect (a GET without CLEAR)
-    /// and before attach; None in GET-clears mode, where reading the log would consume it.
+    /// Dirty pages the next flush would write, read without disturbing the guest: exact with
+    /// the dirty ring (a read-only walk of the published entries), with manual protect (a GET
+    /// without CLEAR) and before attach; None in GET-clears mode, where reading the log would
+    /// consume it, and once the rings overflowed.
     pub fn pending_pages(&self) -> Option<u64> {
         let peeked = match self.attachment.get().and_then(|a| a.dirty.as_ref()) {
             Some(Tracker::Log(log)) => log.peek_union(&lock(&self.pending)).map_err(|e| chain(&e)),
-            Some(Tracker::Ring(rings)) => rings
-                .collect()
-                .map(|_| Some(lock(&self.pending).len()))
-                .map_err(|e| chain(&e)),
+            Some(Tracker::Ring(rings)) => Ok(rings.peek(self.params.slot).map(|mut ring| {
+                // Rings first, then pending, as collecting locks them; a page collected in
+                // between is then in pending and counted once.
+                let pending = lock(&self.pending);
+                ring.retain(|&p| !pending.contains(p));
+                ring.sort_unstable();
+                ring.dedup();
+                pending.len() + ring.len() as u64
+            })),
             None => Ok(Some(lock(&self.pending).len())),
         };
         peeked.unwrap_or_else(|e| {
@@ -783,16 +988,34 @@ impl Nvdimm {
                 id: self.id.clone(),
                 source,
             })?;
-        if !data.is_empty() {
-            let first = offset / PAGE_SIZE;
-            let last = (offset + data.len() as u64 - 1) / PAGE_SIZE;
-            let mut pending = lock(&self.pending);
-            for page in first..=last {
-                pending.insert(page);
-            }
-        }
+        self.mark_pending(offset, data.len());
         Ok(())
     }
+
+    /// Records the pages of `len` bytes at `offset` as pending for the next writeback.
+    fn mark_pending(&self, offset: u64, len: usize) {
+        let first = offset / PAGE_SIZE;
+        let mut pending = lock(&self.pending);
+        for page in first..first + pages_spanned(offset, len) {
+            pending.insert(page);
+        }
+    }
+}
+
+fn written_nothing(outcome: &Result<Written, FlushError>) -> bool {
+    matches!(outcome, Ok(w) if w.pages == 0)
+}
+
+/// Pages touched by `len` bytes at `offset`.
+fn pages_spanned(offset: u64, len: usize) -> u64 {
+    if len == 0 {
+        return 0;
+    }
+    (offset + len as u64 - 1) / PAGE_SIZE - offset / PAGE_SIZE + 1
+}
+
+fn io_errno(e: &std::io::Error) -> vmm_sys_util::errno::Error {
+    vmm_sys_util::errno::Error::new(e.raw_os_error().unwrap_or(libc::EIO))
 }
 
 /// FNV-1a, 32-bit.
@@ -928,21 +1151,22 @@ mod tests {
     fn hint_page_accesses_are_decoded_and_counted() {
         let dir = tempfile::tempdir().unwrap();
         let d = open(dir.path(), ",size=2M,hints=2", 0).unwrap();
-        d.mmio_write(0, 0, &1u64.to_le_bytes());
-        d.mmio_write(0, 8, &[0xff; 8]);
-        d.mmio_write(0, 0, &[1, 0, 0, 0]);
-        d.mmio_write(0, 16, &[0; 8]);
-        d.mmio_write(0, 4, &[0; 8]);
+        d.mmio_write(0, 0, &1u64.to_le_bytes()).unwrap();
+        d.mmio_write(0, 8, &[0xff; 8]).unwrap();
+        // Odd widths and offsets inside a hint still flush, and are counted.
+        d.mmio_write(0, 0, &[1, 0, 0, 0]).unwrap();
+        d.mmio_write(0, 4, &[0; 8]).unwrap();
+        d.mmio_write(0, 16, &[0; 8]).unwrap();
         let mut r = [0xaa; 8];
         d.mmio_read(0, &mut r);
         assert_eq!(r, [0; 8]);
         let s = d.stats();
-        assert_eq!(s.flushes, 2);
-        assert_eq!(s.empty_flushes, 2);
-        assert_eq!(s.bad_width_writes, 1);
-        assert_eq!(s.outside_writes, 2);
+        assert_eq!(s.flushes, 4);
+        assert_eq!(s.empty_flushes, 4);
+        assert_eq!(s.bad_width_writes, 2);
+        assert_eq!(s.outside_writes, 1);
         assert_eq!(s.pages_written, 0);
-        assert_eq!(s.latency_us.histogram.iter().sum::<u64>(), 2);
+        assert_eq!(s.latency_us.histogram.iter().sum::<u64>(), 4);
         assert_eq!(s.host_flushes, 0);
     }
 
@@ -1052,7 +1276,8 @@ mod tests {
                 ),
                 "{err:?}"
             );
-            d.mmio_write(0, 0, &[1; 8]);
+            assert_eq!(d.mmio_write(0, 0, &[1; 8]), Err(FlushError::PoweredOff));
+            assert_eq!(d.io_fault(), None, "a power cut is no I/O fault");
             let s = d.stats();
             assert_eq!(
                 (s.pages_written, s.errors, s.writebacks),
@@ -1092,8 +1317,8 @@ mod tests {
             d.host_flush().unwrap();
             d.write_bytes(3 * PAGE_SIZE, &[0xb2; 4096]).unwrap();
             d.write_bytes(PAGE_SIZE, &[0xc3; 10]).unwrap();
-            d.mmio_write(5, 0, &[1; 8]);
-            d.mmio_write(7, 0, &[1; 8]);
+            d.mmio_write(5, 0, &[1; 8]).unwrap();
+            d.mmio_write(7, 0, &[1; 8]).unwrap();
             assert_eq!(d.stats().log_epochs, 3);
             let src = FileSource::open(&log_path).unwrap();
             let log = FlushLog::read(&src).unwrap();
@@ -1217,7 +1442,7 @@ mod tests {
                     if r % 2 == 0 {
                         d.host_flush().unwrap();
                     } else {
-                        d.mmio_write(0, 0, &[1; 8]);
+                        d.mmio_write(0, 0, &[1; 8]).unwrap();
                     }
                 }
                 done.send(()).unwrap();
@@ -1239,5 +1464,68 @@ mod tests {
         assert!(s.writebacks <= total && s.writebacks >= 1);
         assert_eq!(s.errors, 0);
         assert_eq!(d.pending_pages(), Some(0));
+    }
+
+    #[test]
+    fn a_replaced_or_deleted_backing_file_is_a_fault_until_it_is_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pmem.img");
+        let moved = dir.path().join("moved.img");
+        let mut d = open(dir.path(), ",size=2M", 0).unwrap();
+        d.keep_created_file();
+        d.write_bytes(0, b"kept").unwrap();
+        std::fs::rename(&path, &moved).unwrap();
+        std::fs::write(&path, vec![0u8; 2 << 20]).unwrap();
+        assert_eq!(d.mmio_write(0, 0, &[1; 8]), Err(FlushError::Replaced));
+        let fault = d.io_fault().expect("a fault");
+        assert_eq!(
+            (fault.errno_name.as_str(), fault.pages_at_stake),
+            ("ESTALE", 1)
+        );
+        assert!(fault.what.contains("replaced"), "{fault:?}");
+        // Back under its name: the retry writes the pending page, and the fault clears.
+        std::fs::rename(&moved, &path).unwrap();
+        assert_eq!(d.host_flush().unwrap().pages, 1);
+        assert_eq!(d.io_fault(), None);
+        assert_eq!(&std::fs::read(&path).unwrap()[..4], b"kept");
+        // Deleted: no retry can succeed, and the error says where the data still is.
+        d.write_bytes(0, b"lost").unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let err = d.mmio_write(0, 0, &[1; 8]).unwrap_err();
+        let fd_path = format!(
+            "/proc/{}/fd/{}",
+            std::process::id(),
+            d.backing.file().as_raw_fd()
+        );
+        assert_eq!(
+            err,
+            FlushError::Unlinked {
+                copy_from: fd_path.clone()
+            }
+        );
+        assert!(d.host_flush().is_err());
+        assert_eq!(&std::fs::read(&fd_path).unwrap()[..4], b"lost");
+    }
+
+    #[test]
+    fn a_store_kvm_could_not_back_is_applied_by_the_retry() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = open(dir.path(), ",size=2M", 0).unwrap();
+        d.keep_created_file();
+        let e = d.unbacked_store(PAGE_SIZE - 2, b"abcd");
+        assert!(
+            matches!(e, FlushError::UnbackedStore { len: 4, .. }),
+            "{e:?}"
+        );
+        let fault = d.io_fault().expect("a fault");
+        assert_eq!((fault.errno, fault.pages_at_stake), (libc::EFAULT, 2));
+        assert_eq!(d.stats().errors, 1);
+        let report = d.host_flush().unwrap();
+        assert_eq!((report.pages, report.runs), (2, 1));
+        assert_eq!(d.io_fault(), None);
+        assert_eq!(file_bytes(dir.path(), PAGE_SIZE as usize - 2, 4), b"abcd");
+        let mut seen = [0u8; 4];
+        d.read_bytes(PAGE_SIZE - 2, &mut seen).unwrap();
+        assert_eq!(&seen, b"abcd", "the guest's view has the store");
     }
 }

@@ -36,7 +36,7 @@
 //! every harvest marks whole devices pending (slow, losing nothing), and a ring-full exit frees
 //! as many entries as KVM provably has outstanding, so the vCPU never stalls.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvm_bindings::{
@@ -382,6 +382,29 @@ impl DirtyRings {
         Ok(freed)
     }
 
+    /// The pages of `slot` that the rings hold and no collect has taken yet, without taking
+    /// them: a stats read must not reset the rings (which write-protects the guest's pages).
+    /// None once the rings overflowed.
+    pub fn peek(&self, slot: u32) -> Option<Vec<u64>> {
+        let state = self.lock();
+        if state.overflowed {
+            return None;
+        }
+        let size = u64::from(self.entries);
+        let mut pages = Vec::new();
+        for ring in &state.rings {
+            let start = ring.freed.load(Ordering::Acquire);
+            for k in 0..size {
+                match published(ring, start + k, size) {
+                    Some((_, s, page)) if s == slot => pages.push(page),
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+        }
+        Some(pages)
+    }
+
     /// Whether an overflow made this VM's rings untrusted.
     pub fn has_overflowed(&self) -> bool {
         self.lock().overflowed
@@ -409,23 +432,9 @@ fn walk_ring(ring: &VcpuRing, size: u64, sinks: &[Sink], stray: &mut u64) -> u64
     let start = ring.freed.load(Ordering::Acquire);
     let mut walked = 0;
     while walked < size {
-        let at = ((start + walked) % size) * ENTRY_BYTES;
-        let Ok(flags) = ring.map.atomic_u32(at) else {
+        let Some((flags, slot, page)) = published(ring, start + walked, size) else {
             break;
         };
-        if flags.load(Ordering::Acquire) & KVM_DIRTY_GFN_F_DIRTY == 0 {
-            break;
-        }
-        let mut raw = [0u8; ENTRY_BYTES as usize];
-        if ring.map.read_at(at, &mut raw).is_err() {
-            break;
-        }
-        // struct kvm_dirty_gfn { u32 flags; u32 slot; u64 offset; }, native endian. The
-        // upper 16 bits of `slot` are the address space; pmvm uses only 0.
-        let slot = u32::from_ne_bytes([raw[4], raw[5], raw[6], raw[7]]);
-        let mut offset = [0u8; 8];
-        offset.copy_from_slice(&raw[8..16]);
-        let page = u64::from_ne_bytes(offset);
         let routed = sinks.iter().find(|s| s.slot == slot).is_some_and(|s| {
             s.pending
                 .lock()
@@ -440,6 +449,24 @@ fn walk_ring(ring: &VcpuRing, size: u64, sinks: &[Sink], stray: &mut u64) -> u64
         walked += 1;
     }
     walked
+}
+
+/// The entry at position `index` of `ring` if KVM has published it: its flags word, slot and
+/// page.
+fn published(ring: &VcpuRing, index: u64, size: u64) -> Option<(&AtomicU32, u32, u64)> {
+    let at = (index % size) * ENTRY_BYTES;
+    let flags = ring.map.atomic_u32(at).ok()?;
+    if flags.load(Ordering::Acquire) & KVM_DIRTY_GFN_F_DIRTY == 0 {
+        return None;
+    }
+    let mut raw = [0u8; ENTRY_BYTES as usize];
+    ring.map.read_at(at, &mut raw).ok()?;
+    // struct kvm_dirty_gfn { u32 flags; u32 slot; u64 offset; }, native endian. The upper 16
+    // bits of `slot` are the address space; pmvm uses only 0.
+    let slot = u32::from_ne_bytes([raw[4], raw[5], raw[6], raw[7]]);
+    let mut offset = [0u8; 8];
+    offset.copy_from_slice(&raw[8..16]);
+    Some((flags, slot, u64::from_ne_bytes(offset)))
 }
 
 #[cfg(test)]

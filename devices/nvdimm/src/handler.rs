@@ -9,11 +9,10 @@ pub const HINT_WIDTH: usize = 8;
 /// What a guest write to the hint page means.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlushHintAccess {
-    /// An 8-byte write to hint number `hint`: flush.
-    Flush { hint: u32 },
-    /// A write of another width to a hint register: ignored and counted.
-    BadWidth { len: usize },
-    /// A write that hits no hint register (past the last hint, or misaligned): ignored.
+    /// A write to hint number `hint`: flush. `odd` when it is not an aligned 8-byte write (a
+    /// guest may still mean it as a flush, so it flushes, and it is counted).
+    Flush { hint: u32, odd: bool },
+    /// A write past the last hint register: ignored.
     Outside { offset: u64 },
 }
 
@@ -24,14 +23,9 @@ pub fn decode_write(offset: u64, len: usize, hints: u32) -> FlushHintAccess {
     if offset >= hint_bytes {
         return FlushHintAccess::Outside { offset };
     }
-    if len != HINT_WIDTH {
-        return FlushHintAccess::BadWidth { len };
-    }
-    if offset % HINT_WIDTH as u64 != 0 {
-        return FlushHintAccess::Outside { offset };
-    }
     FlushHintAccess::Flush {
         hint: (offset / HINT_WIDTH as u64) as u32,
+        odd: len != HINT_WIDTH || offset % HINT_WIDTH as u64 != 0,
     }
 }
 
@@ -47,25 +41,43 @@ mod tests {
 
     #[test]
     fn eight_byte_aligned_writes_to_hints_flush() {
-        assert_eq!(decode_write(0, 8, 1), Flush { hint: 0 });
-        assert_eq!(decode_write(8, 8, 2), Flush { hint: 1 });
-        assert_eq!(decode_write(15 * 8, 8, 16), Flush { hint: 15 });
+        assert_eq!(
+            decode_write(0, 8, 1),
+            Flush {
+                hint: 0,
+                odd: false
+            }
+        );
+        assert_eq!(
+            decode_write(8, 8, 2),
+            Flush {
+                hint: 1,
+                odd: false
+            }
+        );
+        assert_eq!(
+            decode_write(15 * 8, 8, 16),
+            Flush {
+                hint: 15,
+                odd: false
+            }
+        );
     }
 
     #[test]
-    fn other_widths_are_bad_width() {
+    fn any_other_write_to_a_hint_flushes_and_is_odd() {
         for len in [1, 2, 4, 16] {
-            assert_eq!(decode_write(0, len, 1), BadWidth { len });
+            assert_eq!(decode_write(0, len, 1), Flush { hint: 0, odd: true });
         }
-        assert_eq!(decode_write(4, 4, 1), BadWidth { len: 4 });
+        assert_eq!(decode_write(4, 4, 1), Flush { hint: 0, odd: true });
+        assert_eq!(decode_write(12, 8, 2), Flush { hint: 1, odd: true });
     }
 
     #[test]
-    fn writes_past_the_hints_or_misaligned_are_outside() {
+    fn writes_past_the_hints_are_outside() {
         assert_eq!(decode_write(8, 8, 1), Outside { offset: 8 });
         assert_eq!(decode_write(8, 4, 1), Outside { offset: 8 });
         assert_eq!(decode_write(4095, 1, 16), Outside { offset: 4095 });
-        assert_eq!(decode_write(4, 8, 2), Outside { offset: 4 });
         assert_eq!(decode_write(u64::MAX, 8, 16), Outside { offset: u64::MAX });
         assert_eq!(decode_write(0, 8, 0), Outside { offset: 0 });
     }

@@ -10,12 +10,15 @@ pub mod config;
 pub mod device;
 pub mod dirty;
 pub mod dirty_ring;
+pub mod fault;
 pub mod flush_log;
 pub mod group_commit;
 pub mod handler;
+pub mod in_flight;
 pub mod metrics;
 pub mod mmap;
 pub mod page_set;
+pub mod path_lock;
 pub mod pfn;
 pub mod sigbus;
 pub mod size;
@@ -23,11 +26,13 @@ pub mod stats;
 pub mod writeback;
 
 pub use backing::BackingError;
-pub use config::PersistMode;
 pub use config::{validate_set, ConfigError, PmemConfig};
-pub use device::{FlushError, FlushSource, Nvdimm, NvdimmParams};
+pub use config::{OnError, PersistMode};
+pub use device::{FlushError, FlushSource, HarvestBarrier, Nvdimm, NvdimmParams};
 pub use dirty::enable_manual_protect;
 pub use dirty_ring::{DirtyRings, VcpuRingHandle};
+pub use fault::IoFault;
+pub use in_flight::WritebackInProgress;
 pub use size::{format_size, parse_size, SizeError};
 
 /// Most NVDIMMs one VM may have. The layout has room for 32 hint pages; 16 keeps the NFIT and

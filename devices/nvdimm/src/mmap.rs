@@ -190,6 +190,7 @@ impl Mapping {
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), MmapError> {
         let src = self.range(offset, buf.len())?;
         let before = self.faults();
+        let _copying = crate::sigbus::Copying::start();
         for (i, byte) in buf.iter_mut().enumerate() {
             // SAFETY: `range` checked that all of src..src+buf.len() is mapped and readable;
             // volatile because the guest may write the same bytes concurrently. Past the end of
@@ -207,6 +208,7 @@ impl Mapping {
         }
         let dst = self.range(offset, data.len())?;
         let before = self.faults();
+        let _copying = crate::sigbus::Copying::start();
         for (i, byte) in data.iter().enumerate() {
             // SAFETY: `range` checked the bounds and the mapping is PROT_WRITE; volatile because
             // the guest may access the same bytes concurrently.

@@ -4,11 +4,14 @@
 //! without a word. pmvm's own reads and writes of a device mapping register the mapping here;
 //! the handler maps a zero page over a faulting page of a registered mapping, so the access
 //! completes, and counts the fault, so the caller can see that its bytes are not the file's
-//! and report the truncation instead. Any other SIGBUS keeps its default action.
+//! and report the truncation instead. Only a fault during such a copy ([`Copying`], on the
+//! faulting thread) is absorbed: any other SIGBUS (a memory error, a fault elsewhere) keeps
+//! its default action and stops pmvm, rather than handing the guest zeros.
 //!
 //! The registry is process-wide because a signal handler has no other way to find it: a fixed
 //! array of atomics, read by the handler without locks or allocation.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, Once};
 
@@ -34,6 +37,28 @@ static SLOTS_IN_USE: [Slot; SLOTS] = [EMPTY; SLOTS];
 /// Serialises registration (not the handler, which only reads).
 static REGISTER: Mutex<()> = Mutex::new(());
 static INSTALL: Once = Once::new();
+
+thread_local! {
+    /// Whether this thread is inside one of pmvm's own copies to or from a pmem mapping.
+    /// Const-initialised with no destructor, so the handler reads it without allocating.
+    static COPYING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks the calling thread as copying to or from a registered mapping until dropped.
+pub struct Copying(());
+
+impl Copying {
+    pub fn start() -> Copying {
+        COPYING.with(|c| c.set(true));
+        Copying(())
+    }
+}
+
+impl Drop for Copying {
+    fn drop(&mut self) {
+        COPYING.with(|c| c.set(false));
+    }
+}
 
 /// A mapping registered with the handler; unregistered on drop.
 #[derive(Debug)]
@@ -98,7 +123,8 @@ extern "C" fn handler(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut 
     // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers; for SIGBUS si_addr is
     // the faulting address.
     let addr = unsafe { (*info).si_addr() } as usize;
-    for slot in &SLOTS_IN_USE {
+    let copying = COPYING.try_with(Cell::get).unwrap_or(false);
+    for slot in SLOTS_IN_USE.iter().filter(|_| copying) {
         let len = slot.len.load(Ordering::Acquire);
         let start = slot.start.load(Ordering::Acquire);
         if len == 0 || addr < start || addr - start >= len {
@@ -155,5 +181,35 @@ mod tests {
         m.read_at(0, &mut buf).unwrap();
         let err = m.write_at(2 * 4096, b"x").unwrap_err();
         assert!(matches!(err, MmapError::Truncated { .. }), "{err:?}");
+    }
+
+    /// Run in a child process: a plain access past the end of a truncated registered
+    /// mapping, outside pmvm's copies, must not be absorbed.
+    #[test]
+    fn a_sigbus_outside_pmvms_copies_keeps_its_default_action() {
+        const CHILD: &str = "PMVM_SIGBUS_CHILD";
+        if std::env::var_os(CHILD).is_some() {
+            let f = tempfile::tempfile().unwrap();
+            f.set_len(2 * 4096).unwrap();
+            let m = Mapping::new(&f, 2 * 4096, true).unwrap();
+            m.write_at(0, b"x").unwrap();
+            f.set_len(0).unwrap();
+            // SAFETY: inside the mapping; the access faults, which is what is tested.
+            let byte = unsafe { std::ptr::read_volatile((m.host_addr() + 4096) as *const u8) };
+            println!("survived, read {byte}");
+            std::process::exit(0);
+        }
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "sigbus::tests::a_sigbus_outside_pmvms_copies_keeps_its_default_action",
+                "--test-threads=1",
+            ])
+            .env(CHILD, "1")
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGBUS), "{status:?}");
     }
 }

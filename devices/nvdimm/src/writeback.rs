@@ -49,26 +49,61 @@ pub enum WritebackError {
 }
 
 /// Writes back the pages of `runs` (in page order) that lie below `size` bytes and waits until
-/// they are durable. With no pages it does nothing at all.
-pub fn write_back(file: &File, runs: &[Run], size: u64) -> Result<Written, WritebackError> {
-    let mut written = Written::default();
-    for run in runs {
-        let offset = run.first_page * PAGE_SIZE;
-        if offset >= size {
-            break;
-        }
-        let len = (run.pages * PAGE_SIZE).min(size - offset);
-        submit(file, offset, len)?;
-        written.pages += len / PAGE_SIZE;
-        written.bytes += len;
-        written.runs += 1;
-    }
-    if written.pages > 0 {
-        file.sync_data().map_err(|e| WritebackError::Sync {
-            source: errno::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
-        })?;
+/// they are durable. With no pages it syncs only if `sync_if_empty`.
+pub fn write_back(
+    file: &File,
+    runs: &[Run],
+    size: u64,
+    sync_if_empty: bool,
+) -> Result<Written, WritebackError> {
+    let written = each_run(runs, size, |offset, len| submit(file, offset, len))?;
+    if written.pages > 0 || sync_if_empty {
+        sync(file)?;
     }
     Ok(written)
+}
+
+/// Like [`write_back`], but rewrites each page from `mapping` (a shared mapping of `file`)
+/// through a bounce buffer with pwrite, which dirties it again in the page cache. For after a
+/// failed writeback: Linux may have marked the pages clean although they never reached the
+/// disk, and then `sync_file_range` and `fdatasync` would find nothing to write.
+pub fn rewrite(
+    file: &File,
+    mapping: &Mapping,
+    runs: &[Run],
+    size: u64,
+) -> Result<Written, WritebackError> {
+    use std::os::unix::fs::FileExt;
+    const CHUNK: u64 = 256 * PAGE_SIZE;
+    let mut buf = Vec::new();
+    let written = each_run(runs, size, |offset, len| {
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(CHUNK);
+            let at = offset + done;
+            let copy_error = |raw: Option<i32>| WritebackError::Copy {
+                offset: at,
+                len: n,
+                source: errno::Error::new(raw.unwrap_or(libc::EIO)),
+            };
+            buf.resize(n as usize, 0);
+            mapping
+                .read_at(at, &mut buf)
+                .map_err(|_| copy_error(Some(libc::EFAULT)))?;
+            file.write_all_at(&buf, at)
+                .map_err(|e| copy_error(e.raw_os_error()))?;
+            done += n;
+        }
+        Ok(())
+    })?;
+    sync(file)?;
+    Ok(written)
+}
+
+fn sync(file: &File) -> Result<(), WritebackError> {
+    file.sync_data().map_err(|e| WritebackError::Sync {
+        source: errno::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
+    })
 }
 
 /// Copies the pages of `runs` (in page order) that lie below `size` bytes from `mapping` into
@@ -79,13 +114,7 @@ pub fn copy_back(
     runs: &[Run],
     size: u64,
 ) -> Result<Written, WritebackError> {
-    let mut written = Written::default();
-    for run in runs {
-        let offset = run.first_page * PAGE_SIZE;
-        if offset >= size {
-            break;
-        }
-        let len = (run.pages * PAGE_SIZE).min(size - offset);
+    let written = each_run(runs, size, |offset, len| {
         let copy_error = |e: MmapError| {
             let raw = match &e {
                 MmapError::FileWrite { source, .. } => source.raw_os_error(),
@@ -100,15 +129,32 @@ pub fn copy_back(
         let chunk = usize::try_from(len).map_err(|_| copy_error(MmapError::Empty))?;
         mapping
             .write_to_file(file, offset, chunk)
-            .map_err(copy_error)?;
+            .map_err(copy_error)
+    })?;
+    if written.pages > 0 {
+        sync(file)?;
+    }
+    Ok(written)
+}
+
+/// Calls `write(offset, len)` for each run, in order, clipped to `size` bytes; what the calls
+/// covered, or the first error.
+fn each_run(
+    runs: &[Run],
+    size: u64,
+    mut write: impl FnMut(u64, u64) -> Result<(), WritebackError>,
+) -> Result<Written, WritebackError> {
+    let mut written = Written::default();
+    for run in runs {
+        let offset = run.first_page * PAGE_SIZE;
+        if offset >= size {
+            break;
+        }
+        let len = (run.pages * PAGE_SIZE).min(size - offset);
+        write(offset, len)?;
         written.pages += len / PAGE_SIZE;
         written.bytes += len;
         written.runs += 1;
-    }
-    if written.pages > 0 {
-        file.sync_data().map_err(|e| WritebackError::Sync {
-            source: errno::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
-        })?;
     }
     Ok(written)
 }
@@ -146,7 +192,7 @@ mod tests {
     fn writes_back_exact_pages() {
         let f = tempfile::tempfile().unwrap();
         f.set_len(256 * PAGE_SIZE).unwrap();
-        let w = write_back(&f, &bits(&[0b0110_0001, 1]), 256 * PAGE_SIZE).unwrap();
+        let w = write_back(&f, &bits(&[0b0110_0001, 1]), 256 * PAGE_SIZE, false).unwrap();
         assert_eq!(
             w,
             Written {
@@ -156,7 +202,7 @@ mod tests {
             }
         );
         assert_eq!(
-            write_back(&f, &bits(&[0, 0]), 256 * PAGE_SIZE).unwrap(),
+            write_back(&f, &bits(&[0, 0]), 256 * PAGE_SIZE, false).unwrap(),
             Written::default()
         );
     }
@@ -165,7 +211,7 @@ mod tests {
     fn pages_past_the_device_end_are_ignored() {
         let f = tempfile::tempfile().unwrap();
         f.set_len(4 * PAGE_SIZE).unwrap();
-        let w = write_back(&f, &bits(&[0b11_1000]), 4 * PAGE_SIZE).unwrap();
+        let w = write_back(&f, &bits(&[0b11_1000]), 4 * PAGE_SIZE, false).unwrap();
         assert_eq!(
             w,
             Written {
@@ -225,7 +271,7 @@ mod tests {
     fn submit_errors_name_the_range() {
         // sync_file_range refuses character devices with ESPIPE.
         let dev_null = File::open("/dev/null").unwrap();
-        let err = write_back(&dev_null, &bits(&[0b10]), 8192).unwrap_err();
+        let err = write_back(&dev_null, &bits(&[0b10]), 8192, false).unwrap_err();
         assert!(
             matches!(
                 err,

@@ -126,7 +126,8 @@ fn run(sc: &Scenario) -> Option<bool> {
         spawn_vcpu_with_ring(fd, Some((rings.clone(), handle)), move |exit| {
             if let Exit::MmioWrite(addr, data) = exit {
                 if (HINT_GPA..HINT_GPA + 4096).contains(addr) {
-                    dev.mmio_write(id, addr - HINT_GPA, data);
+                    dev.mmio_write(id, addr - HINT_GPA, data)
+                        .expect("the flush failed");
                 }
             }
         })
@@ -185,7 +186,12 @@ fn run(sc: &Scenario) -> Option<bool> {
             "the file must hold exactly the pages written before the flush"
         );
         // The pages vCPU 0 wrote after its flush are pending, and the next flush takes them.
+        let in_rings = rings.peek(dev.slot()).unwrap().len();
+        assert!(in_rings > 0, "the late pages are still in the rings");
         assert_eq!(dev.pending_pages(), Some(late_pages));
+        assert_eq!(dev.pending_pages(), Some(late_pages));
+        // Reading the count took nothing out of the rings (which would re-protect the pages).
+        assert_eq!(rings.peek(dev.slot()).unwrap().len(), in_rings);
     }
     let report = dev.host_flush().unwrap();
     if !overflowed {

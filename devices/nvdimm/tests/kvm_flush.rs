@@ -114,7 +114,8 @@ fn guest_flush_writes_back_exactly_the_dirty_pages(want_manual: bool) {
                 let mut seen = seen2.lock().unwrap();
                 seen.dirty_before = Some((dirty_pages(&file, PAGE_A), dirty_pages(&file, PAGE_B)));
                 // The synchronous flush path: returns only once the pages are durable.
-                dev.mmio_write(0, addr - HINT_GPA, data);
+                dev.mmio_write(0, addr - HINT_GPA, data)
+                    .expect("the flush failed");
                 seen.dirty_after = Some((dirty_pages(&file, PAGE_A), dirty_pages(&file, PAGE_B)));
                 seen.flushes_after = dev.stats().flushes;
             }
@@ -248,7 +249,8 @@ fn readonly_device_traps_guest_writes_and_keeps_the_file() {
     let exits = s.vm.run(move |exit| {
         if let Exit::MmioWrite(addr, data) = exit {
             if (HINT_GPA..HINT_GPA + 4096).contains(addr) {
-                dev.mmio_write(0, addr - HINT_GPA, data);
+                dev.mmio_write(0, addr - HINT_GPA, data)
+                    .expect("the flush failed");
             }
         }
     });
@@ -336,7 +338,10 @@ fn failed_flush_is_counted_and_its_pages_retried() {
     // SAFETY: a zero-size region deletes slot 1; KVM then holds no reference to any memory.
     unsafe { vm.vm.set_user_memory_region(region) }.unwrap();
 
-    dev.mmio_write(0, 0, &1u64.to_le_bytes());
+    // The guest's flush fails: the vCPU must not complete it, and the device is in fault.
+    assert!(dev.mmio_write(0, 0, &1u64.to_le_bytes()).is_err());
+    let fault = dev.io_fault().expect("a failed flush leaves a fault");
+    assert!(fault.what.contains("KVM_GET_DIRTY_LOG"), "{fault:?}");
     let st = dev.stats();
     assert_eq!(
         (st.flushes, st.errors, st.pages_written),
@@ -381,6 +386,7 @@ fn failed_flush_is_counted_and_its_pages_retried() {
     );
     assert_eq!(dirty_pages(&file, 7), 0);
     assert_eq!(dev.stats().errors, 2);
+    assert_eq!(dev.io_fault(), None, "a durable retry clears the fault");
     drop(dev);
 }
 
@@ -414,7 +420,7 @@ fn concurrent_host_and_guest_flushes() {
                 if r % 2 == 0 {
                     dev.host_flush().unwrap();
                 } else {
-                    dev.mmio_write(0, 0, &[1; 8]);
+                    dev.mmio_write(0, 0, &[1; 8]).expect("the flush failed");
                 }
                 assert_eq!(
                     dirty_pages(&file, page),

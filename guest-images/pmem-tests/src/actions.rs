@@ -370,6 +370,10 @@ pub fn tool_args(case: Case, file: &Path) -> Vec<String> {
             "-f".into(),
             "-c".into(),
             format!("truncate {len}"),
+            // Allocated up front in one extent: page faults of a DAX mapping would allocate
+            // block by block, and xfs can scatter them, but the case reports one device range.
+            "-c".into(),
+            format!("falloc 0 {len}"),
             "-c".into(),
             format!("mmap -S -rw 0 {len}"),
             "-c".into(),
@@ -614,7 +618,8 @@ mod tests {
         assert!(dsync.contains("--sync=dsync"), "{dsync}");
         let xfs_io = tool_args(Case::XfsIoMapSync, f);
         assert!(
-            xfs_io.contains(&"mmap -S -rw 0 65536".to_string()),
+            xfs_io.contains(&"mmap -S -rw 0 65536".to_string())
+                && xfs_io.contains(&"falloc 0 65536".to_string()),
             "{xfs_io:?}"
         );
         assert!(

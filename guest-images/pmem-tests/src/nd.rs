@@ -141,10 +141,15 @@ impl Nd {
         Ok(names)
     }
 
-    /// Every region, in ascending address order.
+    /// Every writable region, in ascending address order. Read-only ones (a `readonly=on`
+    /// NVDIMM, such as the one the tools come on) are not the suite's to format.
     pub fn regions(&self) -> Result<Vec<Region>, NdError> {
         let mut regions = Vec::new();
         for name in self.names(&self.devices(), "region")? {
+            let ro = self.attr(&name, "read_only");
+            if ro.exists() && self.number(&ro)? == 1 {
+                continue;
+            }
             regions.push(Region {
                 base: self.number(&self.attr(&name, "resource"))?,
                 size: self.number(&self.attr(&name, "size"))?,
@@ -339,6 +344,16 @@ mod tests {
             self.dir(&format!("{pfn}/block/pmem{i}"));
             self.file(&format!("{pfn}/resource"), &format!("{data_start:#x}\n"));
         }
+    }
+
+    #[test]
+    fn read_only_regions_are_left_alone() {
+        let fake = Fake::new(&[(0x1_0000_0000, 256 << 20), (0x1_4000_0000, 128 << 20)]);
+        fake.file("bus/nd/devices/region0/read_only", "0\n");
+        fake.file("bus/nd/devices/region1/read_only", "1\n");
+        let regions = Nd::new(fake.root()).regions().unwrap();
+        assert_eq!(regions.len(), 1);
+        assert_eq!(regions[0].name, "region0");
     }
 
     #[test]

@@ -200,6 +200,9 @@ fn flush_line(id: &str, r: &FlushReport) -> String {
     )
 }
 
+/// A writeback running this long is reported as blocked: a healthy one takes milliseconds.
+const BLOCKED_AFTER_MS: u64 = 1000;
+
 /// The `pmvm stats` table: a VM line, then one row per device.
 pub fn stats_table(vm: &VmInfo, list: &PmemList) -> String {
     let mut text = format!(
@@ -210,6 +213,22 @@ pub fn stats_table(vm: &VmInfo, list: &PmemList) -> String {
         if vm.vcpus == 1 { "" } else { "s" },
         vm.memory_bytes >> 20
     );
+    if let Some(fault) = &vm.io_error {
+        text.push_str(&format!("{}\n", fault.line()));
+    }
+    for w in vm
+        .writebacks_in_progress
+        .iter()
+        .filter(|w| w.running_ms >= BLOCKED_AFTER_MS)
+    {
+        text.push_str(&format!(
+            "{}: writeback for {} blocked for {:.1} s: the file system of its backing file is \
+             not answering (frozen, or a hung mount)\n",
+            w.device,
+            w.by,
+            w.running_ms as f64 / 1000.0
+        ));
+    }
     if list.devices.is_empty() {
         text.push_str("no pmem devices\n");
         return text;

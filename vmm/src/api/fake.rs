@@ -66,6 +66,7 @@ pub fn sample_devices() -> Vec<PmemInfo> {
             writeback_interval_ms: Some(1000),
             flush_log: Some("/var/lib/pmvm/pmem0.log".into()),
             dirty_tracking: "ring".into(),
+            io_error: None,
         },
         PmemInfo {
             id: "pmem1".into(),
@@ -81,6 +82,7 @@ pub fn sample_devices() -> Vec<PmemInfo> {
             writeback_interval_ms: None,
             flush_log: None,
             dirty_tracking: "none".into(),
+            io_error: None,
         },
     ]
 }
@@ -94,6 +96,8 @@ impl VmmControl for FakeVmm {
             memory_bytes: 512 << 20,
             kernel: "/boot/bzImage".into(),
             cmdline: "console=ttyS0 reboot=k panic=1 pci=off".into(),
+            io_error: None,
+            writebacks_in_progress: Vec::new(),
         }
     }
 

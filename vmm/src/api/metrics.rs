@@ -29,7 +29,12 @@ pub fn render_metrics(vm: &VmInfo, devices: &[PmemInfo]) -> String {
         "gauge",
         "1 for the state the VM is in, 0 for the others.",
     );
-    for state in [VmState::Running, VmState::Paused, VmState::ShuttingDown] {
+    for state in [
+        VmState::Running,
+        VmState::Paused,
+        VmState::IoError,
+        VmState::ShuttingDown,
+    ] {
         let value = u64::from(vm.state == state);
         sample(
             &mut out,
@@ -60,6 +65,14 @@ pub fn render_metrics(vm: &VmInfo, devices: &[PmemInfo]) -> String {
         "gauge",
         "Size of the device.",
         |d| Some(d.size_bytes.to_string()),
+    );
+    per_device(
+        &mut out,
+        devices,
+        "pmvm_pmem_io_error",
+        "gauge",
+        "The errno of the failure that keeps the device from acknowledging flushes; 0 if none.",
+        |d| Some(d.io_error.as_ref().map_or(0, |f| f.errno).to_string()),
     );
     per_device(
         &mut out,

@@ -6,6 +6,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 pub use nvdimm::stats::{FlushReport, PmemStats};
+pub use nvdimm::{IoFault, WritebackInProgress};
 
 /// Where the VM is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -13,6 +14,10 @@ pub use nvdimm::stats::{FlushReport, PmemStats};
 pub enum VmState {
     Running,
     Paused,
+    /// A flush failed: the vCPUs are held and no flush is acknowledged until `resume`
+    /// retries it successfully (`io_error` in [`VmInfo`] says why).
+    #[serde(rename = "io-error")]
+    IoError,
     /// A shutdown was requested or the guest powered off; the process is about to exit.
     ShuttingDown,
 }
@@ -22,6 +27,7 @@ impl fmt::Display for VmState {
         f.write_str(match self {
             VmState::Running => "running",
             VmState::Paused => "paused",
+            VmState::IoError => "io-error",
             VmState::ShuttingDown => "shutting_down",
         })
     }
@@ -39,6 +45,12 @@ pub struct VmInfo {
     /// The kernel image as given on the command line.
     pub kernel: String,
     pub cmdline: String,
+    /// Why the VM is in `io-error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_error: Option<IoFault>,
+    /// Writebacks running now; one running for seconds is blocked in the file system.
+    #[serde(default)]
+    pub writebacks_in_progress: Vec<WritebackInProgress>,
 }
 
 /// One NVDIMM: `GET /v1/pmem/{id}`, and an element of `GET /v1/pmem`.
@@ -74,6 +86,9 @@ pub struct PmemInfo {
     /// covers the whole device) or `none` (read-only).
     #[serde(default = "default_tracking")]
     pub dirty_tracking: String,
+    /// The failure that keeps the device from acknowledging flushes, until a retry succeeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_error: Option<IoFault>,
 }
 
 fn default_tracking() -> String {
@@ -105,6 +120,7 @@ mod tests {
         for (state, text) in [
             (VmState::Running, "running"),
             (VmState::Paused, "paused"),
+            (VmState::IoError, "io-error"),
             (VmState::ShuttingDown, "shutting_down"),
         ] {
             assert_eq!(
@@ -131,6 +147,7 @@ mod tests {
             writeback_interval_ms: None,
             flush_log: None,
             dirty_tracking: "bitmap".into(),
+            io_error: None,
         };
         let json = serde_json::to_value(&info).unwrap();
         assert!(json.get("pending_dirty_pages").is_none());

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::exit::{ExitReason, ExitSignal, PowerCutCause};
 use crate::layout;
+pub use crate::pmem::FlushFailure;
 use crate::pmem::{PmemBus, PmemWrite};
 
 use power::{PowerDevice, I8042};
@@ -34,9 +35,10 @@ impl Bus {
 
     /// Cuts the power: no NVDIMM writes anything back from now on, and the VM stops. What the
     /// guest did not flush is lost (for `persist=flush` devices; see docs/persistence.md).
+    /// The stop comes first, so a vCPU whose flush the cut ends never re-enters the guest.
     pub fn power_cut(&self, cause: PowerCutCause) {
-        self.pmem.power_cut();
         self.exit.request(ExitReason::PowerCut(cause));
+        self.pmem.power_cut();
     }
 
     /// A guest `in`. Ports nobody decodes read as all ones, like an empty ISA bus.
@@ -89,15 +91,22 @@ impl Bus {
         }
     }
 
-    /// A guest MMIO write by vCPU `vcpu` outside every memslot, or to a read-only slot.
-    pub fn mmio_write(&self, vcpu: u8, addr: u64, data: &[u8]) {
+    /// A guest MMIO write by vCPU `vcpu` outside every memslot, or into pmem KVM could not
+    /// back. `Some` when it is a flush (or a store) that did not become durable: the vCPU must
+    /// not complete it.
+    pub fn mmio_write(&self, vcpu: u8, addr: u64, data: &[u8]) -> Option<FlushFailure> {
         match self.pmem.write(vcpu, addr, data) {
-            PmemWrite::Claimed => {}
+            PmemWrite::Claimed => None,
             PmemWrite::Unclaimed => {
-                log::debug!("unclaimed MMIO write of {} bytes at {addr:#x}", data.len())
+                log::debug!("unclaimed MMIO write of {} bytes at {addr:#x}", data.len());
+                None
             }
-            // Nothing more can be made durable.
-            PmemWrite::Fatal(msg) => self.exit.request(ExitReason::Fatal(msg)),
+            // Nothing more can be made durable: the VM stops, and this write never completes.
+            PmemWrite::Fatal(msg) => {
+                self.exit.request(ExitReason::Fatal(msg));
+                Some(FlushFailure::stopping())
+            }
+            PmemWrite::Failed(failure) => Some(failure),
         }
     }
 

@@ -94,6 +94,11 @@ const FEATURES: &[Feature] = &[
     f("rdtscp", 0x8000_0001, 0, Reg::Edx, 27),
 ];
 
+/// KVM's paravirtual feature leaf, and the features in it whose use is a hypercall:
+/// PV_UNHALT (bit 7, spinlock kicks), PV_SEND_IPI (bit 11), PV_SCHED_YIELD (bit 13).
+const LEAF_KVM_FEATURES: u32 = 0x4000_0001;
+const KVM_HYPERCALL_FEATURES: u32 = (1 << 7) | (1 << 11) | (1 << 13);
+
 /// The vendor string in leaf 0.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Vendor {
@@ -185,11 +190,28 @@ impl CpuModel {
 
     /// Applies the model to a vCPU's CPUID.
     pub fn apply(&self, cpuid: &mut CpuId) {
+        let host = cpuid
+            .as_slice()
+            .iter()
+            .find(|e| e.function == 0)
+            .map(|e| [e.ebx, e.edx, e.ecx]);
+        let foreign_vendor = matches!(
+            (self.vendor.registers(), host),
+            (Some(guest), Some(host)) if guest != host
+        );
         for e in cpuid.as_mut_slice().iter_mut() {
             if e.function == 0 {
                 if let Some([b, d, c]) = self.vendor.registers() {
                     (e.ebx, e.edx, e.ecx) = (b, d, c);
                 }
+            }
+            // A guest told it runs on the other vendor's CPU makes hypercalls with that
+            // vendor's instruction (VMCALL for Intel, VMMCALL for AMD), which the host's KVM
+            // must rewrite in the guest's read-only kernel text: some hosts retry it forever
+            // (a 2-vCPU Linux guest hung in its first PV IPI). Without these features Linux
+            // sends IPIs through the APIC, yields and halts without hypercalls.
+            if foreign_vendor && e.function == LEAF_KVM_FEATURES {
+                e.eax &= !KVM_HYPERCALL_FEATURES;
             }
             for (feature, set) in self
                 .hide
@@ -284,6 +306,30 @@ mod tests {
             .collect();
         assert_eq!(&vendor, b"GenuineIntel");
         assert_eq!(e[0].eax, 0xd, "max leaf kept");
+    }
+
+    #[test]
+    fn a_foreign_vendor_loses_the_hypercall_features_only() {
+        let kvm = kvm_cpuid_entry2 {
+            function: LEAF_KVM_FEATURES,
+            eax: u32::MAX,
+            ..Default::default()
+        };
+        let amd_host = kvm_cpuid_entry2 {
+            function: 0,
+            ebx: u32::from_le_bytes(*b"Auth"),
+            edx: u32::from_le_bytes(*b"enti"),
+            ecx: u32::from_le_bytes(*b"cAMD"),
+            ..Default::default()
+        };
+        let eax = |vendor: &str| {
+            let mut c = CpuId::from_entries(&[amd_host, kvm]).unwrap();
+            CpuModel::parse("", vendor).unwrap().apply(&mut c);
+            c.as_slice()[1].eax
+        };
+        assert_eq!(eax("intel"), !KVM_HYPERCALL_FEATURES);
+        assert_eq!(eax("amd"), u32::MAX, "the host's own vendor keeps them");
+        assert_eq!(eax("host"), u32::MAX);
     }
 
     #[test]

@@ -55,7 +55,8 @@ fn round(
         )));
     }
     let pmvm = timed(|| {
-        dev.mmio_write(0, addr - EXIT_GPA, data);
+        dev.mmio_write(0, addr - EXIT_GPA, data)
+            .expect("the flush failed");
         Ok(())
     })?;
     host.dirty(pages, stamp)?;
@@ -127,7 +128,7 @@ pub fn measure(
     };
     let manual_protect = rings.is_none() && enable_manual_protect(&vm.vm)?;
     let image = dir.join(format!("pmem-{}M-{pages}.img", size >> 20));
-    let cfg: PmemConfig = format!("path={},size={}M", image.display(), size >> 20)
+    let cfg: PmemConfig = format!("path={},size={}M,sparse=on", image.display(), size >> 20)
         .parse()
         .map_err(NvdimmError::from)?;
     let params = NvdimmParams {

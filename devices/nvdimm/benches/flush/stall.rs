@@ -37,7 +37,8 @@ impl Stall {
 
 fn flush(dev: &Nvdimm, vcpu: u32) -> f64 {
     let start = Instant::now();
-    dev.mmio_write(vcpu, 0, &1u64.to_le_bytes());
+    dev.mmio_write(vcpu, 0, &1u64.to_le_bytes())
+        .expect("the flush failed");
     micros(start.elapsed())
 }
 
@@ -51,7 +52,7 @@ fn dirty(dev: &Nvdimm, first: u64, pages: u64, stamp: u64) -> Result<(), BenchEr
 
 /// `rounds` rounds of each, on a sparse 1 GiB device in `dir`.
 pub fn measure(dir: &Path, rounds: usize) -> Result<Stall, BenchError> {
-    let cfg: PmemConfig = format!("path={},size=1G", dir.join("stall.img").display())
+    let cfg: PmemConfig = format!("path={},size=1G,sparse=on", dir.join("stall.img").display())
         .parse()
         .map_err(NvdimmError::from)?;
     let params = NvdimmParams {

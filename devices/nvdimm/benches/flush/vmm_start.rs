@@ -76,7 +76,10 @@ impl Running {
             .args(["--cmdline", "console=ttyS0 -- wait"])
             .args(["--memory", &format!("{MEMORY_MIB}M")])
             .arg("--pmem")
-            .arg(format!("path={},size={PMEM_MIB}M", image.display()))
+            .arg(format!(
+                "path={},size={PMEM_MIB}M,sparse=on",
+                image.display()
+            ))
             .arg("--api-sock")
             .arg(&sock)
             .stdin(Stdio::null())

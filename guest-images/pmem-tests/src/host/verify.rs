@@ -180,8 +180,14 @@ pub fn judge(expect: Expect, ev: &Evidence) -> Verdict {
                 return Verdict::Fail(problems.join("; "));
             }
             if ev.flushes == 0 {
+                // The data is in the file (checked above), but nothing made it durable: say
+                // how much of it only the host page cache holds.
                 let dirty = match &ev.cache {
-                    Ok(c) => format!("{} pages still dirty on the host", c.nr_dirty),
+                    Ok(c) if c.nr_dirty + c.nr_writeback > 0 => format!(
+                        "NOT durable on the host: {} pages still dirty in its page cache",
+                        c.nr_dirty + c.nr_writeback
+                    ),
+                    Ok(_) => "on the host's disk only through its own writeback".to_string(),
                     Err(e) => e.clone(),
                 };
                 Verdict::NoFlush(format!("documented: {why}; {dirty}"))
@@ -255,7 +261,11 @@ mod tests {
         let v = judge(Case::MapSync.expect(), &ev(0, Ok(()), dirty));
         assert_eq!(v.label(), "no flush reached the host");
         assert!(v.detail().contains("clwb"), "{v:?}");
-        assert!(v.detail().contains("2 pages still dirty"), "{v:?}");
+        assert!(
+            v.detail()
+                .contains("NOT durable on the host: 2 pages still dirty"),
+            "{v:?}"
+        );
         assert!(!v.is_failure());
         // The data must still be there.
         let v = judge(
