@@ -9,7 +9,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use pmvm_tests::{kvm_emulates_guest_kernel, kvm_or_skip, repo_root, Pmvm};
+use pmvm_tests::linux::emulating_host;
+use pmvm_tests::{kvm_or_skip, repo_root, Pmvm};
 
 /// Fetches and unpacks the kernel; `None` (with the reason) where it cannot be fetched.
 fn debian_kernel() -> Result<PathBuf, String> {
@@ -134,7 +135,7 @@ fn debian_kernel_lists_every_acpi_table_cleanly() {
     );
     if status.code() == Some(1) && fatal.contains("emulation failure") {
         assert!(
-            kvm_emulates_guest_kernel(),
+            emulating_host(),
             "an emulation failure on a KVM that runs guest kernels natively (no kvm_pvm): {}",
             vm.transcript()
         );

@@ -39,13 +39,6 @@ pub fn kvm_or_skip(test: &str) -> bool {
     }
 }
 
-/// Whether this host's KVM runs guest kernel code in an emulator that lacks some instructions
-/// (nested PVM, as on this project's CI machines: its module is `kvm_pvm`). Expectations that
-/// hold only there check this; hardware KVM (kvm_intel, kvm_amd) runs a stock kernel natively.
-pub fn kvm_emulates_guest_kernel() -> bool {
-    Path::new("/sys/module/kvm_pvm").exists()
-}
-
 /// Builds the probe guest once per test process and returns the path of probe.elf.
 pub fn probe_elf() -> PathBuf {
     static PROBE: OnceLock<PathBuf> = OnceLock::new();
