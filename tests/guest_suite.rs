@@ -11,7 +11,8 @@
 //! pass. Environment: PMVM_SUITE_KERNEL / PMVM_SUITE_MODULES (your own kernel),
 //! PMVM_SUITE_CMDLINE (extra kernel options), PMVM_SUITE_EMULATED=0|1 (override host
 //! detection), PMVM_SUITE_NO_BUILD=1 (use the built image, fail if stale),
-//! PMVM_SUITE_RESULTS=1|PATH (save the results). See docs/guest-suite.md.
+//! PMVM_SUITE_RESULTS=1|PATH (save the results), PMVM_SUITE_CPUS=N (vCPUs, default 1). See
+//! docs/guest-suite.md.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -195,6 +196,8 @@ fn pmvm_args(boot: &Boot, launch: &Launch, dir: &Path) -> Vec<String> {
         launch.initrd.display().to_string(),
         "--memory".into(),
         MEMORY.into(),
+        "--cpus".into(),
+        env("PMVM_SUITE_CPUS").unwrap_or_else(|| "1".into()),
         "--cmdline".into(),
         format!("{} {}", boot.cmdline, launch.cmdline_extra),
     ];
