@@ -128,7 +128,21 @@ fn choose_tracking(vm: &Arc<VmFd>, config: &MachineConfig) -> Result<Tracking, V
             manual_protect: false,
         });
     }
-    if config.dirty_tracking != DirtyTracking::Bitmap {
+    let ring_unsafe = nvdimm::dirty_ring::ring_limit_unenforced();
+    let want_ring = match (config.dirty_tracking, ring_unsafe) {
+        (DirtyTracking::Bitmap, _) => false,
+        (DirtyTracking::Ring, Some(why)) => {
+            log::warn!("--dirty-tracking ring: {why}; a guest may overflow the ring");
+            true
+        }
+        (DirtyTracking::Ring, None) => true,
+        (DirtyTracking::Auto, Some(why)) => {
+            log::info!("pmem dirty tracking: not the KVM dirty ring: {why}");
+            false
+        }
+        (DirtyTracking::Auto, None) => true,
+    };
+    if want_ring {
         match DirtyRings::enable(vm.clone(), DEFAULT_RING_ENTRIES).map_err(VmError::DirtyRing)? {
             Some(rings) => {
                 log::info!(
