@@ -366,8 +366,10 @@ pub fn run(config: &MachineConfig, opts: &RunOptions) -> Result<u8, VmError> {
         .map_err(kvm_err("report its supported CPUID"))?;
     let control = Arc::new(VcpuControl::default());
     for d in &pmem_devices {
-        let control = control.clone();
-        d.set_harvest_barrier(Arc::new(move |except| control.sync_exits(except)));
+        let barrier = control.clone();
+        d.set_harvest_barrier(Arc::new(move |except| barrier.sync_exits(except)));
+        let fence = control.clone();
+        d.set_vcpu_fence(Arc::new(move |f| fence.fence(f)));
     }
     let mut vcpus = Vec::new();
     for id in 0..config.cpus {

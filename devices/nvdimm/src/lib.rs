@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod mmap;
 pub mod page_set;
 pub mod pfn;
+pub mod reclaim;
 pub mod sigbus;
 pub mod size;
 pub mod stats;
@@ -30,6 +31,7 @@ pub use device::{FlushError, FlushSource, HarvestBarrier, Nvdimm, NvdimmParams};
 pub use dirty::enable_manual_protect;
 pub use dirty_ring::{DirtyRings, VcpuRingHandle};
 pub use fault::IoFault;
+pub use reclaim::VcpuFence;
 pub use size::{format_size, parse_size, SizeError};
 
 /// Most NVDIMMs one VM may have. The layout has room for 32 hint pages; 16 keeps the NFIT and
