@@ -157,27 +157,13 @@ impl VcpuControl {
     }
 
     fn wait_out_of_guest(&self) -> Result<(), String> {
-        let deadline = Instant::now() + HARVEST_BARRIER_TIMEOUT;
-        loop {
-            let inside: Vec<Arc<VcpuSlot>> = lock(&self.threads)
+        kick_until_none(|| {
+            lock(&self.threads)
                 .iter()
                 .filter(|s| s.in_guest.load(Ordering::SeqCst))
                 .cloned()
-                .collect();
-            let Some(first) = inside.first() else {
-                return Ok(());
-            };
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "vCPU {} did not leave KVM_RUN within {HARVEST_BARRIER_TIMEOUT:?}",
-                    first.id
-                ));
-            }
-            for s in &inside {
-                s.kick();
-            }
-            std::thread::sleep(Duration::from_micros(200));
-        }
+                .collect()
+        })
     }
 
     /// Marks `slot` in the guest, first waiting out any fence.
@@ -203,30 +189,38 @@ impl VcpuControl {
             .filter(|s| except != Some(u32::from(s.id)))
             .map(|s| (s.clone(), s.exits.load(Ordering::SeqCst)))
             .collect();
-        let deadline = Instant::now() + HARVEST_BARRIER_TIMEOUT;
-        loop {
-            let waiting: Vec<&Arc<VcpuSlot>> = snapshot
+        kick_until_none(|| {
+            snapshot
                 .iter()
                 .filter(|(s, exits)| {
                     s.in_guest.load(Ordering::SeqCst) && s.exits.load(Ordering::SeqCst) == *exits
                 })
-                .map(|(s, _)| s)
-                .collect();
-            let Some(first) = waiting.first() else {
-                return Ok(());
-            };
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "vCPU {} did not leave KVM_RUN within {HARVEST_BARRIER_TIMEOUT:?}",
-                    first.id
-                ));
-            }
-            // Resent until it lands inside KVM_RUN: one that arrives just before is lost.
-            for s in &waiting {
-                s.kick();
-            }
-            std::thread::sleep(Duration::from_micros(200));
+                .map(|(s, _)| s.clone())
+                .collect()
+        })
+    }
+}
+
+/// Kicks the vCPUs `waiting` names until it names none; errs after the harvest barrier's
+/// timeout.
+fn kick_until_none(waiting: impl Fn() -> Vec<Arc<VcpuSlot>>) -> Result<(), String> {
+    let deadline = Instant::now() + HARVEST_BARRIER_TIMEOUT;
+    loop {
+        let waiting = waiting();
+        let Some(first) = waiting.first() else {
+            return Ok(());
+        };
+        if Instant::now() > deadline {
+            return Err(format!(
+                "vCPU {} did not leave KVM_RUN within {HARVEST_BARRIER_TIMEOUT:?}",
+                first.id
+            ));
         }
+        // Resent until it lands inside KVM_RUN: one that arrives just before is lost.
+        for s in &waiting {
+            s.kick();
+        }
+        std::thread::sleep(Duration::from_micros(200));
     }
 }
 
