@@ -437,3 +437,75 @@ fn background_writeback_cleans_unflushed_pages_within_two_intervals() {
     let image = fs::read(&img).unwrap();
     assert_page(&image, 16, 0xd4, "written back in the background");
 }
+
+/// The strict model's memory stays bounded: a flush drops the private copies it made durable,
+/// so pmvm's RSS falls back near guest RAM however much the guest wrote, and the pages read the
+/// file again. A store after the flush gets a private copy afresh, is logged and written by the
+/// next flush; after a power cut every byte of the device is what the guest last flushed.
+#[test]
+fn strict_model_flush_drops_written_copies_and_loses_no_byte() {
+    if !kvm_or_skip("strict model memory") {
+        return;
+    }
+    const DEV: u64 = 256 << 20;
+    const RAM_MIB: u64 = 64;
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("big.img");
+    let pmem = format!("path={},size={DEV},persist=flush", img.display());
+    let words =
+        format!("write 0 0 {DEV:#x} 0x5a flush 0 write 0 0x3000 0x1000 0x77 mark FLUSHED wait");
+    let sock = dir.path().join("api.sock");
+    let mut args = probe_pmem_args(&words, &pmem, Some(&sock));
+    args.push(format!("--memory={RAM_MIB}M"));
+    let mut vm = Pmvm::spawn(&pmvm(), &args);
+    vm.wait_for("MARK FLUSHED", Duration::from_secs(600))
+        .unwrap_or_else(|e| panic!("{e}\n{}", vm.transcript()));
+    let rss = rss_kib(vm.pid());
+    println!("pmvm after flushing {} MiB: {rss:?}", DEV >> 20);
+    // Guest RAM, 64 MiB of slack, and the one page written since.
+    let bound = (RAM_MIB + 64) << 10;
+    assert!(
+        rss.0 < bound + 4,
+        "VmRSS {} KiB after the flush, bound {bound} KiB: {rss:?}",
+        rss.0
+    );
+
+    // A host flush takes the page written after the guest's flush.
+    wait_api(&sock, BOOT).unwrap();
+    let (status, body) = api_request(&sock, "PUT", "/v1/pmem/pmem0/flush").unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"pages\":1"), "{body}");
+    let (status, body) = api_request(&sock, "PUT", "/v1/vm/power-cut").unwrap();
+    assert_eq!(status, 204, "{body}");
+    let (st, stderr) = vm.wait_exit(BOOT).unwrap();
+    assert_eq!(st.code(), Some(POWER_CUT_STATUS), "{stderr}");
+
+    use std::io::Read;
+    let mut file = fs::File::open(&img).unwrap();
+    let mut chunk = vec![0u8; 1 << 20];
+    for at in (0..DEV).step_by(chunk.len()) {
+        file.read_exact(&mut chunk).unwrap();
+        for (i, &b) in chunk.iter().enumerate() {
+            let off = at + i as u64;
+            let want = if (0x3000..0x4000).contains(&off) {
+                0x77
+            } else {
+                0x5a
+            };
+            assert_eq!(b, want, "byte {off:#x} of the device after the power cut");
+        }
+    }
+}
+
+/// (VmRSS, RssAnon, RssFile) of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> (u64, u64, u64) {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+    };
+    (field("VmRSS:"), field("RssAnon:"), field("RssFile:"))
+}

@@ -39,6 +39,16 @@ pub fn kvm_or_skip(test: &str) -> bool {
     }
 }
 
+/// The tracking `--dirty-tracking auto` picks on this host, on KVM with the dirty ring: the
+/// slot bitmap where the ring's limit is not enforced (PVM), else the ring.
+pub fn auto_dirty_tracking() -> &'static str {
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        "bitmap"
+    } else {
+        "ring"
+    }
+}
+
 /// Builds the probe guest once per test process and returns the path of probe.elf.
 pub fn probe_elf() -> PathBuf {
     static PROBE: OnceLock<PathBuf> = OnceLock::new();

@@ -85,7 +85,8 @@ pub struct MachineArgs {
 
     /// How pmvm learns which pmem pages the guest wrote. `ring`: KVM's per-vCPU dirty ring,
     /// so a flush costs O(pages written). `bitmap`: the memslot's dirty bitmap, so a flush
-    /// costs O(device size). `auto`: ring where KVM offers it, else bitmap.
+    /// costs O(device size). `auto`: ring where KVM offers it and
+    /// stops vCPUs at the ring's limit, else bitmap.
     #[arg(long, value_enum, value_name = "auto|ring|bitmap", default_value_t = DirtyTracking::Auto)]
     pub dirty_tracking: DirtyTracking,
 

@@ -1,6 +1,6 @@
 //! vCPU threads: the KVM_RUN loop, exit dispatch, pausing and stopping.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -29,6 +29,8 @@ pub struct VcpuControl {
     changed: Condvar,
     /// The vCPU threads, for kicking them out of KVM_RUN.
     threads: Mutex<Vec<Arc<VcpuSlot>>>,
+    /// Fences in force ([`VcpuControl::fence`]): no vCPU enters the guest while non-zero.
+    fenced: AtomicU32,
 }
 
 /// What others need to know about one vCPU thread to make it leave the guest.
@@ -135,6 +137,51 @@ impl VcpuControl {
         slot
     }
 
+    /// Runs `f` while no vCPU is in the guest, kicking them out and keeping them out until it
+    /// returns; the calling thread may be a vCPU's (it is not in the guest). Errs without
+    /// running `f` if a vCPU does not leave KVM_RUN within the harvest barrier's timeout.
+    pub fn fence(&self, f: &mut dyn FnMut()) -> Result<(), String> {
+        // SeqCst pairs with `enter_guest`: either the vCPU sees the fence before KVM_RUN, or
+        // this thread sees it in the guest and kicks it out.
+        self.fenced.fetch_add(1, Ordering::SeqCst);
+        let out = self.wait_out_of_guest();
+        if out.is_ok() {
+            f();
+        }
+        {
+            // Under the lock, so a vCPU about to wait cannot miss the wake-up.
+            let _st = lock(&self.state);
+            self.fenced.fetch_sub(1, Ordering::SeqCst);
+            self.changed.notify_all();
+        }
+        out
+    }
+
+    fn wait_out_of_guest(&self) -> Result<(), String> {
+        kick_until_none(|| {
+            lock(&self.threads)
+                .iter()
+                .filter(|s| s.in_guest.load(Ordering::SeqCst))
+                .cloned()
+                .collect()
+        })
+    }
+
+    /// Marks `slot` in the guest, first waiting out any fence.
+    fn enter_guest(&self, slot: &VcpuSlot) {
+        loop {
+            slot.in_guest.store(true, Ordering::SeqCst);
+            if self.fenced.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            slot.in_guest.store(false, Ordering::SeqCst);
+            let mut st = lock(&self.state);
+            while self.fenced.load(Ordering::SeqCst) > 0 {
+                st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+        }
+    }
+
     /// The harvest barrier: returns once every vCPU but `except` that was in the guest when
     /// called has left KVM_RUN at least once, kicking them until they have.
     pub fn sync_exits(&self, except: Option<u32>) -> Result<(), String> {
@@ -143,30 +190,38 @@ impl VcpuControl {
             .filter(|s| except != Some(u32::from(s.id)))
             .map(|s| (s.clone(), s.exits.load(Ordering::SeqCst)))
             .collect();
-        let deadline = Instant::now() + HARVEST_BARRIER_TIMEOUT;
-        loop {
-            let waiting: Vec<&Arc<VcpuSlot>> = snapshot
+        kick_until_none(|| {
+            snapshot
                 .iter()
                 .filter(|(s, exits)| {
                     s.in_guest.load(Ordering::SeqCst) && s.exits.load(Ordering::SeqCst) == *exits
                 })
-                .map(|(s, _)| s)
-                .collect();
-            let Some(first) = waiting.first() else {
-                return Ok(());
-            };
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "vCPU {} did not leave KVM_RUN within {HARVEST_BARRIER_TIMEOUT:?}",
-                    first.id
-                ));
-            }
-            // Resent until it lands inside KVM_RUN: one that arrives just before is lost.
-            for s in &waiting {
-                s.kick();
-            }
-            std::thread::sleep(Duration::from_micros(200));
+                .map(|(s, _)| s.clone())
+                .collect()
+        })
+    }
+}
+
+/// Kicks the vCPUs `waiting` names until it names none; errs after the harvest barrier's
+/// timeout.
+fn kick_until_none(waiting: impl Fn() -> Vec<Arc<VcpuSlot>>) -> Result<(), String> {
+    let deadline = Instant::now() + HARVEST_BARRIER_TIMEOUT;
+    loop {
+        let waiting = waiting();
+        let Some(first) = waiting.first() else {
+            return Ok(());
+        };
+        if Instant::now() > deadline {
+            return Err(format!(
+                "vCPU {} did not leave KVM_RUN within {HARVEST_BARRIER_TIMEOUT:?}",
+                first.id
+            ));
         }
+        // Resent until it lands inside KVM_RUN: one that arrives just before is lost.
+        for s in &waiting {
+            s.kick();
+        }
+        std::thread::sleep(Duration::from_micros(200));
     }
 }
 
@@ -231,7 +286,7 @@ impl Vcpu {
     fn run_once(&mut self, slot: &VcpuSlot) -> Option<ExitReason> {
         let bus = &self.bus;
         let ring_mark = self.dirty_ring.as_ref().map(|(_, ring)| ring.mark());
-        slot.in_guest.store(true, Ordering::SeqCst);
+        self.control.enter_guest(slot);
         let ran = self.fd.run();
         slot.exits.fetch_add(1, Ordering::SeqCst);
         slot.in_guest.store(false, Ordering::SeqCst);
@@ -509,5 +564,63 @@ mod tests {
         f.join().unwrap();
         // With nobody in the guest it returns at once.
         control.sync_exits(None).unwrap();
+    }
+
+    #[test]
+    fn a_fence_keeps_every_vcpu_out_of_the_guest_until_it_ends() {
+        signals::install_kick_handler().unwrap();
+        let control = Arc::new(VcpuControl::default());
+        // A stand-in vCPU that enters "the guest" (pause(2)) again after every kick.
+        let entries = Arc::new(AtomicU64::new(0));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (c, e) = (control.clone(), entries.clone());
+        let h = std::thread::spawn(move || {
+            let slot = c.register(0);
+            tx.send(slot.clone()).unwrap();
+            while !c.stopping() {
+                c.enter_guest(&slot);
+                e.fetch_add(1, Ordering::SeqCst);
+                // SAFETY: pause has no preconditions; it returns when a handled signal arrives.
+                unsafe { libc::pause() };
+                slot.in_guest.store(false, Ordering::SeqCst);
+            }
+            slot.alive.store(false, Ordering::Release);
+        });
+        let slot = rx.recv().unwrap();
+        let wait_for = |n: u64| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while entries.load(Ordering::SeqCst) < n {
+                assert!(
+                    Instant::now() < deadline,
+                    "the vCPU never entered the guest"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        wait_for(1);
+        let mut seen = None;
+        control
+            .fence(&mut || {
+                let before = entries.load(Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(50));
+                slot.kick();
+                std::thread::sleep(Duration::from_millis(50));
+                seen = Some((
+                    slot.in_guest.load(Ordering::SeqCst),
+                    entries.load(Ordering::SeqCst) - before,
+                    before,
+                ));
+            })
+            .unwrap();
+        let (in_guest, entered, before) = seen.expect("the fence ran its closure");
+        assert_eq!((in_guest, entered), (false, 0), "under the fence");
+        // Released, it enters again.
+        wait_for(before + 1);
+        control.stop.store(true, Ordering::Release);
+        while !h.is_finished() {
+            slot.kick();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        h.join().unwrap();
     }
 }

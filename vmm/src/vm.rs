@@ -129,7 +129,21 @@ fn choose_tracking(vm: &Arc<VmFd>, config: &MachineConfig) -> Result<Tracking, V
             manual_protect: false,
         });
     }
-    if config.dirty_tracking != DirtyTracking::Bitmap {
+    let ring_unsafe = nvdimm::dirty_ring::ring_limit_unenforced();
+    let want_ring = match (config.dirty_tracking, ring_unsafe) {
+        (DirtyTracking::Bitmap, _) => false,
+        (DirtyTracking::Ring, Some(why)) => {
+            log::warn!("--dirty-tracking ring: {why}; a guest may overflow the ring");
+            true
+        }
+        (DirtyTracking::Ring, None) => true,
+        (DirtyTracking::Auto, Some(why)) => {
+            log::info!("pmem dirty tracking: not the KVM dirty ring: {why}");
+            false
+        }
+        (DirtyTracking::Auto, None) => true,
+    };
+    if want_ring {
         match DirtyRings::enable(vm.clone(), DEFAULT_RING_ENTRIES).map_err(VmError::DirtyRing)? {
             Some(rings) => {
                 log::info!(
@@ -356,8 +370,10 @@ pub fn run(config: &MachineConfig, opts: &RunOptions) -> Result<u8, VmError> {
         .map_err(kvm_err("report its supported CPUID"))?;
     let control = Arc::new(VcpuControl::default());
     for d in &pmem_devices {
-        let control = control.clone();
-        d.set_harvest_barrier(Arc::new(move |except| control.sync_exits(except)));
+        let barrier = control.clone();
+        d.set_harvest_barrier(Arc::new(move |except| barrier.sync_exits(except)));
+        let fence = control.clone();
+        d.set_vcpu_fence(Arc::new(move |f| fence.fence(f)));
     }
     let mut vcpus = Vec::new();
     for id in 0..config.cpus {

@@ -32,6 +32,7 @@ use crate::in_flight::{InFlight, WritebackInProgress};
 use crate::metrics::NvdimmMetrics;
 use crate::mmap::{Mapping, Sharing};
 use crate::page_set::{run_pages, PageSet, Run};
+use crate::reclaim::{self, VcpuFence};
 use crate::stats::{FlushReport, PmemStats};
 use crate::writeback::{self, WritebackError, Written};
 use crate::{error_chain as chain, NvdimmError, MAX_HINTS, PAGE_SIZE};
@@ -227,6 +228,8 @@ pub struct Nvdimm {
     unbacked: Mutex<Vec<(u64, Vec<u8>)>>,
     /// Run before every harvest (see [`HarvestBarrier`]).
     barrier: OnceLock<HarvestBarrier>,
+    /// Holds the vCPUs while `persist=flush` drops the copies a writeback made durable.
+    fence: OnceLock<VcpuFence>,
     /// Set to stop the background writeback loop.
     background_stop: Mutex<bool>,
     background_wake: Condvar,
@@ -316,6 +319,7 @@ impl Nvdimm {
             distrust_page_cache: AtomicBool::new(false),
             unbacked: Mutex::new(Vec::new()),
             barrier: OnceLock::new(),
+            fence: OnceLock::new(),
             background_stop: Mutex::new(false),
             background_wake: Condvar::new(),
             mapping: Arc::new(mapping),
@@ -639,6 +643,7 @@ impl Nvdimm {
                     ),
                     PersistMode::Flush => {
                         writeback::copy_back(file, &self.mapping, &runs, self.size())
+                            .inspect(|_| self.drop_private_copies(&runs))
                     }
                 };
                 written.map_err(FlushError::Writeback).map_err(keep_pending)
@@ -854,6 +859,49 @@ impl Nvdimm {
         }
     }
 
+    /// Sets the VMM's [`VcpuFence`]; once per device. Without it `persist=flush` keeps every
+    /// private copy (safe, but memory grows with the pages ever written).
+    pub fn set_vcpu_fence(&self, fence: VcpuFence) {
+        if self.fence.set(fence).is_err() {
+            log::warn!("{}: vCPU fence set twice; the first stays", self.id);
+        }
+    }
+
+    /// After a `persist=flush` writeback of `runs`: with the vCPUs held, harvests what they
+    /// wrote since (it stays pending) and drops the private copies of the other pages, now
+    /// equal to the file. A failure here loses nothing (the copies stay), so it is only
+    /// reported.
+    fn drop_private_copies(&self, runs: &[Run]) {
+        let Some(fence) = self.fence.get() else {
+            return;
+        };
+        if runs.is_empty() {
+            return;
+        }
+        let mut outcome = Err("not run".to_string());
+        let held = fence(&mut || {
+            outcome = self
+                .harvest_into_pending()
+                .map_err(|e| chain(&e))
+                .and_then(|()| {
+                    reclaim::drop_clean_copies(
+                        &self.mapping,
+                        runs,
+                        &lock(&self.pending),
+                        self.size(),
+                    )
+                    .map_err(|e| chain(&e))
+                });
+        });
+        match held.and(outcome) {
+            Ok(pages) => log::debug!("{}: dropped {pages} private copies", self.id),
+            Err(e) => log::warn!(
+                "{}: the private copies of written pages stay in memory: {e}",
+                self.id
+            ),
+        }
+    }
+
     fn before_harvest(&self, source: FlushSource) -> Result<(), FlushError> {
         let Some(barrier) = self.barrier.get() else {
             return Ok(());
@@ -896,6 +944,13 @@ impl Nvdimm {
     /// Takes the pending pages merged with what the guest dirtied (if attached and writable),
     /// in runs. Whatever a failed harvest already took stays pending.
     fn harvest(&self) -> Result<Vec<Run>, FlushError> {
+        self.harvest_into_pending()?;
+        Ok(lock(&self.pending).take_runs())
+    }
+
+    /// Moves what the guest dirtied since the last harvest into the pending set, re-protecting
+    /// those pages.
+    fn harvest_into_pending(&self) -> Result<(), FlushError> {
         match self.attachment.get().and_then(|a| a.dirty.as_ref()) {
             Some(Tracker::Log(log)) => log
                 .harvest_into(&mut lock(&self.pending))
@@ -906,7 +961,7 @@ impl Nvdimm {
             }
             None => {}
         }
-        Ok(lock(&self.pending).take_runs())
+        Ok(())
     }
 
     /// Dirty pages the next flush would write, read without disturbing the guest: exact with

@@ -20,6 +20,7 @@ pub mod mmap;
 pub mod page_set;
 pub mod path_lock;
 pub mod pfn;
+pub mod reclaim;
 pub mod sigbus;
 pub mod size;
 pub mod stats;
@@ -33,6 +34,7 @@ pub use dirty::enable_manual_protect;
 pub use dirty_ring::{DirtyRings, VcpuRingHandle};
 pub use fault::IoFault;
 pub use in_flight::WritebackInProgress;
+pub use reclaim::VcpuFence;
 pub use size::{format_size, parse_size, SizeError};
 
 /// Most NVDIMMs one VM may have. The layout has room for 32 hint pages; 16 keeps the NFIT and

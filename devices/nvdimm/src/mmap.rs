@@ -33,6 +33,13 @@ pub enum MmapError {
          truncated while pmvm ran"
     )]
     Truncated { offset: u64, len: usize },
+    #[error("dropping the private copies of {len} bytes at offset {offset:#x} failed")]
+    Discard {
+        offset: u64,
+        len: u64,
+        #[source]
+        source: io::Error,
+    },
     #[error("writing {len} bytes at offset {offset:#x} into the backing file failed")]
     FileWrite {
         offset: u64,
@@ -234,6 +241,35 @@ impl Mapping {
         // borrowed; AtomicU32 has u32's layout and any bit pattern is valid; the other party
         // (KVM) also accesses the word atomically.
         Ok(unsafe { &*p.cast::<AtomicU32>() })
+    }
+
+    /// Drops the private copies of `len` bytes at `offset` (page-aligned) of a private
+    /// mapping: the pages read the file again from the next access (MADV_DONTNEED). What the
+    /// copies held is lost, so the caller must have written it to the file and must keep every
+    /// writer of those pages out meanwhile. Does nothing to a shared mapping.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<(), MmapError> {
+        if self.sharing != Sharing::Private || len == 0 {
+            return Ok(());
+        }
+        let n = usize::try_from(len).map_err(|_| MmapError::OutOfBounds {
+            offset,
+            len: usize::MAX,
+            size: self.len as u64,
+        })?;
+        let start = self.range(offset, n)?;
+        // SAFETY: `range` checked that start..start+len lies in this mapping, which is a
+        // MAP_PRIVATE file mapping: MADV_DONTNEED only replaces its private pages with the
+        // file's, no Rust reference points into guest memory, and the caller guarantees no
+        // store to these pages is in flight (see above).
+        let rc = unsafe { libc::madvise(start.cast(), n, libc::MADV_DONTNEED) };
+        if rc != 0 {
+            return Err(MmapError::Discard {
+                offset,
+                len,
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
     }
 
     /// Copies `len` bytes at `offset` of the mapping to the same offset of `file` with
