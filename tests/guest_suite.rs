@@ -428,27 +428,35 @@ fn save_results(boot: &Boot, outcome: &str, body: &str) {
     println!("results saved to {}", path.display());
 }
 
-#[test]
-fn guest_suite_end_to_end() {
-    if !kvm_or_skip(TEST) {
-        return;
+/// The built image, the emulating host's profile (if this is one) and how to boot; None after
+/// printing why the test cannot run (a failure under CI).
+fn image_and_boot(test: &str) -> Option<(Image, Option<EmulatedProfile>, Boot)> {
+    if !kvm_or_skip(test) {
+        return None;
     }
     let image = match build_image() {
         Ok(i) => i,
-        Err(e) if in_ci() => panic!("{TEST}: the guest image: {e}"),
+        Err(e) if in_ci() => panic!("{test}: the guest image: {e}"),
         Err(e) => {
-            println!("SKIP: {TEST}: stage reached: none (no guest image): {e}");
-            return;
+            println!("SKIP: {test}: stage reached: none (no guest image): {e}");
+            return None;
         }
     };
     let emulated = emulating_host().then(EmulatedProfile::load);
-    let extra = env("PMVM_SUITE_CMDLINE");
     let boot = choose_boot(
         &image,
         emulated.as_ref(),
         env("PMVM_SUITE_KERNEL").is_some(),
-        extra.as_deref(),
+        env("PMVM_SUITE_CMDLINE").as_deref(),
     );
+    Some((image, emulated, boot))
+}
+
+#[test]
+fn guest_suite_end_to_end() {
+    let Some((image, emulated, boot)) = image_and_boot(TEST) else {
+        return;
+    };
     println!("booting {} ({})", boot.label, boot.kernel.display());
 
     let wait = if emulated.is_some() {
@@ -548,24 +556,9 @@ fn ndctl_step(console: &[String], name: &str) -> (Vec<String>, Option<i32>) {
 #[test]
 fn ndctl_converts_a_raw_namespace_and_a_file_fsynced_on_it_reaches_the_host() {
     let test = "guest ndctl";
-    if !kvm_or_skip(test) {
+    let Some((image, emulated, boot)) = image_and_boot(test) else {
         return;
-    }
-    let image = match build_image() {
-        Ok(i) => i,
-        Err(e) if in_ci() => panic!("{test}: the guest image: {e}"),
-        Err(e) => {
-            println!("SKIP: {test}: no guest image: {e}");
-            return;
-        }
     };
-    let emulated = emulating_host().then(EmulatedProfile::load);
-    let boot = choose_boot(
-        &image,
-        emulated.as_ref(),
-        env("PMVM_SUITE_KERNEL").is_some(),
-        env("PMVM_SUITE_CMDLINE").as_deref(),
-    );
     let dir = scratch();
     let launch = Launch {
         initrd: &image.initramfs,
