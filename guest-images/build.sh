@@ -44,6 +44,13 @@ while [ $# -gt 0 ]; do
 done
 [ -z "$user_modules" ] || [ -n "$user_kernel" ] || die "--modules only goes with --kernel"
 [ -z "$user_modules" ] || [ -d "$user_modules" ] || die "--modules $user_modules is not a directory"
+# One build at a time (the suite and the ndctl test ask for the image at once); --check only
+# reads, and may run where the tree is read-only.
+if [ $check = 0 ]; then
+  mkdir -p "$here/out"
+  exec 9>"$here/out/.build.lock"
+  flock 9
+fi
 if [ -n "$user_kernel" ]; then
   magic=$(head -c4 "$user_kernel" | od -An -tx1 | tr -d ' \n')
   hdrs=$(dd if="$user_kernel" bs=1 skip=514 count=4 2>/dev/null)

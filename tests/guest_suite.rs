@@ -37,7 +37,7 @@ fn env(name: &str) -> Option<String> {
 }
 
 /// What build.sh built, from its image.env.
-#[derive(Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 struct Image {
     kernel: PathBuf,
     kind: String,
@@ -89,6 +89,12 @@ impl Image {
 
 /// Runs guest-images/build.sh (or only checks the image with PMVM_SUITE_NO_BUILD=1).
 fn build_image() -> Result<Image, String> {
+    // Once per test process: the suite and the ndctl test share the image.
+    static IMAGE: std::sync::OnceLock<Result<Image, String>> = std::sync::OnceLock::new();
+    IMAGE.get_or_init(run_build_sh).clone()
+}
+
+fn run_build_sh() -> Result<Image, String> {
     let script = repo_root().join("guest-images/build.sh");
     let mut cmd = Command::new("bash");
     cmd.arg(&script);
