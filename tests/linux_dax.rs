@@ -196,7 +196,8 @@ fn boot(vmlinux: &Path, pmem: &str, sock: Option<&Path>, cmd: &str) -> Pmvm {
     if let Some(sock) = sock {
         args.extend(["--api-sock".into(), sock.display().to_string()]);
     }
-    let vm = Pmvm::spawn(&PathBuf::from(env!("CARGO_BIN_EXE_pmvm")), &args);
+    // With input: /init started with PMVM_WAIT_HOST=1 waits for a line from the host.
+    let vm = Pmvm::spawn_with_input(&PathBuf::from(env!("CARGO_BIN_EXE_pmvm")), &args);
     if let Some(sock) = sock {
         wait_api(sock, Duration::from_secs(30)).unwrap();
     }
@@ -223,7 +224,11 @@ fn minimal_kernel_mounts_an_fsdax_ext4_root_and_its_flushes_reach_the_file() {
 
     let start = Instant::now();
     let pmem = format!("path={}", img.display());
-    let cmd = cmdline("dax-fsync", "root=/dev/pmem0 rootflags=dax rw init=/init");
+    // /init waits for the host's checks below before it writes its proof and powers off.
+    let cmd = cmdline(
+        "dax-fsync",
+        "root=/dev/pmem0 rootflags=dax rw init=/init PMVM_WAIT_HOST=1",
+    );
     let mut vm = boot(&vmlinux, &pmem, Some(&sock), &cmd);
 
     let mut m = Milestones::new(&vm, "fsdax", start);
@@ -312,7 +317,13 @@ fn minimal_kernel_mounts_an_fsdax_ext4_root_and_its_flushes_reach_the_file() {
     }
 
     // User space: /init writes and fsyncs its proof in the DAX root and powers off.
-    wait_proof(&vm, m.next_line);
+    m.reach(
+        "/init waits for the host",
+        "pmvm-init: waiting for the host",
+    );
+    let from = m.next_line;
+    vm.send(b"go\n").unwrap();
+    wait_proof(&vm, from);
     println!(
         "milestone [fsdax] {:<34} wall {:7.2} s",
         "/init wrote and fsynced its proof",

@@ -10,6 +10,7 @@
 //              then power off when it is init
 //   pause      print "pmvm-init: user space runs" and wait forever (the host inspects the guest)
 //   exec-child what the execve check runs: print a line and exit 7
+// With PMVM_WAIT_HOST=1 it first waits for a line on the console.
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -357,6 +358,14 @@ int main(int argc, char **argv) {
   if (!strcmp(mode, "exec-child")) {
     say("exec child runs");
     return 7;
+  }
+  // PMVM_WAIT_HOST=1: hold until the host sends a line on the console, so it can inspect the
+  // guest before init changes anything (and before it powers off).
+  if (getenv("PMVM_WAIT_HOST")) {
+    say("pmvm-init: waiting for the host");
+    char c = 0;
+    while (read(0, &c, 1) == 1 && c != '\n') {
+    }
   }
   if (!strcmp(mode, "pause")) {
     say("pmvm-init: user space runs");
