@@ -69,7 +69,7 @@ fi
 
 [ "$(uname -m)" = x86_64 ] || die "host: QEMU's TCG SVM guest needs an x86-64 host (this is $(uname -m))"
 case "$repo" in
-  /tmp/* | /proc/* | /sys/* | /dev/*)
+  /proc/* | /sys/* | /dev/*)
     die "host: the checkout is under ${repo%%/"${repo#/*/}"}, which L1 mounts over; move it" ;;
 esac
 
