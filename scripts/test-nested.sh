@@ -13,14 +13,14 @@
 #   `--compare` runs scripts/kvm-compare.sh inside L1 after the tests named, alone when none
 #   are (the measurements in docs/testing.md).
 # Environment:
-#   PMVM_NESTED_TIMEOUT      seconds for the whole L1 run (default 720)
+#   PMVM_NESTED_TIMEOUT      seconds for the whole L1 run (default 900)
 #   PMVM_NESTED_BIN_TIMEOUT  seconds for one test binary inside L1 (default 300)
 #   PMVM_NESTED_TCG_THREAD   single (default) or multi: QEMU 7.2's multi-threaded TCG broke
 #                            L1 (an int3 oops in kernel text patching) and triple-faulted L2
 #                            guests under load; single runs every vCPU on one host thread
 #   PMVM_NESTED_L1_CPUS      L1's vCPUs (default 1): with 2, Linux guests in L2 deadlocked in
-#                            a third to a half of their boots, whichever VMM ran them
-#                            (docs/testing.md); single-threaded TCG gains nothing from a second
+#                            about half of their boots, whichever VMM ran them (docs/testing.md);
+#                            single-threaded TCG runs no faster with a second
 #   PMVM_CACHE               downloads and the L1 initramfs (default ~/.cache/pmvm)
 # The last line of stdout is `N passed, N failed, N skipped`; the exit status is 0 only when
 # nothing failed. A step that cannot be done says which in one line on stderr.
@@ -37,7 +37,7 @@ here="$repo/scripts/nested"
 # kernel builds.
 DEFAULT_TESTS="boot pmem persist smp api:!bad_input_and_load linux_early seccomp kvm_flush kvm_dirty_ring"
 
-total_timeout=${PMVM_NESTED_TIMEOUT:-720}
+total_timeout=${PMVM_NESTED_TIMEOUT:-900}
 bin_timeout=${PMVM_NESTED_BIN_TIMEOUT:-300}
 tcg_thread=${PMVM_NESTED_TCG_THREAD:-single}
 l1_cpus=${PMVM_NESTED_L1_CPUS:-1}
