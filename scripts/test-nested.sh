@@ -18,9 +18,10 @@
 #   PMVM_NESTED_TCG_THREAD   single (default) or multi: QEMU 7.2's multi-threaded TCG broke
 #                            L1 (an int3 oops in kernel text patching) and triple-faulted L2
 #                            guests under load; single runs every vCPU on one host thread
-#   PMVM_NESTED_L1_CPUS      L1's vCPUs (default 1): with 2, Linux guests in L2 deadlocked in
-#                            about half of their boots, whichever VMM ran them (docs/testing.md);
-#                            single-threaded TCG runs no faster with a second
+#   PMVM_NESTED_L1_CPUS      L1's vCPUs (default 1): with 2, TCG's SVM delivered some timer
+#                            interrupts twice, the second time with interrupts off, and Linux
+#                            guests in L2 deadlocked in about half of their boots under pmvm and
+#                            under QEMU-KVM alike (docs/testing.md); nor is TCG faster with 2
 #   PMVM_CACHE               downloads and the L1 initramfs (default ~/.cache/pmvm)
 # The last line of stdout is `N passed, N failed, N skipped`; the exit status is 0 only when
 # nothing failed. A step that cannot be done says which in one line on stderr.
@@ -61,7 +62,7 @@ for a in "$@"; do
   case "$a" in
     --list) list_only=1 ;;
     --compare) compare=1 ;;
-    -h | --help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) die "arguments: unknown option $a (see --help)" ;;
     *) specs+=("$a") ;;
   esac
