@@ -30,13 +30,13 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 here="$repo/scripts/nested"
 
 # What proves pmvm on hardware KVM: boot path and serial, the NVDIMM's flushes and writeback,
-# persistence, SMP, the API against a running guest, a stock kernel, the seccomp filters, and
-# the device's own KVM tests (dirty bitmap and dirty ring). Left out, as L1 runs user space
-# about 20 times slower than the host: flush_storm (100,000 synchronous flushes, minutes
-# there) and api's load test (10,000 requests under a 120 s limit). The rest (bad_input,
-# pmem_format, probe_insns, guest_suite, linux_dax) test the host side or need the host's own
-# kernel builds.
-DEFAULT_TESTS="boot pmem persist smp api:!bad_input_and_load linux_early seccomp kvm_flush kvm_dirty_ring"
+# persistence, SMP, the API against a running guest, a stock kernel, the guest suite under that
+# stock kernel, the seccomp filters, and the device's own KVM tests (dirty bitmap and dirty
+# ring). Left out, as L1 runs user space about 20 times slower than the host: flush_storm
+# (100,000 synchronous flushes, minutes there) and api's load test (10,000 requests under a
+# 120 s limit). The rest (bad_input, pmem_format, probe_insns, linux_dax) test the host side or
+# need the host's own kernel builds.
+DEFAULT_TESTS="boot pmem persist smp api:!bad_input_and_load linux_early guest_suite seccomp kvm_flush kvm_dirty_ring"
 
 total_timeout=${PMVM_NESTED_TIMEOUT:-900}
 bin_timeout=${PMVM_NESTED_BIN_TIMEOUT:-300}
