@@ -47,16 +47,10 @@ pub fn parse(line: &str) -> Result<Option<Request>, String> {
     let (Some(phys), Some(len)) = (number(words.next()), number(words.next())) else {
         return bad("expected a physical address and a length");
     };
-    let Some(crc32c) = words
-        .next()
-        .and_then(|w| w.strip_prefix("crc32c="))
-        .and_then(|h| u32::from_str_radix(h, 16).ok())
-    else {
-        return bad("expected crc32c=<8 hex digits>");
+    let crc32c = match super::claims::last_crc(words) {
+        Ok(crc) => crc,
+        Err(why) => return bad(why),
     };
-    if words.next().is_some() {
-        return bad("unexpected words after crc32c=");
-    }
     let line_len = LINE as u64;
     if phys % line_len != 0 || len % line_len != 0 || len == 0 || len > MAX_LEN {
         return bad("the range must be whole 64-byte lines, at most 1 MiB");

@@ -107,8 +107,8 @@ pub struct Reported {
     pub cache_flushes: Vec<(CacheFlush, String)>,
 }
 
-/// Where the guest sees the NVDIMM and where the child `pid` maps it.
-fn guest_memory(dir: &Path, run: &GuestRun<'_>, pid: u32) -> Result<GuestMemory, CrashTestError> {
+/// Where the guest will see the NVDIMM and which file pmvm maps for it (its pid still 0).
+fn guest_memory(dir: &Path, run: &GuestRun<'_>) -> Result<GuestMemory, CrashTestError> {
     let image = fs::canonicalize(dir.join("image.img")).map_err(io_err("find image.img"))?;
     let size = fs::metadata(&image)
         .map_err(io_err("stat image.img"))?
@@ -116,7 +116,7 @@ fn guest_memory(dir: &Path, run: &GuestRun<'_>, pid: u32) -> Result<GuestMemory,
     let ram = nvdimm::parse_size(run.memory)
         .map_err(|e| CrashTestError::Usage(format!("--memory {}: {e}", run.memory)))?;
     Ok(GuestMemory {
-        pid,
+        pid: 0,
         image,
         base: crate::pmem::first_base(ram),
         size,
@@ -141,6 +141,7 @@ pub fn boot(dir: &Path, run: &GuestRun<'_>, fs: Fs) -> Result<Reported, CrashTes
         dir.join("image.img").display(),
         log.display()
     );
+    let mut memory = guest_memory(dir, run)?;
     let stderr = File::create(dir.join("pmvm.log")).map_err(io_err("create pmvm.log"))?;
     let mut child = Command::new(&run.pmvm)
         .arg("--kernel")
@@ -167,7 +168,7 @@ pub fn boot(dir: &Path, run: &GuestRun<'_>, fs: Fs) -> Result<Reported, CrashTes
 
     // A guest that hangs is stopped after the timeout; the console then ends.
     let (done, watchdog) = mpsc::channel::<()>();
-    let memory = guest_memory(dir, run, child.id())?;
+    memory.pid = child.id();
     let pid = child.id() as libc::pid_t;
     let timeout = run.timeout;
     let timer = std::thread::spawn(move || {
