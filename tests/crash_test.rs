@@ -55,7 +55,7 @@ fn run_args(vmlinux: &Path, tmp: &Path, dir: &Path, fs: &str, per_epoch: &str) -
             "--states-per-epoch",
             per_epoch,
             "--timeout",
-            "600",
+            "1800",
         ]
         .map(String::from),
     );
