@@ -138,7 +138,7 @@ impl FlushSource {
     /// The `source` field of a flush-log epoch.
     pub fn log_code(self) -> u32 {
         match self {
-            FlushSource::Vcpu(id) => id.min(flush_log::SOURCE_BACKGROUND - 1),
+            FlushSource::Vcpu(id) => id.min(flush_log::SOURCE_CACHE_FLUSH - 1),
             FlushSource::Host => flush_log::SOURCE_HOST,
             FlushSource::Background => flush_log::SOURCE_BACKGROUND,
         }
