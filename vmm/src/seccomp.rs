@@ -210,6 +210,8 @@ fn flush_ioctls() -> Vec<u64> {
         KVM_GET_DIRTY_LOG(),
         KVM_CLEAR_DIRTY_LOG(),
         KVM_RESET_DIRTY_RINGS(),
+        // The first flush after a dirty-ring overflow re-arms logging on the pmem memslots.
+        KVM_SET_USER_MEMORY_REGION(),
     ]
 }
 
@@ -235,7 +237,6 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
                 libc::TCGETS,
                 libc::TCSETS,
                 libc::TCSETSW,
-                KVM_SET_USER_MEMORY_REGION(),
             ]);
         }
         ThreadKind::Vcpu => {

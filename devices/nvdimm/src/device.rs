@@ -386,7 +386,7 @@ impl Nvdimm {
         };
         let dirty = (!self.readonly()).then(|| match rings {
             Some(rings) => {
-                rings.register(region.slot, self.pending.clone());
+                rings.register(region, self.pending.clone());
                 Tracker::Ring(rings.clone())
             }
             None => Tracker::Log(DirtyLog::new(
@@ -703,14 +703,14 @@ impl Nvdimm {
             Ok(named) if named.dev() == open.dev() && named.ino() == open.ino() => {}
             _ => return Err(FlushError::Replaced),
         }
-        match self.backing_shrunk() {
-            Some(Ok(len)) => Err(FlushError::Shrunk {
-                len,
+        // From the same fstat: two syscalls per flush, not three.
+        if open.len() < self.size() {
+            return Err(FlushError::Shrunk {
+                len: open.len(),
                 size: self.size(),
-            }),
-            Some(Err(e)) => Err(FlushError::Stat(e)),
-            None => Ok(()),
+            });
         }
+        Ok(())
     }
 
     /// The file's length if it is shorter than the device (or why it cannot be read).
@@ -945,7 +945,30 @@ impl Nvdimm {
     /// in runs. Whatever a failed harvest already took stays pending.
     fn harvest(&self) -> Result<Vec<Run>, FlushError> {
         self.harvest_into_pending()?;
+        self.rearm_overflowed_rings();
         Ok(lock(&self.pending).take_runs())
+    }
+
+    /// After a dirty-ring overflow (every device page now pending), re-arms exact tracking
+    /// with the vCPUs held, so that this writeback is the only whole-device one. Without a
+    /// fence, or if re-arming fails, the rings stay untrusted: whole-device writebacks, nothing
+    /// lost.
+    fn rearm_overflowed_rings(&self) {
+        let Some(Tracker::Ring(rings)) = self.attachment.get().and_then(|a| a.dirty.as_ref())
+        else {
+            return;
+        };
+        let Some(fence) = self.fence.get().filter(|_| rings.has_overflowed()) else {
+            return;
+        };
+        let mut outcome = Ok(false);
+        let held = fence(&mut || outcome = rings.rearm().map_err(|e| chain(&e)));
+        if let Err(e) = held.and(outcome) {
+            log::warn!(
+                "{}: the dirty rings stay untrusted (whole-device writebacks): {e}",
+                self.id
+            );
+        }
     }
 
     /// Moves what the guest dirtied since the last harvest into the pending set, re-protecting

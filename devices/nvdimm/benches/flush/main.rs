@@ -18,6 +18,7 @@ mod plot;
 mod report;
 mod stall;
 mod stats;
+mod strict_memory;
 mod vmm_start;
 
 use std::path::PathBuf;
@@ -25,10 +26,11 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use error::BenchError;
-use flush_path::Tracking;
+use flush_path::{Setup, Tracking};
 use machine::Machine;
 use nvdimm::error_chain as chain;
-use report::{FlushCell, LoggingCell, Results, VmmResults};
+use report::{FlushCell, LoggingCell, Measured, Results, VmmResults};
+use strict_memory::StrictMemory;
 use vmm_start::Pmvm;
 
 const GIB: u64 = 1 << 30;
@@ -69,7 +71,7 @@ impl Plan {
     }
 
     /// Measured rounds of a flush cell: fewer where one round writes back hundreds of MiB
-    /// (four times: pmvm and three host methods).
+    /// (five times: pmvm and four host methods).
     fn flush_rounds(&self, pages: u64) -> u64 {
         match (self.quick, pages) {
             (true, p) if p <= 256 => 5,
@@ -164,6 +166,22 @@ fn measure_vmm(args: &Args, plan: &Plan, dir: &std::path::Path) -> VmmResults {
     run().unwrap_or_else(|e| VmmResults::Failed(chain(&e)))
 }
 
+/// Item of its own: `persist=flush` memory after filling a 1 GiB device, and its bytes after
+/// a power cut.
+fn measure_strict_memory(args: &Args, dir: &std::path::Path) -> Measured<StrictMemory> {
+    let (Some(bin), Some(probe)) = (args.pmvm.clone(), args.probe.clone()) else {
+        return Measured::Skipped("no --pmvm/--probe given (scripts/bench.sh passes both)".into());
+    };
+    eprintln!(
+        "bench: persist=flush memory, {} MiB device filled by the probe",
+        strict_memory::DEVICE_MIB
+    );
+    match strict_memory::measure(&Pmvm { bin, probe }, dir) {
+        Ok(m) => Measured::Done(m),
+        Err(e) => Measured::Failed(chain(&e)),
+    }
+}
+
 fn run(args: &Args) -> Result<(), BenchError> {
     let plan = if args.quick {
         Plan::quick()
@@ -187,38 +205,43 @@ fn run(args: &Args) -> Result<(), BenchError> {
     let began = Instant::now();
 
     let mut flush = Vec::new();
+    let mut strict = Vec::new();
     let mut bitmap = Vec::new();
     for &size in &plan.sizes {
-        for &pages in &plan.pages {
-            let rounds = plan.flush_rounds(pages);
-            eprintln!(
-                "bench: flush, {} device, {pages} dirty pages, {rounds} rounds",
-                stats::fmt_size(size)
-            );
-            let m = flush_path::measure(&kvm, dir, size, pages, rounds, Tracking::Ring)?;
-            flush.push(FlushCell {
-                size,
-                pages,
-                rounds: m.rounds,
-                get_log_us: m.get_log_us,
-            });
-        }
-        // The slot bitmap beside it, where its O(device size) harvest shows: nothing or one
-        // page dirty.
-        for pages in [0, 1] {
-            let rounds = plan.flush_rounds(pages);
-            eprintln!(
-                "bench: flush with the dirty bitmap, {} device, {pages} dirty pages, {rounds} \
-                 rounds",
-                stats::fmt_size(size)
-            );
-            let m = flush_path::measure(&kvm, dir, size, pages, rounds, Tracking::Bitmap)?;
-            bitmap.push(FlushCell {
-                size,
-                pages,
-                rounds: m.rounds,
-                get_log_us: m.get_log_us,
-            });
+        // persist=adr and persist=flush with the dirty ring at every k; the slot bitmap beside
+        // them, where its O(device size) harvest shows: nothing or one page dirty.
+        let setups = [
+            (Tracking::Ring, false, &plan.pages[..]),
+            (Tracking::Ring, true, &plan.pages[..]),
+            (Tracking::Bitmap, false, &[0, 1][..]),
+        ];
+        for (tracking, strict_model, pages_list) in setups {
+            for &pages in pages_list {
+                let rounds = plan.flush_rounds(pages);
+                eprintln!(
+                    "bench: flush, {} device, persist={}, {} tracking, {pages} dirty pages, \
+                     {rounds} rounds",
+                    stats::fmt_size(size),
+                    if strict_model { "flush" } else { "adr" },
+                    tracking.name()
+                );
+                let setup = Setup {
+                    tracking,
+                    strict: strict_model,
+                };
+                let m = flush_path::measure(&kvm, dir, size, pages, rounds, setup)?;
+                let cell = FlushCell {
+                    size,
+                    pages,
+                    rounds: m.rounds,
+                    get_log_us: m.get_log_us,
+                };
+                match (tracking, strict_model) {
+                    (Tracking::Bitmap, _) => bitmap.push(cell),
+                    (Tracking::Ring, true) => strict.push(cell),
+                    (Tracking::Ring, false) => flush.push(cell),
+                }
+            }
         }
     }
     let mut logging = Vec::new();
@@ -246,10 +269,17 @@ fn run(args: &Args) -> Result<(), BenchError> {
     );
     let stall = stall::measure(dir, stall_rounds)?;
     let vmm = measure_vmm(args, &plan, dir);
+    let strict_memory = if plan.quick {
+        Measured::Skipped("not in a --quick run (it fills a 1 GiB device)".into())
+    } else {
+        measure_strict_memory(args, dir)
+    };
     let results = Results {
+        strict_memory,
         stall,
         machine,
         flush,
+        strict,
         bitmap,
         logging,
         vmm,
