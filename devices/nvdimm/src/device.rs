@@ -230,6 +230,9 @@ pub struct Nvdimm {
     barrier: OnceLock<HarvestBarrier>,
     /// Holds the vCPUs while `persist=flush` drops the copies a writeback made durable.
     fence: OnceLock<VcpuFence>,
+    /// `persist=flush`: pages written back whose private copies are not dropped yet, and the
+    /// writebacks since the last drop (see `reclaim`, on batching).
+    copies: Mutex<(PageSet, u64)>,
     /// Set to stop the background writeback loop.
     background_stop: Mutex<bool>,
     background_wake: Condvar,
@@ -300,6 +303,13 @@ impl Nvdimm {
             })?;
         Ok(Nvdimm {
             pending: Arc::new(Mutex::new(PageSet::new(backing.size() / PAGE_SIZE))),
+            copies: Mutex::new((
+                PageSet::new(match cfg.persist {
+                    PersistMode::Flush => backing.size() / PAGE_SIZE,
+                    PersistMode::Adr => 0,
+                }),
+                0,
+            )),
             id,
             params,
             hints,
@@ -643,7 +653,7 @@ impl Nvdimm {
                     ),
                     PersistMode::Flush => {
                         writeback::copy_back(file, &self.mapping, &runs, self.size())
-                            .inspect(|_| self.drop_private_copies(&runs))
+                            .inspect(|_| self.reclaim_copies(&runs))
                     }
                 };
                 written.map_err(FlushError::Writeback).map_err(keep_pending)
@@ -867,16 +877,38 @@ impl Nvdimm {
         }
     }
 
-    /// After a `persist=flush` writeback of `runs`: with the vCPUs held, harvests what they
-    /// wrote since (it stays pending) and drops the private copies of the other pages, now
-    /// equal to the file. A failure here loses nothing (the copies stay), so it is only
-    /// reported.
-    fn drop_private_copies(&self, runs: &[Run]) {
-        let Some(fence) = self.fence.get() else {
+    /// After a `persist=flush` writeback of `runs`: adds them to the copies to drop, and drops
+    /// the batch once it is large or old enough (see `reclaim`).
+    fn reclaim_copies(&self, runs: &[Run]) {
+        if self.fence.get().is_none() {
             return;
+        }
+        let batch = {
+            let mut copies = lock(&self.copies);
+            let (pages, writebacks) = &mut *copies;
+            pages.insert_runs(runs);
+            *writebacks += 1;
+            if pages.len() < reclaim::BATCH_PAGES && *writebacks < reclaim::BATCH_WRITEBACKS {
+                return;
+            }
+            *writebacks = 0;
+            pages.take_runs()
+        };
+        if !self.drop_private_copies(&batch) {
+            // Kept: a later batch tries again.
+            lock(&self.copies).0.insert_runs(&batch);
+        }
+    }
+
+    /// With the vCPUs held, harvests what they wrote since (it stays pending) and drops the
+    /// private copies of the pages of `runs` not written since, now equal to the file. A
+    /// failure here loses nothing (the copies stay), so it is only reported; false then.
+    fn drop_private_copies(&self, runs: &[Run]) -> bool {
+        let Some(fence) = self.fence.get() else {
+            return false;
         };
         if runs.is_empty() {
-            return;
+            return true;
         }
         let mut outcome = Err("not run".to_string());
         let held = fence(&mut || {
@@ -894,11 +926,17 @@ impl Nvdimm {
                 });
         });
         match held.and(outcome) {
-            Ok(pages) => log::debug!("{}: dropped {pages} private copies", self.id),
-            Err(e) => log::warn!(
-                "{}: the private copies of written pages stay in memory: {e}",
-                self.id
-            ),
+            Ok(pages) => {
+                log::debug!("{}: dropped {pages} private copies", self.id);
+                true
+            }
+            Err(e) => {
+                log::warn!(
+                    "{}: the private copies of written pages stay in memory: {e}",
+                    self.id
+                );
+                false
+            }
         }
     }
 

@@ -928,12 +928,14 @@ fn markdown(r: &Results) -> String {
         w,
         "- **pmvm flush.** For each device size ({}) and dirty-page count, one small VM (the \
          nvdimm tests' `TinyVm`, guest code in 64-bit mode) with an `Nvdimm` of that size on a \
-         fresh sparse file (`persist=adr`, the KVM dirty ring, as pmvm uses it by default; the \
+         fresh sparse file (`persist=adr`, and `persist=flush` in its own table; the KVM \
+         dirty ring, as pmvm's `auto` picks it where KVM enforces the ring's limit; the \
          bitmap rows with manual dirty-log protect). Each round the guest stores 8 bytes into \
          each of k pages of the device, {STRIDE_PAGES} pages apart (so each is a run of its \
          own, within the first {} MiB the guest maps), then writes 1 to the flush hint. The \
          store exits to the bench, which times `Nvdimm::mmio_write`: harvest of the dirty \
-         pages, `sync_file_range(WRITE)` per run, one `fdatasync`. Every {MARK_EVERY} pages \
+         pages and one `fdatasync` (`persist=flush`: a `pwrite` per run from the private \
+         copy, one `fdatasync`, and every 16 MiB or 16 flushes the drop of the copies). Every {MARK_EVERY} pages \
          the loop also stores to a marker address that exits (not timed), so KVM enters the \
          guest as often as a real guest's timer interrupts make it: an emulating host checks \
          a dirty ring's limit only then. The first round allocates the file's blocks and is \

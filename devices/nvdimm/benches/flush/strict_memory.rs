@@ -27,7 +27,7 @@ const FILL: u8 = 0x5a;
 /// pmvm's exit status after a power cut.
 const POWER_CUT_STATUS: i32 = 3;
 /// Filling 1 GiB from the probe's emulated kernel-mode loop takes minutes on a nested host.
-const FILL_TIMEOUT: Duration = Duration::from_secs(1800);
+const FILL_TIMEOUT: Duration = Duration::from_secs(3600);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What one run measured.
