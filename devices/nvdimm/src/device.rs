@@ -647,6 +647,7 @@ impl Nvdimm {
                     // kernel failed on its own.
                     PersistMode::Adr => writeback::write_back(
                         file,
+                        &self.mapping,
                         &runs,
                         self.size(),
                         source != FlushSource::Background,
