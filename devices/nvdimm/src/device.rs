@@ -647,7 +647,6 @@ impl Nvdimm {
                     // kernel failed on its own.
                     PersistMode::Adr => writeback::write_back(
                         file,
-                        &self.mapping,
                         &runs,
                         self.size(),
                         source != FlushSource::Background,

@@ -33,7 +33,7 @@ pub enum MmapError {
          truncated while pmvm ran"
     )]
     Truncated { offset: u64, len: usize },
-    #[error("madvise(MADV_DONTNEED) of {len} bytes at offset {offset:#x} failed")]
+    #[error("dropping the private copies of {len} bytes at offset {offset:#x} failed")]
     Discard {
         offset: u64,
         len: u64,
@@ -248,20 +248,7 @@ impl Mapping {
     /// copies held is lost, so the caller must have written it to the file and must keep every
     /// writer of those pages out meanwhile. Does nothing to a shared mapping.
     pub fn discard(&self, offset: u64, len: u64) -> Result<(), MmapError> {
-        self.dont_need(Sharing::Private, offset, len)
-    }
-
-    /// Unmaps `len` bytes at `offset` (page-aligned) of a shared mapping from this process
-    /// and from KVM in one call (MADV_DONTNEED): the pages stay in the page cache, dirty ones
-    /// dirty, and map again at the next access. Before a writeback, so that cleaning each page
-    /// need not unmap it from KVM one page at a time. Does nothing to a private mapping.
-    pub fn unmap_shared(&self, offset: u64, len: u64) -> Result<(), MmapError> {
-        self.dont_need(Sharing::Shared, offset, len)
-    }
-
-    /// MADV_DONTNEED on `len` bytes at `offset` if the mapping is `sharing`.
-    fn dont_need(&self, sharing: Sharing, offset: u64, len: u64) -> Result<(), MmapError> {
-        if self.sharing != sharing || len == 0 {
+        if self.sharing != Sharing::Private || len == 0 {
             return Ok(());
         }
         let n = usize::try_from(len).map_err(|_| MmapError::OutOfBounds {
@@ -270,12 +257,10 @@ impl Mapping {
             size: self.len as u64,
         })?;
         let start = self.range(offset, n)?;
-        // SAFETY: `range` checked that start..start+len lies in this mapping, and no Rust
-        // reference points into guest memory. On a MAP_SHARED file mapping MADV_DONTNEED only
-        // drops page-table entries (their dirty bits go to the page cache), so no byte changes
-        // and a concurrent store faults the page in again. On a MAP_PRIVATE one it replaces the
-        // private pages with the file's; `discard`'s caller guarantees they equal the file and
-        // that no store to them is in flight.
+        // SAFETY: `range` checked that start..start+len lies in this mapping, which is a
+        // MAP_PRIVATE file mapping: MADV_DONTNEED only replaces its private pages with the
+        // file's, no Rust reference points into guest memory, and the caller guarantees no
+        // store to these pages is in flight (see above).
         let rc = unsafe { libc::madvise(start.cast(), n, libc::MADV_DONTNEED) };
         if rc != 0 {
             return Err(MmapError::Discard {
