@@ -2,10 +2,10 @@
 //!
 //! With a shared mapping (`persist=adr`) the guest's stores dirty the file's page cache, so the
 //! kernel's own dirty bits already name exactly the pages to write: one `fdatasync` writes them
-//! all in a single pass (merging adjacent pages into one I/O) and flushes the device cache. It
-//! measured fastest of the host's ways at every dirty-page count (docs/benchmarks.md): a
+//! all in a single pass (merging adjacent pages into one I/O) and flushes the device cache. A
 //! `sync_file_range(WRITE)` per run before it costs a syscall and a separate submission per
-//! run for the same I/O, and waiting run by run would serialise the I/O.
+//! run for the same I/O (1.3× to 1.5× at thousands of scattered pages, docs/benchmarks.md),
+//! and waiting run by run would serialise the I/O.
 //!
 //! A private mapping (`persist=flush`) is not the page cache: [`copy_back`] pwrites each run
 //! from guest memory into the file instead, and the same single `fdatasync` waits for it.
