@@ -19,6 +19,7 @@ mod report;
 mod stall;
 mod stats;
 mod strict_memory;
+mod tracking;
 mod vmm_start;
 
 use std::path::PathBuf;
@@ -196,6 +197,27 @@ fn measure_strict_memory(args: &Args, dir: &std::path::Path) -> Measured<StrictM
     }
 }
 
+/// O(dirty) tracking with the real pmvm, with default options and with the ring forced.
+fn measure_tracking(args: &Args, dir: &std::path::Path) -> Measured<Vec<tracking::Tracked>> {
+    let (Some(bin), Some(probe)) = (args.pmvm.clone(), args.probe.clone()) else {
+        return Measured::Skipped("no --pmvm/--probe given (scripts/bench.sh passes both)".into());
+    };
+    let pmvm = Pmvm { bin, probe };
+    let mut out = Vec::new();
+    for option in ["default", "ring"] {
+        eprintln!(
+            "bench: dirty tracking ({option}), {} pages in one loop, then {}",
+            tracking::DEVICE_PAGES,
+            tracking::LATER_PAGES
+        );
+        match tracking::measure(&pmvm, dir, option) {
+            Ok(t) => out.push(t),
+            Err(e) => return Measured::Failed(chain(&e)),
+        }
+    }
+    Measured::Done(out)
+}
+
 fn run(args: &Args) -> Result<(), BenchError> {
     let plan = if args.quick {
         Plan::quick()
@@ -289,12 +311,18 @@ fn run(args: &Args) -> Result<(), BenchError> {
     );
     let stall = stall::measure(dir, stall_rounds)?;
     let vmm = measure_vmm(args, &plan, dir);
+    let tracking = if plan.quick {
+        Measured::Skipped("not in a --quick run".into())
+    } else {
+        measure_tracking(args, dir)
+    };
     let strict_memory = if plan.quick {
         Measured::Skipped("not in a --quick run (it fills a 1 GiB device)".into())
     } else {
         measure_strict_memory(args, dir)
     };
     let results = Results {
+        tracking,
         strict_memory,
         stall,
         machine,

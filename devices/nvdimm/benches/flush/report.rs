@@ -10,6 +10,7 @@ use crate::machine::Machine;
 use crate::stall::{Stall, BIG};
 use crate::stats::{fmt_ratio, fmt_size, fmt_us, median};
 use crate::strict_memory::{StrictMemory, DEVICE_MIB, RAM_MIB, SLACK_MIB};
+use crate::tracking::{Tracked, DEVICE_PAGES, LATER_PAGES};
 use crate::vmm_start::{Memory, Start, MEMORY_MIB, PMEM_MIB};
 use crate::{plot, GIB};
 
@@ -133,6 +134,7 @@ pub struct Results {
     pub stall: Stall,
     pub vmm: VmmResults,
     pub strict_memory: Measured<StrictMemory>,
+    pub tracking: Measured<Vec<Tracked>>,
     pub seconds: f64,
 }
 
@@ -429,6 +431,61 @@ fn vmm_targets(r: &Results) -> Vec<Target> {
     ]
 }
 
+fn tracking_target(r: &Results) -> Target {
+    let runs = match &r.tracking {
+        Measured::Done(runs) => runs,
+        Measured::Skipped(why) => return skip(&format!("O(dirty) dirty tracking: {why}")),
+        Measured::Failed(why) => {
+            return Target {
+                verdict: Verdict::Fail,
+                line: format!("FAIL O(dirty) dirty tracking: {why}"),
+                why: Vec::new(),
+            }
+        }
+    };
+    let mut ok = true;
+    let mut parts = Vec::new();
+    let mut why = Vec::new();
+    for t in runs {
+        let exact = t.flushes == 2 && t.second_flush_pages == LATER_PAGES;
+        // Default options must never overflow; a forced ring may, but must come back.
+        let fine = exact && t.mode != "ring-overflowed" && (t.option != "default" || !t.overflowed);
+        ok &= fine;
+        let option = match t.option {
+            "default" => "default options".to_string(),
+            o => format!("--dirty-tracking {o}"),
+        };
+        parts.push(format!(
+            "{option} ({}{}): second flush {} pages ({:.0} s)",
+            t.mode,
+            if t.overflowed {
+                ", overflowed, re-armed"
+            } else {
+                ", no overflow"
+            },
+            t.second_flush_pages,
+            t.seconds
+        ));
+        if !fine {
+            why.push(format!(
+                "{option}: {} flushes, {} pages in all, the second {} pages (want {LATER_PAGES}), \
+                 tracking `{}`, overflow warning: {}",
+                t.flushes, t.pages_written, t.second_flush_pages, t.mode, t.overflowed
+            ));
+        }
+    }
+    Target {
+        verdict: verdict(ok),
+        line: format!(
+            "{} O(dirty) dirty tracking: the probe stores to {DEVICE_PAGES} pages in one loop \
+             (twice a vCPU's ring), flushes, stores to {LATER_PAGES} and flushes; {}",
+            tag(verdict(ok)),
+            parts.join("; ")
+        ),
+        why,
+    }
+}
+
 fn strict_memory_target(r: &Results) -> Target {
     let m = match &r.strict_memory {
         Measured::Done(m) => m,
@@ -513,6 +570,7 @@ pub fn targets(r: &Results) -> Vec<Target> {
     let mut t = vec![size_target(r)];
     t.extend(floor_targets(r, &r.flush, "adr", ADR_LIMIT));
     t.extend(floor_targets(r, &r.strict, "flush", STRICT_LIMIT));
+    t.push(tracking_target(r));
     t.push(strict_memory_target(r));
     t.extend(vmm_targets(r));
     t
@@ -1012,6 +1070,18 @@ fn markdown(r: &Results) -> String {
          success it reads the child's whole CPU time (all threads, `clock_getcpuclockid`), \
          then kills it. pmvm binds the socket before it starts the vCPU threads, whose share \
          is listed apart."
+    )
+    .unwrap();
+    writeln!(
+        w,
+        "- **O(dirty) dirty tracking.** The release `pmvm` with the probe guest and a \
+         {DEVICE_PAGES}-page device: the probe stores to every page in one loop (twice the \
+         16,384 entries of a vCPU's dirty ring, more than an emulating host's KVM stops in \
+         time for), flushes, stores to {LATER_PAGES} pages and flushes again; then \
+         `GET /v1/pmem/pmem0` (`last_harvest_pages` is the second flush's) and pmvm's stderr \
+         (an overflow warning). Once with default options (`auto`), once with \
+         `--dirty-tracking ring`, which on an emulating host overflows the ring: the second \
+         flush must write {LATER_PAGES} pages either way."
     )
     .unwrap();
     writeln!(

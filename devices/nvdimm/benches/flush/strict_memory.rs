@@ -54,7 +54,7 @@ impl StrictMemory {
 }
 
 /// An HTTP request with no body on the API socket: the status and the body.
-fn api(sock: &Path, method: &str, path: &str) -> Result<(u16, String), BenchError> {
+pub fn api(sock: &Path, method: &str, path: &str) -> Result<(u16, String), BenchError> {
     let what = format!("{method} {path} on {}", sock.display());
     let mut s = UnixStream::connect(sock).map_err(BenchError::io(what.clone()))?;
     s.set_read_timeout(Some(Duration::from_secs(60)))
