@@ -310,6 +310,67 @@ fn each_dirty_tracking_mode_writes_back_exactly_the_stored_pages() {
     );
 }
 
+/// A dirty-ring overflow costs one whole-device writeback, then tracking is exact again. The
+/// probe stores to every page of a 256 MiB device in one loop, four times what a vCPU's ring
+/// holds (an emulating host's KVM lets that overflow the ring, and there the test checks it
+/// did), flushes, then stores to three pages and flushes again: the second flush must write
+/// those three pages, not the device, and the file must hold every store.
+#[test]
+fn after_a_dirty_ring_overflow_the_next_flushes_write_only_the_dirtied_pages() {
+    if !kvm_or_skip("dirty ring overflow") {
+        return;
+    }
+    const DEV: u64 = 256 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("p.img");
+    let words = format!(
+        "write 0 0 {DEV:#x} 0x5a flush 0 mark WHOLE write 0 0x2000 0x2000 0x77 \
+         write 0 0x100000 0x1000 0x66 flush 0 mark AGAIN wait"
+    );
+    let g = Guest::boot(
+        dir.path(),
+        &words,
+        &[pmem_arg(&img, &format!(",size={DEV}"))],
+        &["--dirty-tracking", "ring"],
+        false,
+    );
+    g.vm.wait_for("MARK AGAIN", Duration::from_secs(600))
+        .unwrap_or_else(|e| panic!("{e}\n{}", g.vm.transcript()));
+    let dev = &g.devices()[0];
+    let st = &dev.stats;
+    let device_pages = DEV / 4096;
+    assert_eq!(dev.dirty_tracking, "ring", "{st:?}");
+    assert_eq!((st.flushes, st.errors), (2, 0), "{st:?}");
+    // The first flush wrote every page (all stored to, or the whole device after an
+    // overflow); the second only the three stored to since.
+    assert_eq!(st.last_harvest_pages, 3, "{st:?}");
+    assert_eq!(st.pages_written, device_pages + 3, "{st:?}");
+    let (status, body) = api_request(&g.sock, "PUT", "/v1/pmem/pmem0/flush").unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("\"pages\":0"),
+        "nothing written since: {body}"
+    );
+    let stderr = g.shutdown();
+    let overflowed = stderr.contains("overflowed");
+    println!("the dirty ring overflowed: {overflowed}");
+    if auto_dirty_tracking() == "bitmap" {
+        assert!(
+            overflowed,
+            "this host's KVM lets a guest overflow the ring, but it did not: {stderr}"
+        );
+    }
+    let image = std::fs::read(&img).unwrap();
+    for (page, bytes) in image.chunks(4096).enumerate() {
+        let want = match page {
+            2 | 3 => 0x77,
+            0x100 => 0x66,
+            _ => 0x5a,
+        };
+        assert!(bytes.iter().all(|&b| b == want), "page {page}");
+    }
+}
+
 /// One boot of the write-then-flush scenario. Err when the control pages were found clean,
 /// which host writeback can do behind everyone's back (see `with_fresh_control`).
 fn write_then_flush_once() -> Result<(), String> {

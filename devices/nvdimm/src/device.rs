@@ -230,6 +230,9 @@ pub struct Nvdimm {
     barrier: OnceLock<HarvestBarrier>,
     /// Holds the vCPUs while `persist=flush` drops the copies a writeback made durable.
     fence: OnceLock<VcpuFence>,
+    /// `persist=flush`: pages written back whose private copies are not dropped yet, and the
+    /// writebacks since the last drop (see `reclaim`, on batching).
+    copies: Mutex<(PageSet, u64)>,
     /// Set to stop the background writeback loop.
     background_stop: Mutex<bool>,
     background_wake: Condvar,
@@ -300,6 +303,13 @@ impl Nvdimm {
             })?;
         Ok(Nvdimm {
             pending: Arc::new(Mutex::new(PageSet::new(backing.size() / PAGE_SIZE))),
+            copies: Mutex::new((
+                PageSet::new(match cfg.persist {
+                    PersistMode::Flush => backing.size() / PAGE_SIZE,
+                    PersistMode::Adr => 0,
+                }),
+                0,
+            )),
             id,
             params,
             hints,
@@ -386,7 +396,7 @@ impl Nvdimm {
         };
         let dirty = (!self.readonly()).then(|| match rings {
             Some(rings) => {
-                rings.register(region.slot, self.pending.clone());
+                rings.register(region, self.pending.clone());
                 Tracker::Ring(rings.clone())
             }
             None => Tracker::Log(DirtyLog::new(
@@ -643,7 +653,7 @@ impl Nvdimm {
                     ),
                     PersistMode::Flush => {
                         writeback::copy_back(file, &self.mapping, &runs, self.size())
-                            .inspect(|_| self.drop_private_copies(&runs))
+                            .inspect(|_| self.reclaim_copies(&runs))
                     }
                 };
                 written.map_err(FlushError::Writeback).map_err(keep_pending)
@@ -703,14 +713,14 @@ impl Nvdimm {
             Ok(named) if named.dev() == open.dev() && named.ino() == open.ino() => {}
             _ => return Err(FlushError::Replaced),
         }
-        match self.backing_shrunk() {
-            Some(Ok(len)) => Err(FlushError::Shrunk {
-                len,
+        // From the same fstat: two syscalls per flush, not three.
+        if open.len() < self.size() {
+            return Err(FlushError::Shrunk {
+                len: open.len(),
                 size: self.size(),
-            }),
-            Some(Err(e)) => Err(FlushError::Stat(e)),
-            None => Ok(()),
+            });
         }
+        Ok(())
     }
 
     /// The file's length if it is shorter than the device (or why it cannot be read).
@@ -867,16 +877,38 @@ impl Nvdimm {
         }
     }
 
-    /// After a `persist=flush` writeback of `runs`: with the vCPUs held, harvests what they
-    /// wrote since (it stays pending) and drops the private copies of the other pages, now
-    /// equal to the file. A failure here loses nothing (the copies stay), so it is only
-    /// reported.
-    fn drop_private_copies(&self, runs: &[Run]) {
-        let Some(fence) = self.fence.get() else {
+    /// After a `persist=flush` writeback of `runs`: adds them to the copies to drop, and drops
+    /// the batch once it is large or old enough (see `reclaim`).
+    fn reclaim_copies(&self, runs: &[Run]) {
+        if self.fence.get().is_none() {
             return;
+        }
+        let batch = {
+            let mut copies = lock(&self.copies);
+            let (pages, writebacks) = &mut *copies;
+            pages.insert_runs(runs);
+            *writebacks += 1;
+            if pages.len() < reclaim::BATCH_PAGES && *writebacks < reclaim::BATCH_WRITEBACKS {
+                return;
+            }
+            *writebacks = 0;
+            pages.take_runs()
+        };
+        if !self.drop_private_copies(&batch) {
+            // Kept: a later batch tries again.
+            lock(&self.copies).0.insert_runs(&batch);
+        }
+    }
+
+    /// With the vCPUs held, harvests what they wrote since (it stays pending) and drops the
+    /// private copies of the pages of `runs` not written since, now equal to the file. A
+    /// failure here loses nothing (the copies stay), so it is only reported; false then.
+    fn drop_private_copies(&self, runs: &[Run]) -> bool {
+        let Some(fence) = self.fence.get() else {
+            return false;
         };
         if runs.is_empty() {
-            return;
+            return true;
         }
         let mut outcome = Err("not run".to_string());
         let held = fence(&mut || {
@@ -894,11 +926,17 @@ impl Nvdimm {
                 });
         });
         match held.and(outcome) {
-            Ok(pages) => log::debug!("{}: dropped {pages} private copies", self.id),
-            Err(e) => log::warn!(
-                "{}: the private copies of written pages stay in memory: {e}",
-                self.id
-            ),
+            Ok(pages) => {
+                log::debug!("{}: dropped {pages} private copies", self.id);
+                true
+            }
+            Err(e) => {
+                log::warn!(
+                    "{}: the private copies of written pages stay in memory: {e}",
+                    self.id
+                );
+                false
+            }
         }
     }
 
@@ -945,7 +983,30 @@ impl Nvdimm {
     /// in runs. Whatever a failed harvest already took stays pending.
     fn harvest(&self) -> Result<Vec<Run>, FlushError> {
         self.harvest_into_pending()?;
+        self.rearm_overflowed_rings();
         Ok(lock(&self.pending).take_runs())
+    }
+
+    /// After a dirty-ring overflow (every device page now pending), re-arms exact tracking
+    /// with the vCPUs held, so that this writeback is the only whole-device one. Without a
+    /// fence, or if re-arming fails, the rings stay untrusted: whole-device writebacks, nothing
+    /// lost.
+    fn rearm_overflowed_rings(&self) {
+        let Some(Tracker::Ring(rings)) = self.attachment.get().and_then(|a| a.dirty.as_ref())
+        else {
+            return;
+        };
+        let Some(fence) = self.fence.get().filter(|_| rings.has_overflowed()) else {
+            return;
+        };
+        let mut outcome = Ok(false);
+        let held = fence(&mut || outcome = rings.rearm().map_err(|e| chain(&e)));
+        if let Err(e) = held.and(outcome) {
+            log::warn!(
+                "{}: the dirty rings stay untrusted (whole-device writebacks): {e}",
+                self.id
+            );
+        }
     }
 
     /// Moves what the guest dirtied since the last harvest into the pending set, re-protecting

@@ -32,16 +32,25 @@
 //! unrecorded, and its count of used entries no longer matches the ring. pmvm walks each ring in
 //! push order and resets it on its own, so KVM must free exactly the entries walked; a walk that
 //! finds a ring completely full, a reset that frees a different number, or a ring-full exit
-//! with nothing to harvest means an overflow. From then on the VM's rings are not trusted:
-//! every harvest marks whole devices pending (slow, losing nothing), and a ring-full exit frees
-//! as many entries as KVM provably has outstanding, so the vCPU never stalls.
+//! with nothing to harvest means an overflow. Until [`DirtyRings::rearm`] the VM's rings are not
+//! trusted: every harvest marks whole devices pending (slow, losing nothing), and a ring-full
+//! exit frees as many entries as KVM provably has outstanding, so the vCPU never stalls.
+//!
+//! **Re-arming.** With every vCPU held out of the guest, [`DirtyRings::rearm`] marks every
+//! device page pending (the next writeback covers them all), turns dirty logging off and on for
+//! each device's memslot, which write-protects every page again, and clears every entry's flags.
+//! KVM's next push then lands at its own index, which pmvm no longer knows; the first walk of
+//! such a ring finds the one run of published entries and starts there, freeing the entries
+//! before it (what KVM still counts from the overflow) in the same reset. What KVM counts beyond
+//! that is a whole number of rings, which a ring-full exit with nothing published then frees a
+//! ring at a time. From the first writeback on, tracking is exact again.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvm_bindings::{
-    kvm_dirty_gfn, kvm_enable_cap, KVMIO, KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
-    KVM_DIRTY_LOG_PAGE_OFFSET,
+    kvm_dirty_gfn, kvm_enable_cap, kvm_userspace_memory_region, KVMIO, KVM_CAP_DIRTY_LOG_RING,
+    KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_DIRTY_LOG_PAGE_OFFSET, KVM_MEM_LOG_DIRTY_PAGES,
 };
 use kvm_ioctls::{VcpuFd, VmFd};
 use vmm_sys_util::errno;
@@ -85,6 +94,13 @@ pub enum DirtyRingError {
         #[source]
         source: errno::Error,
     },
+    #[error("turning dirty logging {} on memslot {slot} failed", if *.on { "on" } else { "off" })]
+    Relog {
+        slot: u32,
+        on: bool,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
 }
 
 /// Whether this VM's KVM offers the dirty ring, and the largest ring it allows, in bytes.
@@ -111,16 +127,22 @@ pub fn ring_limit_unenforced() -> Option<&'static str> {
 
 /// A device's memslot, as the rings feed it.
 struct Sink {
-    slot: u32,
+    /// The slot as registered with KVM (dirty-logged), to re-arm its logging.
+    region: kvm_userspace_memory_region,
     pending: Arc<Mutex<PageSet>>,
 }
 
 /// One vCPU's ring and how many entries KVM has freed in it: where KVM frees next, and, while
-/// the ring is trusted, where the next unharvested entry is. Read without the lock by the
-/// vCPU before each `KVM_RUN` ([`DirtyRings::vcpu_mark`]).
+/// the ring is trusted and aligned, where the next unharvested entry is. Read without the lock
+/// by the vCPU before each `KVM_RUN` ([`VcpuRingHandle::mark`]).
 struct VcpuRing {
     map: Arc<Mapping>,
     freed: Arc<AtomicU64>,
+    /// Re-armed and no entry published since: where KVM pushes next is unknown (module
+    /// comment, "Re-arming").
+    unaligned: bool,
+    /// Re-armed once: KVM may count whole rings of entries from the overflow beyond `freed`.
+    phantom: bool,
 }
 
 /// A vCPU's handle on its ring, for the `KVM_EXIT_DIRTY_RING_FULL` protocol and early
@@ -145,8 +167,10 @@ struct Rings {
     sinks: Vec<Sink>,
     /// Entries whose slot no device claims or whose page lies past its end: never expected.
     stray: u64,
-    /// An overflow was seen: harvests mark whole devices pending from now on.
+    /// An overflow was seen: harvests mark whole devices pending until a re-arm.
     overflowed: bool,
+    /// Overflows seen since the VM started.
+    overflows: u64,
 }
 
 /// The dirty rings of every vCPU of one VM, and where their pages go.
@@ -196,6 +220,7 @@ impl DirtyRings {
                 sinks: Vec::new(),
                 stray: 0,
                 overflowed: false,
+                overflows: 0,
             }),
         }))
     }
@@ -228,6 +253,8 @@ impl DirtyRings {
         state.rings.push(VcpuRing {
             map: map.clone(),
             freed: freed.clone(),
+            unaligned: false,
+            phantom: false,
         });
         Ok(VcpuRingHandle {
             index,
@@ -237,16 +264,18 @@ impl DirtyRings {
         })
     }
 
-    /// Routes the pages of memslot `slot` into `pending` from now on.
-    pub fn register(&self, slot: u32, pending: Arc<Mutex<PageSet>>) {
+    /// Routes the pages of the dirty-logged memslot `region` into `pending` from now on. The
+    /// caller must [`DirtyRings::unregister`] it before deleting the slot or unmapping its
+    /// memory: [`DirtyRings::rearm`] sets the region again.
+    pub fn register(&self, region: kvm_userspace_memory_region, pending: Arc<Mutex<PageSet>>) {
         let mut state = self.lock();
-        state.sinks.retain(|s| s.slot != slot);
-        state.sinks.push(Sink { slot, pending });
+        state.sinks.retain(|s| s.region.slot != region.slot);
+        state.sinks.push(Sink { region, pending });
     }
 
     /// Stops routing the pages of memslot `slot` (its device is going away).
     pub fn unregister(&self, slot: u32) {
-        self.lock().sinks.retain(|s| s.slot != slot);
+        self.lock().sinks.retain(|s| s.region.slot != slot);
     }
 
     /// Moves every page in every ring into its device's pending set and resets the rings
@@ -289,12 +318,21 @@ impl DirtyRings {
         // At the exit KVM counted at least its soft limit used; since `mark` (before the
         // run), collectors freed `since`.
         let since = freed_before.saturating_sub(mark);
+        let (phantom, unaligned) = (ring.phantom, ring.unaligned);
         if !state.overflowed {
             if walked[vcpu] > 0 || since > 0 {
                 return Ok(());
             }
-            // Counted full, nothing freed, nothing published: entries were overwritten.
-            self.overflowed(&mut state);
+            // Counted full, nothing freed, nothing published. Once re-armed and aligned, what
+            // KVM counts is whole rings left from the overflow: free one.
+            if phantom && !unaligned {
+                return self.free_whole_ring(ring, freed_before);
+            }
+            // Unaligned, KVM's count is unknown: free what it provably holds (below).
+            // Otherwise entries were overwritten.
+            if !unaligned {
+                self.overflowed(&mut state);
+            }
         }
         let Some(ring) = state.rings.get(vcpu) else {
             return Ok(());
@@ -308,12 +346,21 @@ impl DirtyRings {
             return Ok(());
         }
         for k in 0..count {
-            let at = ((freed_before + k) % size) * ENTRY_BYTES;
-            if let Ok(flags) = ring.map.atomic_u32(at) {
-                flags.store(KVM_DIRTY_GFN_F_RESET, Ordering::Release);
-            }
+            mark_harvested(ring, freed_before + k, size);
         }
         let freed = self.reset_marked(count)?;
+        ring.freed.store(freed_before + freed, Ordering::Release);
+        Ok(())
+    }
+
+    /// Frees the `size` entries from `freed_before`, with the vCPU out of `KVM_RUN` and KVM
+    /// counting at least that many (whole rings left from an overflow).
+    fn free_whole_ring(&self, ring: &VcpuRing, freed_before: u64) -> Result<(), DirtyRingError> {
+        let size = u64::from(self.entries);
+        for k in 0..size {
+            mark_harvested(ring, freed_before + k, size);
+        }
+        let freed = self.reset_marked(size)?;
         ring.freed.store(freed_before + freed, Ordering::Release);
         Ok(())
     }
@@ -328,16 +375,46 @@ impl DirtyRings {
         let size = u64::from(self.entries);
         let mut walked = Vec::with_capacity(state.rings.len());
         let mut overflow = false;
-        for ring in &state.rings {
-            let n = walk_ring(ring, size, &state.sinks, &mut state.stray);
+        let Rings {
+            rings,
+            sinks,
+            stray,
+            ..
+        } = state;
+        for ring in rings.iter_mut() {
+            let start = ring.freed.load(Ordering::Acquire);
+            // Entries before the first published one of a re-armed ring: KVM counts them.
+            let gap = if ring.unaligned {
+                match first_published(ring, start, size) {
+                    RunStart::None => {
+                        walked.push(0);
+                        continue;
+                    }
+                    RunStart::At(gap) => {
+                        ring.unaligned = false;
+                        gap
+                    }
+                    RunStart::Everywhere => {
+                        overflow = true;
+                        walked.push(size);
+                        continue;
+                    }
+                }
+            } else {
+                0
+            };
+            let n = walk_ring(ring, start + gap, size - gap, sinks, stray);
             walked.push(n);
-            if n == 0 {
+            if gap + n == 0 {
                 continue;
             }
+            for k in 0..gap {
+                mark_harvested(ring, start + k, size);
+            }
             // Only this ring has entries marked harvested: KVM's count is this ring's.
-            let freed = self.reset_marked(n)?;
+            let freed = self.reset_marked(gap + n)?;
             ring.freed.fetch_add(freed, Ordering::AcqRel);
-            overflow |= n >= size || freed != n;
+            overflow |= gap + n >= size || freed != gap + n;
         }
         if overflow {
             self.overflowed(state);
@@ -345,16 +422,68 @@ impl DirtyRings {
         Ok(walked)
     }
 
+    /// After an overflow, and only while no vCPU is in the guest or can enter it: marks every
+    /// device page pending, re-protects every page by turning dirty logging off and on for each
+    /// device's memslot, and clears the rings, so that tracking is exact again from the next
+    /// writeback on (module comment, "Re-arming"). Returns whether there was anything to
+    /// re-arm. On an error the rings stay untrusted (whole-device writebacks, nothing lost).
+    pub fn rearm(&self) -> Result<bool, DirtyRingError> {
+        let mut state = self.lock();
+        if !state.overflowed {
+            return Ok(false);
+        }
+        mark_all_pending(&state.sinks);
+        for sink in &state.sinks {
+            for on in [false, true] {
+                let region = kvm_userspace_memory_region {
+                    flags: if on {
+                        sink.region.flags | KVM_MEM_LOG_DIRTY_PAGES
+                    } else {
+                        sink.region.flags & !KVM_MEM_LOG_DIRTY_PAGES
+                    },
+                    ..sink.region
+                };
+                // SAFETY: the same slot, address and memory as registered, which the owner keeps
+                // mapped until it unregisters (`register`); only the logging flag changes.
+                unsafe { self.vm.set_user_memory_region(region) }.map_err(|source| {
+                    DirtyRingError::Relog {
+                        slot: region.slot,
+                        on,
+                        source,
+                    }
+                })?;
+            }
+        }
+        let size = u64::from(self.entries);
+        for ring in &mut state.rings {
+            for k in 0..size {
+                if let Ok(flags) = ring.map.atomic_u32(k * ENTRY_BYTES) {
+                    flags.store(0, Ordering::Release);
+                }
+            }
+            ring.unaligned = true;
+            ring.phantom = true;
+        }
+        state.overflowed = false;
+        log::info!(
+            "the KVM dirty ring is re-armed after its overflow: every device page is written \
+             back once, then only the pages the guest writes"
+        );
+        Ok(true)
+    }
+
     /// Stops trusting the rings (idempotent).
     fn overflowed(&self, state: &mut Rings) {
         if !state.overflowed {
             log::warn!(
                 "the KVM dirty ring ({} entries per vCPU) overflowed: this host's KVM entered the \
-                 guest too rarely to stop at the ring's limit. Every flush now writes back whole \
-                 devices; use --dirty-tracking bitmap on this host",
+                 guest too rarely to stop at the ring's limit. Flushes write back whole devices \
+                 until the rings are re-armed (at the next flush); --dirty-tracking bitmap \
+                 avoids this on this host",
                 self.entries
             );
             state.overflowed = true;
+            state.overflows += 1;
         }
         mark_all_pending(&state.sinks);
     }
@@ -404,7 +533,13 @@ impl DirtyRings {
         let size = u64::from(self.entries);
         let mut pages = Vec::new();
         for ring in &state.rings {
-            let start = ring.freed.load(Ordering::Acquire);
+            let mut start = ring.freed.load(Ordering::Acquire);
+            if ring.unaligned {
+                match first_published(ring, start, size) {
+                    RunStart::At(gap) => start += gap,
+                    RunStart::None | RunStart::Everywhere => continue,
+                }
+            }
             for k in 0..size {
                 match published(ring, start + k, size) {
                     Some((_, s, page)) if s == slot => pages.push(page),
@@ -416,9 +551,14 @@ impl DirtyRings {
         Some(pages)
     }
 
-    /// Whether an overflow made this VM's rings untrusted.
+    /// Whether an overflow made this VM's rings untrusted (until [`DirtyRings::rearm`]).
     pub fn has_overflowed(&self) -> bool {
         self.lock().overflowed
+    }
+
+    /// How many times the rings overflowed since the VM started.
+    pub fn overflows(&self) -> u64 {
+        self.lock().overflows
     }
 
     /// Entries that named no device's page since the VM started (0 unless KVM misbehaves).
@@ -436,22 +576,25 @@ fn mark_all_pending(sinks: &[Sink]) {
     }
 }
 
-/// Walks one ring in push order from the next unharvested entry while entries are published,
-/// routes each page to its sink and marks the entry harvested; returns how many it walked (at
-/// most `size`). Leaves `freed` alone: KVM's reset count moves it.
-fn walk_ring(ring: &VcpuRing, size: u64, sinks: &[Sink], stray: &mut u64) -> u64 {
-    let start = ring.freed.load(Ordering::Acquire);
+/// Walks one ring in push order from entry `start` while entries are published, at most
+/// `limit`, routes each page to its sink and marks the entry harvested; returns how many it
+/// walked. Leaves `freed` alone: KVM's reset count moves it.
+fn walk_ring(ring: &VcpuRing, start: u64, limit: u64, sinks: &[Sink], stray: &mut u64) -> u64 {
+    let size = ring.map.len() / ENTRY_BYTES;
     let mut walked = 0;
-    while walked < size {
+    while walked < limit {
         let Some((flags, slot, page)) = published(ring, start + walked, size) else {
             break;
         };
-        let routed = sinks.iter().find(|s| s.slot == slot).is_some_and(|s| {
-            s.pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(page)
-        });
+        let routed = sinks
+            .iter()
+            .find(|s| s.region.slot == slot)
+            .is_some_and(|s| {
+                s.pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(page)
+            });
         if !routed {
             *stray += 1;
             log::warn!("dirty ring entry for slot {slot:#x} page {page} has no device");
@@ -460,6 +603,42 @@ fn walk_ring(ring: &VcpuRing, size: u64, sinks: &[Sink], stray: &mut u64) -> u64
         walked += 1;
     }
     walked
+}
+
+/// Marks the entry at position `index` harvested, whatever it holds.
+fn mark_harvested(ring: &VcpuRing, index: u64, size: u64) {
+    if let Ok(flags) = ring.map.atomic_u32((index % size) * ENTRY_BYTES) {
+        flags.store(KVM_DIRTY_GFN_F_RESET, Ordering::Release);
+    }
+}
+
+/// Where the published entries of a re-armed ring start.
+enum RunStart {
+    None,
+    /// This many entries after `freed`.
+    At(u64),
+    /// Every entry is published: the ring overflowed again.
+    Everywhere,
+}
+
+/// Finds the one run of published entries in a re-armed ring (KVM pushes in order, so they
+/// are contiguous): the published entry whose predecessor is not, counted from `start`.
+fn first_published(ring: &VcpuRing, start: u64, size: u64) -> RunStart {
+    let is_published = |index: u64| published(ring, index, size).is_some();
+    let mut any = false;
+    for k in 0..size {
+        if is_published(start + k) {
+            any = true;
+            if !is_published(start + k + size - 1) {
+                return RunStart::At(k);
+            }
+        }
+    }
+    if any {
+        RunStart::Everywhere
+    } else {
+        RunStart::None
+    }
 }
 
 /// The entry at position `index` of `ring` if KVM has published it: its flags word, slot and

@@ -1,7 +1,8 @@
 //! pmvm's flush path against the host's own writeback, in one VM per (device size, dirty
 //! pages) cell: each round the guest dirties the pages and writes the flush hint; at the exit
 //! the bench times `Nvdimm::mmio_write` (harvest, writeback, fdatasync), then dirties the same
-//! pages of a same-sized host file and times each host-only method on it.
+//! pages of a same-sized host file and times each host-only method on it, in an order that
+//! rotates from round to round so that none always runs first.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -22,6 +23,8 @@ use crate::stats::micros;
 pub struct Round {
     /// pmvm: the whole synchronous flush of the hint exit.
     pub pmvm: f64,
+    /// Host: fdatasync of the file.
+    pub fdatasync: f64,
     /// Host: sync_file_range(WRITE) per run, then fdatasync.
     pub submit: f64,
     /// Host: msync(MS_SYNC) of the whole mapping.
@@ -59,19 +62,29 @@ fn round(
             .expect("the flush failed");
         Ok(())
     })?;
-    host.dirty(pages, stamp)?;
-    let submit = timed(|| host.submit_then_fdatasync(pages))?;
-    host.dirty(pages, stamp + 1)?;
-    let msync = timed(|| host.msync_all())?;
-    host.dirty(pages, stamp + 2)?;
-    let fsync = timed(|| host.fsync())?;
+    let mut host_us = [0.0; HOST_METHODS];
+    for k in 0..HOST_METHODS {
+        let method = (stamp as usize / HOST_METHODS + k) % HOST_METHODS;
+        host.dirty(pages, stamp + k as u64)?;
+        host_us[method] = timed(|| match method {
+            0 => host.fdatasync(),
+            1 => host.submit_then_fdatasync(pages),
+            2 => host.msync_all(),
+            _ => host.fsync(),
+        })?;
+    }
+    let [fdatasync, submit, msync, fsync] = host_us;
     Ok(Round {
         pmvm,
+        fdatasync,
         submit,
         msync,
         fsync,
     })
 }
+
+/// The host-only methods a round times.
+pub const HOST_METHODS: usize = 4;
 
 /// How the measured VM tracks the guest's stores, as pmvm's `--dirty-tracking`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,6 +100,14 @@ impl Tracking {
             Tracking::Bitmap => "bitmap",
         }
     }
+}
+
+/// One measured configuration of the device.
+#[derive(Clone, Copy, Debug)]
+pub struct Setup {
+    pub tracking: Tracking,
+    /// `persist=flush` (a private mapping, pages copied into the file) instead of `adr`.
+    pub strict: bool,
 }
 
 /// What one cell measured.
@@ -107,8 +128,9 @@ pub fn measure(
     size: u64,
     pages: u64,
     rounds: u64,
-    tracking: Tracking,
+    setup: Setup,
 ) -> Result<Measured, BenchError> {
+    let tracking = setup.tracking;
     if pages > guest::max_pages() || page_offset(pages) > size {
         return Err(BenchError::Check(format!(
             "{pages} dirty pages {} pages apart do not fit in a {size}-byte device below the \
@@ -128,9 +150,14 @@ pub fn measure(
     };
     let manual_protect = rings.is_none() && enable_manual_protect(&vm.vm)?;
     let image = dir.join(format!("pmem-{}M-{pages}.img", size >> 20));
-    let cfg: PmemConfig = format!("path={},size={}M,sparse=on", image.display(), size >> 20)
-        .parse()
-        .map_err(NvdimmError::from)?;
+    let persist = if setup.strict { "flush" } else { "adr" };
+    let cfg: PmemConfig = format!(
+        "path={},size={}M,sparse=on,persist={persist}",
+        image.display(),
+        size >> 20
+    )
+    .parse()
+    .map_err(NvdimmError::from)?;
     let params = NvdimmParams {
         index: 0,
         slot: 1,
@@ -140,6 +167,12 @@ pub fn measure(
         manual_protect,
     };
     let dev = Arc::new(Nvdimm::open(&cfg, params)?);
+    // The one vCPU is the thread that flushes, out of the guest for the whole flush: the fence
+    // pmvm's VMM gives `persist=flush` devices holds nothing else here.
+    dev.set_vcpu_fence(Arc::new(|f: &mut dyn FnMut()| {
+        f();
+        Ok(())
+    }));
     let host = HostFile::create(&dir.join(format!("host-{}M-{pages}.img", size >> 20)), size)?;
     let code = guest::dirty_then_flush(pages, rounds + 1);
     match &rings {
@@ -160,7 +193,7 @@ pub fn measure(
             if *addr == guest::MARK_GPA {
                 return;
             }
-            let stamp = 3 * lock(&r).len() as u64;
+            let stamp = HOST_METHODS as u64 * lock(&r).len() as u64;
             let outcome = round(&d, &host, pages, (*addr, data), stamp);
             lock(&r).push(outcome);
         }

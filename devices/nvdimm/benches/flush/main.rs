@@ -18,6 +18,8 @@ mod plot;
 mod report;
 mod stall;
 mod stats;
+mod strict_memory;
+mod tracking;
 mod vmm_start;
 
 use std::path::PathBuf;
@@ -25,19 +27,32 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use error::BenchError;
-use flush_path::Tracking;
+use flush_path::{Setup, Tracking};
 use machine::Machine;
 use nvdimm::error_chain as chain;
-use report::{FlushCell, LoggingCell, Results, VmmResults};
+use report::{FlushCell, LoggingCell, Measured, Results, VmmResults};
+use strict_memory::StrictMemory;
 use vmm_start::Pmvm;
 
 const GIB: u64 = 1 << 30;
 const LOGGING_PAIRS: usize = 5;
 
+fn strict_max_pages() -> u64 {
+    if nvdimm::dirty_ring::ring_limit_unenforced().is_some() {
+        4096
+    } else {
+        65536
+    }
+}
+
 /// What one run measures, and how often.
 struct Plan {
     sizes: Vec<u64>,
     pages: Vec<u64>,
+    /// `persist=flush` cells stop here: each round the guest copies every page it stores to
+    /// afresh, which on an emulating host (PVM) takes about a millisecond a page, so a round of
+    /// 65,536 pages would not end within the VM's run limit.
+    strict_max_pages: u64,
     logging_pages: Vec<u64>,
     start_runs: usize,
     memory_runs: usize,
@@ -49,6 +64,7 @@ impl Plan {
         Plan {
             sizes: vec![GIB, 16 * GIB, 64 * GIB],
             pages: vec![0, 1, 16, 256, 4096, 65536],
+            strict_max_pages: strict_max_pages(),
             logging_pages: vec![256, 4096, 65536],
             start_runs: 11,
             memory_runs: 3,
@@ -61,6 +77,7 @@ impl Plan {
         Plan {
             sizes: vec![GIB, 64 * GIB],
             pages: vec![0, 1, 16, 256, 4096],
+            strict_max_pages: strict_max_pages(),
             logging_pages: vec![4096],
             start_runs: 3,
             memory_runs: 1,
@@ -69,7 +86,7 @@ impl Plan {
     }
 
     /// Measured rounds of a flush cell: fewer where one round writes back hundreds of MiB
-    /// (four times: pmvm and three host methods).
+    /// (five times: pmvm and four host methods).
     fn flush_rounds(&self, pages: u64) -> u64 {
         match (self.quick, pages) {
             (true, p) if p <= 256 => 5,
@@ -164,6 +181,43 @@ fn measure_vmm(args: &Args, plan: &Plan, dir: &std::path::Path) -> VmmResults {
     run().unwrap_or_else(|e| VmmResults::Failed(chain(&e)))
 }
 
+/// Item of its own: `persist=flush` memory after filling a 1 GiB device, and its bytes after
+/// a power cut.
+fn measure_strict_memory(args: &Args, dir: &std::path::Path) -> Measured<StrictMemory> {
+    let (Some(bin), Some(probe)) = (args.pmvm.clone(), args.probe.clone()) else {
+        return Measured::Skipped("no --pmvm/--probe given (scripts/bench.sh passes both)".into());
+    };
+    eprintln!(
+        "bench: persist=flush memory, {} MiB device filled by the probe",
+        strict_memory::DEVICE_MIB
+    );
+    match strict_memory::measure(&Pmvm { bin, probe }, dir) {
+        Ok(m) => Measured::Done(m),
+        Err(e) => Measured::Failed(chain(&e)),
+    }
+}
+
+/// O(dirty) tracking with the real pmvm, with default options and with the ring forced.
+fn measure_tracking(args: &Args, dir: &std::path::Path) -> Measured<Vec<tracking::Tracked>> {
+    let (Some(bin), Some(probe)) = (args.pmvm.clone(), args.probe.clone()) else {
+        return Measured::Skipped("no --pmvm/--probe given (scripts/bench.sh passes both)".into());
+    };
+    let pmvm = Pmvm { bin, probe };
+    let mut out = Vec::new();
+    for option in ["default", "ring"] {
+        eprintln!(
+            "bench: dirty tracking ({option}), {} pages in one loop, then {}",
+            tracking::DEVICE_PAGES,
+            tracking::LATER_PAGES
+        );
+        match tracking::measure(&pmvm, dir, option) {
+            Ok(t) => out.push(t),
+            Err(e) => return Measured::Failed(chain(&e)),
+        }
+    }
+    Measured::Done(out)
+}
+
 fn run(args: &Args) -> Result<(), BenchError> {
     let plan = if args.quick {
         Plan::quick()
@@ -187,38 +241,49 @@ fn run(args: &Args) -> Result<(), BenchError> {
     let began = Instant::now();
 
     let mut flush = Vec::new();
+    let mut strict = Vec::new();
     let mut bitmap = Vec::new();
     for &size in &plan.sizes {
-        for &pages in &plan.pages {
-            let rounds = plan.flush_rounds(pages);
-            eprintln!(
-                "bench: flush, {} device, {pages} dirty pages, {rounds} rounds",
-                stats::fmt_size(size)
-            );
-            let m = flush_path::measure(&kvm, dir, size, pages, rounds, Tracking::Ring)?;
-            flush.push(FlushCell {
-                size,
-                pages,
-                rounds: m.rounds,
-                get_log_us: m.get_log_us,
-            });
-        }
-        // The slot bitmap beside it, where its O(device size) harvest shows: nothing or one
-        // page dirty.
-        for pages in [0, 1] {
-            let rounds = plan.flush_rounds(pages);
-            eprintln!(
-                "bench: flush with the dirty bitmap, {} device, {pages} dirty pages, {rounds} \
-                 rounds",
-                stats::fmt_size(size)
-            );
-            let m = flush_path::measure(&kvm, dir, size, pages, rounds, Tracking::Bitmap)?;
-            bitmap.push(FlushCell {
-                size,
-                pages,
-                rounds: m.rounds,
-                get_log_us: m.get_log_us,
-            });
+        // persist=adr and persist=flush with the dirty ring at every k; the slot bitmap beside
+        // them, where its O(device size) harvest shows: nothing or one page dirty.
+        let strict_pages: Vec<u64> = plan
+            .pages
+            .iter()
+            .copied()
+            .filter(|&p| p <= plan.strict_max_pages)
+            .collect();
+        let setups = [
+            (Tracking::Ring, false, &plan.pages[..]),
+            (Tracking::Ring, true, &strict_pages[..]),
+            (Tracking::Bitmap, false, &[0, 1][..]),
+        ];
+        for (tracking, strict_model, pages_list) in setups {
+            for &pages in pages_list {
+                let rounds = plan.flush_rounds(pages);
+                eprintln!(
+                    "bench: flush, {} device, persist={}, {} tracking, {pages} dirty pages, \
+                     {rounds} rounds",
+                    stats::fmt_size(size),
+                    if strict_model { "flush" } else { "adr" },
+                    tracking.name()
+                );
+                let setup = Setup {
+                    tracking,
+                    strict: strict_model,
+                };
+                let m = flush_path::measure(&kvm, dir, size, pages, rounds, setup)?;
+                let cell = FlushCell {
+                    size,
+                    pages,
+                    rounds: m.rounds,
+                    get_log_us: m.get_log_us,
+                };
+                match (tracking, strict_model) {
+                    (Tracking::Bitmap, _) => bitmap.push(cell),
+                    (Tracking::Ring, true) => strict.push(cell),
+                    (Tracking::Ring, false) => flush.push(cell),
+                }
+            }
         }
     }
     let mut logging = Vec::new();
@@ -246,10 +311,23 @@ fn run(args: &Args) -> Result<(), BenchError> {
     );
     let stall = stall::measure(dir, stall_rounds)?;
     let vmm = measure_vmm(args, &plan, dir);
+    let tracking = if plan.quick {
+        Measured::Skipped("not in a --quick run".into())
+    } else {
+        measure_tracking(args, dir)
+    };
+    let strict_memory = if plan.quick {
+        Measured::Skipped("not in a --quick run (it fills a 1 GiB device)".into())
+    } else {
+        measure_strict_memory(args, dir)
+    };
     let results = Results {
+        tracking,
+        strict_memory,
         stall,
         machine,
         flush,
+        strict,
         bitmap,
         logging,
         vmm,

@@ -52,7 +52,7 @@ impl Memory {
 }
 
 /// A started pmvm, killed and reaped on drop.
-struct Running {
+pub struct Running {
     child: Child,
     bin: PathBuf,
 }
@@ -65,23 +65,35 @@ impl Drop for Running {
 }
 
 impl Running {
+    /// pmvm with the probe parked in `wait` and one sparse NVDIMM of `PMEM_MIB` named by `tag`.
     fn spawn(p: &Pmvm, dir: &Path, tag: &str, stdout: Stdio) -> Result<Running, BenchError> {
-        let sock = dir.join(format!("{tag}.sock"));
         let image = dir.join(format!("{tag}.img"));
-        let _ = std::fs::remove_file(&sock);
         let _ = std::fs::remove_file(&image);
+        let args = [
+            "--cmdline".to_string(),
+            "console=ttyS0 -- wait".into(),
+            "--memory".into(),
+            format!("{MEMORY_MIB}M"),
+            "--pmem".into(),
+            format!("path={},size={PMEM_MIB}M,sparse=on", image.display()),
+        ];
+        Running::spawn_args(p, &dir.join(format!("{tag}.sock")), &args, stdout)
+    }
+
+    /// pmvm with the probe, the API at `sock`, and `args`.
+    pub fn spawn_args(
+        p: &Pmvm,
+        sock: &Path,
+        args: &[String],
+        stdout: Stdio,
+    ) -> Result<Running, BenchError> {
+        let _ = std::fs::remove_file(sock);
         let child = Command::new(&p.bin)
             .arg("--kernel")
             .arg(&p.probe)
-            .args(["--cmdline", "console=ttyS0 -- wait"])
-            .args(["--memory", &format!("{MEMORY_MIB}M")])
-            .arg("--pmem")
-            .arg(format!(
-                "path={},size={PMEM_MIB}M,sparse=on",
-                image.display()
-            ))
+            .args(args)
             .arg("--api-sock")
-            .arg(&sock)
+            .arg(sock)
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(Stdio::piped())
@@ -93,12 +105,72 @@ impl Running {
         })
     }
 
-    fn pid(&self) -> u32 {
+    /// The console's lines, read on a thread of their own (spawned with `Stdio::piped()`).
+    pub fn console(&mut self) -> mpsc::Receiver<String> {
+        let stdout = self.child.stdout.take();
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            if let Some(out) = stdout {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        rx
+    }
+
+    /// Waits for a console line containing `needle`.
+    pub fn wait_line(
+        &mut self,
+        console: &mpsc::Receiver<String>,
+        needle: &str,
+        what: &'static str,
+        timeout: Duration,
+    ) -> Result<(), BenchError> {
+        let begun = Instant::now();
+        loop {
+            match console.recv_timeout(Duration::from_millis(200)) {
+                Ok(line) if line.contains(needle) => return Ok(()),
+                Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => self.check_alive(what)?,
+            }
+            self.check_alive(what)?;
+            if begun.elapsed() > timeout {
+                return Err(self.timeout(what, timeout));
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for pmvm to exit; its exit code and stderr.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<(Option<i32>, String), BenchError> {
+        let begun = Instant::now();
+        loop {
+            if let Some(status) = self
+                .child
+                .try_wait()
+                .map_err(BenchError::io("waiting for pmvm"))?
+            {
+                let mut stderr = String::new();
+                if let Some(mut e) = self.child.stderr.take() {
+                    let _ = e.read_to_string(&mut stderr);
+                }
+                return Ok((status.code(), stderr));
+            }
+            if begun.elapsed() > timeout {
+                return Err(self.timeout("to exit", timeout));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// If pmvm has exited: an error with its status and stderr.
-    fn check_alive(&mut self, waiting_for: &'static str) -> Result<(), BenchError> {
+    pub fn check_alive(&mut self, waiting_for: &'static str) -> Result<(), BenchError> {
         let status = self
             .child
             .try_wait()
@@ -235,7 +307,7 @@ fn smaps(pid: u32) -> Result<Vec<Mapped>, BenchError> {
     Ok(out)
 }
 
-fn status_kib(pid: u32, key: &str) -> Result<u64, BenchError> {
+pub fn status_kib(pid: u32, key: &str) -> Result<u64, BenchError> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .map_err(BenchError::io(format!("reading /proc/{pid}/status")))?;
     text.lines()
@@ -248,31 +320,13 @@ fn status_kib(pid: u32, key: &str) -> Result<u64, BenchError> {
 pub fn memory(p: &Pmvm, dir: &Path, tag: &str) -> Result<Memory, BenchError> {
     let mut vmm = Running::spawn(p, dir, tag, Stdio::piped())?;
     let image = dir.join(format!("{tag}.img"));
-    let stdout = vmm.child.stdout.take();
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        if let Some(out) = stdout {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        }
-    });
-    let begun = Instant::now();
-    loop {
-        match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(line) if line.contains("probe: waiting") => break,
-            Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                vmm.check_alive("to run the probe to `wait`")?;
-            }
-        }
-        vmm.check_alive("to run the probe to `wait`")?;
-        if begun.elapsed() > WAIT_TIMEOUT {
-            return Err(vmm.timeout("to run the probe to `wait`", WAIT_TIMEOUT));
-        }
-    }
+    let console = vmm.console();
+    vmm.wait_line(
+        &console,
+        "probe: waiting",
+        "to run the probe to `wait`",
+        WAIT_TIMEOUT,
+    )?;
     // Let threads that were starting settle.
     thread::sleep(Duration::from_millis(200));
     let pid = vmm.pid();
