@@ -1,0 +1,33 @@
+//! pmvm: a small KVM VMM whose NVDIMM makes guest flushes exact, observable and durable.
+//!
+//! The `pmvm` binary is [`main`]; the control socket's documents and client ([`api::types`],
+//! [`api::client`]) are public for the tests and tools that talk to a running pmvm.
+
+pub mod api;
+mod boot;
+pub mod cli;
+mod control;
+mod crash_test;
+mod devices;
+mod exit;
+mod layout;
+mod log_cmd;
+mod logger;
+mod machine;
+mod memory;
+mod platform;
+mod pmem;
+mod pmem_format;
+mod seccomp;
+mod signals;
+mod stop_wait;
+mod vcpu;
+mod vm;
+mod x86;
+
+use std::process::ExitCode;
+
+/// The `pmvm` command: parses the command line and runs the machine or the subcommand.
+pub fn main() -> ExitCode {
+    cli::main()
+}
