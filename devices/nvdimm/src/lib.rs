@@ -7,6 +7,7 @@
 
 pub mod backing;
 pub mod config;
+pub mod counters;
 pub mod device;
 pub mod dirty;
 pub mod dirty_ring;

@@ -7,6 +7,8 @@ use std::thread;
 use std::time::Duration;
 
 use crate::api::client::{Client, ClientError};
+use nvdimm::counters::{CounterDef, COUNTERS};
+
 use crate::api::types::{FlushReport, PmemList, VmInfo};
 
 /// Clears the terminal and homes the cursor, for `--watch`.
@@ -196,37 +198,34 @@ pub fn stats_table(vm: &VmInfo, list: &PmemList) -> String {
         text.push_str("no pmem devices\n");
         return text;
     }
-    let header = [
-        "ID",
-        "FLUSHES",
-        "PAGES",
-        "MiB WRITTEN",
-        "P50 us",
-        "P99 us",
-        "MAX us",
-        "PENDING",
-        "TRACKING",
-    ];
-    let rows: Vec<[String; 9]> = list
+    // ID, the counters that have a column, latency, pending pages and tracking.
+    let columns: Vec<&CounterDef> = COUNTERS.iter().filter(|c| c.column.is_some()).collect();
+    let mut header = vec!["ID"];
+    header.extend(columns.iter().filter_map(|c| Some(c.column?.header)));
+    header.extend(["P50 us", "P99 us", "MAX us", "PENDING", "TRACKING"]);
+    let rows: Vec<Vec<String>> = list
         .devices
         .iter()
         .map(|d| {
             let s = &d.stats;
-            [
-                d.id.clone(),
-                s.flushes.to_string(),
-                s.pages_written.to_string(),
-                format!("{:.2}", s.bytes_written as f64 / (1u64 << 20) as f64),
+            let mut row = vec![d.id.clone()];
+            row.extend(
+                columns
+                    .iter()
+                    .filter_map(|c| Some(c.column?.cell((c.get)(s)))),
+            );
+            row.extend([
                 s.latency_us.p50.to_string(),
                 s.latency_us.p99.to_string(),
                 s.latency_us.max.to_string(),
                 d.pending_dirty_pages
                     .map_or_else(|| "-".to_string(), |p| p.to_string()),
                 d.dirty_tracking.clone(),
-            ]
+            ]);
+            row
         })
         .collect();
-    let mut widths = header.map(str::len);
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
@@ -234,7 +233,7 @@ pub fn stats_table(vm: &VmInfo, list: &PmemList) -> String {
     }
     let mut line = |cells: &[&str]| {
         let mut l = String::new();
-        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+        for (i, (cell, &w)) in cells.iter().zip(&widths).enumerate() {
             if i == 0 {
                 l.push_str(&format!("{cell:<w$}"));
             } else {
@@ -246,7 +245,7 @@ pub fn stats_table(vm: &VmInfo, list: &PmemList) -> String {
     };
     line(&header);
     for row in &rows {
-        line(&row.each_ref().map(String::as_str));
+        line(&row.iter().map(String::as_str).collect::<Vec<_>>());
     }
     text
 }
