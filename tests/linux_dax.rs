@@ -24,7 +24,9 @@ use pmvm_tests::linux::{
     EmulatedProfile, PROOF_BYTES,
 };
 use pmvm_tests::{
-    cachestat, in_ci, kvm_or_skip, page_cache_or_skip, types::PmemStats, wait_api, Client, Pmvm,
+    cachestat, in_ci, kvm_or_skip, page_cache_or_skip,
+    types::{PmemStats, Tracking},
+    wait_api, Client, Pmvm,
 };
 
 /// The whole boot, banner to init, may take this long on an emulating host shared with
@@ -287,7 +289,7 @@ fn minimal_kernel_mounts_an_fsdax_ext4_root_and_its_flushes_reach_the_file() {
     println!(
         "tracking {tracking}: {per_flush} pages per writeback of a {device_pages}-page device"
     );
-    assert_ne!(tracking, "ring-overflowed", "{after:?}");
+    assert_ne!(tracking, Tracking::RingOverflowed, "{after:?}");
     assert!(
         per_flush * 16 < device_pages,
         "{per_flush} pages per writeback of a {device_pages}-page device: {after:?}"

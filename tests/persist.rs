@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use pmvm_tests::types::PersistMode;
 use pmvm_tests::{
     cachestat, host_dirty_pages, kvm_or_skip, page_cache_or_skip, probe_pmem_args, wait_api,
     wait_writeback_calm, Client, ClientResponse, Pmvm,
@@ -116,7 +117,7 @@ fn strict_model_power_cut_through_the_api_keeps_only_flushed_pages() {
         vm.lines()
     );
     let info = Client::new(&sock).pmem("pmem0").unwrap();
-    assert_eq!(info.persist, "flush");
+    assert_eq!(info.persist, PersistMode::Flush);
     if let Some(pending) = info.pending_dirty_pages {
         assert_eq!(pending, 1, "{info:?}");
     }
@@ -188,7 +189,10 @@ fn default_model_keeps_unflushed_stores_because_the_page_cache_is_coherent() {
     vm.wait_for("probe: waiting", BOOT).unwrap();
     // Every device is adr: the NFIT claims memory-controller persistence.
     vm.wait_for("probe: nfit type=7 len=16", BOOT).unwrap();
-    assert_eq!(Client::new(&sock).pmem("pmem0").unwrap().persist, "adr");
+    assert_eq!(
+        Client::new(&sock).pmem("pmem0").unwrap().persist,
+        PersistMode::Adr
+    );
     let sock_arg = sock.display().to_string();
     let (code, out, err) = pmvm_cmd(&["power-cut", "--api-sock", &sock_arg, "--id", "pmem0"]);
     assert_eq!(code, Some(0), "{out}{err}");

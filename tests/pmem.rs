@@ -264,7 +264,7 @@ fn each_dirty_tracking_mode_writes_back_exactly_the_stored_pages() {
             "auto" => auto_dirty_tracking(),
             m => m,
         };
-        assert_eq!(dev.dirty_tracking, want, "--dirty-tracking {mode}");
+        assert_eq!(dev.dirty_tracking.as_str(), want, "--dirty-tracking {mode}");
         let st = &dev.stats;
         assert_eq!(
             (st.flushes, st.pages_written, st.runs, st.errors),

@@ -290,51 +290,12 @@ impl Drop for Pmvm {
     }
 }
 
-/// Page-cache state of a file range, as cachestat(2) reports it (Linux 6.5+). The kernel's
-/// `struct cachestat`; counts are in pages.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CacheStat {
-    pub nr_cache: u64,
-    pub nr_dirty: u64,
-    pub nr_writeback: u64,
-    pub nr_evicted: u64,
-    pub nr_recently_evicted: u64,
-}
-
-/// The kernel's `struct cachestat_range`: `len` 0 means "to the end of the file".
-#[repr(C)]
-struct CacheStatRange {
-    off: u64,
-    len: u64,
-}
-
-/// x86-64 syscall number of cachestat; libc has no wrapper.
-const SYS_CACHESTAT: libc::c_long = 451;
+pub use pmvm::nvdimm::cachestat::CacheStat;
 
 /// What the host page cache holds of `len` bytes at `off` of `path`: which pages are cached,
 /// dirty (written but not yet on disk) or under writeback.
 pub fn cachestat(path: &Path, off: u64, len: u64) -> std::io::Result<CacheStat> {
-    use std::os::unix::io::AsRawFd;
-    let file = std::fs::File::open(path)?;
-    let range = CacheStatRange { off, len };
-    let mut stat = CacheStat::default();
-    // SAFETY: cachestat reads `range` and writes `stat`, both live #[repr(C)] structs laid out
-    // as the kernel's; the descriptor is owned by `file`, open for the call; flags must be 0.
-    let rc = unsafe {
-        libc::syscall(
-            SYS_CACHESTAT,
-            file.as_raw_fd(),
-            &range as *const CacheStatRange,
-            &mut stat as *mut CacheStat,
-            0u32,
-        )
-    };
-    if rc == 0 {
-        Ok(stat)
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    pmvm::nvdimm::cachestat::cachestat(&std::fs::File::open(path)?, off, len)
 }
 
 /// Whether the page cache of files in `dir` says anything about durability: cachestat(2) must

@@ -73,10 +73,10 @@ pub fn pmem_info(d: &Nvdimm) -> PmemInfo {
         readonly: d.readonly(),
         pending_dirty_pages: d.pending_pages(),
         stats: d.stats(),
-        persist: d.persist().to_string(),
+        persist: d.persist(),
         writeback_interval_ms: d.writeback_interval().map(|i| i.as_millis() as u64),
         flush_log: d.flush_log_path().map(|p| p.display().to_string()),
-        dirty_tracking: d.dirty_tracking().to_string(),
+        dirty_tracking: d.dirty_tracking(),
         io_error: d.io_fault(),
     }
 }

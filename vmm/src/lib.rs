@@ -27,6 +27,9 @@ mod x86;
 
 use std::process::ExitCode;
 
+/// The device crate, for the tools that share its helpers (cachestat, the statistics).
+pub use nvdimm;
+
 /// The `pmvm` command: parses the command line and runs the machine or the subcommand.
 pub fn main() -> ExitCode {
     cli::main()

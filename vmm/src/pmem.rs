@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use nvdimm::config::{PersistMode, PmemConfig};
-use nvdimm::{FlushError, IoFault, Nvdimm, NvdimmError, NvdimmParams, OnError};
+use nvdimm::{FlushError, IoFault, Nvdimm, NvdimmError, NvdimmParams, OnError, VcpuId};
 
 use crate::layout;
 use crate::memory;
@@ -150,9 +150,9 @@ impl PmemBus {
     /// Handles a write by vCPU `vcpu`. A guest flush runs to completion here, on the vCPU
     /// thread, before the vCPU re-enters the guest; if it found the device's file truncated,
     /// the VM must stop.
-    pub fn write(&self, vcpu: u8, addr: u64, data: &[u8]) -> PmemWrite {
+    pub fn write(&self, vcpu: VcpuId, addr: u64, data: &[u8]) -> PmemWrite {
         if let Some((dev, off)) = self.hint_target(addr) {
-            let flushed = dev.mmio_write(u32::from(vcpu), off, data);
+            let flushed = dev.mmio_write(vcpu, off, data);
             if let Some(msg) = dev.fatal_error() {
                 return PmemWrite::Fatal(msg);
             }

@@ -12,6 +12,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use crate::config::PmemConfig;
+use crate::files::create_private;
 use crate::path_lock::{PathLock, PathLockError};
 use crate::size::format_size;
 use crate::SIZE_ALIGN;
@@ -414,17 +415,10 @@ fn create(cfg: &PmemConfig) -> Result<File, BackingError> {
             suggestion: suggest_sizes(size),
         });
     }
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        // Guest memory may hold anything: keep it private to the owner.
-        .mode(0o600)
-        .open(path)
-        .map_err(|source| match open_error(path, false, source) {
-            BackingError::Open { path, source } => BackingError::Create { path, source },
-            other => other,
-        })
+    create_private(path).map_err(|source| match open_error(path, false, source) {
+        BackingError::Open { path, source } => BackingError::Create { path, source },
+        other => other,
+    })
 }
 
 /// Maps an open(2) failure to the error that tells the user what to change.

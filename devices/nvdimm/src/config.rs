@@ -56,8 +56,9 @@ impl OnError {
     }
 }
 
-/// When guest stores reach the backing file.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// When guest stores reach the backing file. On the wire: `adr` or `flush`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum PersistMode {
     /// The guest's view is the file's page cache (a shared mapping): every store is in the
     /// file at once, and a flush makes the dirtied pages durable on disk.

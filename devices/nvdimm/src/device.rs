@@ -14,7 +14,7 @@ use std::fmt;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
@@ -29,13 +29,14 @@ use crate::flush_log::{self, AppendError, FlushLogWriter};
 use crate::group_commit::GroupCommit;
 use crate::handler::{self, FlushHintAccess, HINT_WIDTH};
 use crate::in_flight::{InFlight, WritebackInProgress};
+use crate::lock::lock;
 use crate::metrics::NvdimmMetrics;
 use crate::mmap::{Mapping, Sharing};
 use crate::page_set::{run_pages, PageSet, Run};
 use crate::reclaim::{self, VcpuFence};
-use crate::stats::{FlushReport, PmemStats};
+use crate::stats::{FlushReport, PmemStats, Tracking};
 use crate::writeback::{self, WritebackError, Written};
-use crate::{error_chain as chain, NvdimmError, MAX_HINTS, PAGE_SIZE};
+use crate::{error_chain as chain, NvdimmError, VcpuId, MAX_HINTS, PAGE_SIZE};
 
 /// Where the VMM puts a device; everything here comes from the VMM's layout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,13 +122,13 @@ impl FlushError {
 /// writebacks): the VMM makes every other vCPU leave `KVM_RUN` once and returns when each has.
 /// With PML (Intel) KVM logs a vCPU's stores only when that vCPU exits, so a store another vCPU
 /// completed before the flush would otherwise be missing from the harvest.
-pub type HarvestBarrier = Arc<dyn Fn(Option<u32>) -> Result<(), String> + Send + Sync>;
+pub type HarvestBarrier = Arc<dyn Fn(Option<VcpuId>) -> Result<(), String> + Send + Sync>;
 
 /// Who asked for a writeback: recorded in the flush-epoch log and the stats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlushSource {
     /// A guest write to a flush hint, on this vCPU.
-    Vcpu(u32),
+    Vcpu(VcpuId),
     /// The API, or the final writeback when the host stops the VM.
     Host,
     /// The `writeback-interval=` thread.
@@ -138,7 +139,7 @@ impl FlushSource {
     /// The `source` field of a flush-log epoch.
     pub fn log_code(self) -> u32 {
         match self {
-            FlushSource::Vcpu(id) => id.min(flush_log::SOURCE_BACKGROUND - 1),
+            FlushSource::Vcpu(id) => u32::from(id),
             FlushSource::Host => flush_log::SOURCE_HOST,
             FlushSource::Background => flush_log::SOURCE_BACKGROUND,
         }
@@ -249,11 +250,6 @@ impl fmt::Debug for Nvdimm {
             .field("attached", &self.attachment.get().is_some())
             .finish()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every critical section leaves its data whole, so a panic elsewhere does not poison it.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Nvdimm {
@@ -498,7 +494,7 @@ impl Nvdimm {
     /// Runs on the vCPU thread. `Ok` when the pages are durable (and, with a flush log,
     /// logged); on `Err` the vCPU must not complete the write (never re-enter the guest)
     /// until [`Nvdimm::io_fault`] is cleared by a writeback that succeeds.
-    pub fn mmio_write(&self, vcpu: u32, offset: u64, data: &[u8]) -> Result<(), FlushError> {
+    pub fn mmio_write(&self, vcpu: VcpuId, offset: u64, data: &[u8]) -> Result<(), FlushError> {
         match handler::decode_write(offset, data.len(), self.hints) {
             FlushHintAccess::Flush { odd, .. } => {
                 if odd {
@@ -535,7 +531,7 @@ impl Nvdimm {
         handler::read(data);
     }
 
-    fn guest_flush(&self, vcpu: u32) -> Result<(), FlushError> {
+    fn guest_flush(&self, vcpu: VcpuId) -> Result<(), FlushError> {
         let arrived = Instant::now();
         let outcome = self.flush(FlushSource::Vcpu(vcpu));
         self.metrics.flushes.inc();
@@ -991,12 +987,12 @@ impl Nvdimm {
     /// How this device tracks guest writes: "ring", "ring-overflowed" (the rings overflowed
     /// and every writeback covers the whole device), "bitmap", or "none" (read-only or not
     /// attached).
-    pub fn dirty_tracking(&self) -> &'static str {
+    pub fn dirty_tracking(&self) -> Tracking {
         match self.attachment.get().and_then(|a| a.dirty.as_ref()) {
-            Some(Tracker::Log(_)) => "bitmap",
-            Some(Tracker::Ring(r)) if r.has_overflowed() => "ring-overflowed",
-            Some(Tracker::Ring(_)) => "ring",
-            None => "none",
+            Some(Tracker::Log(_)) => Tracking::Bitmap,
+            Some(Tracker::Ring(r)) if r.has_overflowed() => Tracking::RingOverflowed,
+            Some(Tracker::Ring(_)) => Tracking::Ring,
+            None => Tracking::None,
         }
     }
 

@@ -30,13 +30,15 @@
 //! The reader never panics and never allocates more than the input could hold, whatever the
 //! bytes: counts are checked against what remains before they size anything.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use vmm_sys_util::errno;
+
+use crate::files::create_private;
 
 pub const MAGIC: [u8; 8] = *b"PMVMFLOG";
 pub const VERSION: u32 = 1;
@@ -561,24 +563,18 @@ impl FlushLogWriter {
     /// Creates `path` (which must not exist) with the header for a device of `device_size`
     /// bytes, durable before this returns.
     pub fn create(path: &Path, device_size: u64) -> Result<FlushLogWriter, FlushLogError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|source| {
-                if source.kind() == io::ErrorKind::AlreadyExists {
-                    FlushLogError::Exists {
-                        path: path.to_path_buf(),
-                    }
-                } else {
-                    FlushLogError::Create {
-                        path: path.to_path_buf(),
-                        source,
-                    }
+        let file = create_private(path).map_err(|source| {
+            if source.kind() == io::ErrorKind::AlreadyExists {
+                FlushLogError::Exists {
+                    path: path.to_path_buf(),
                 }
-            })?;
+            } else {
+                FlushLogError::Create {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            }
+        })?;
         let header = LogHeader {
             version: VERSION,
             page_size: LOG_PAGE_SIZE,

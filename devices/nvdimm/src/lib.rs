@@ -6,16 +6,19 @@
 //! file pages durable). [`device::Nvdimm`] ties them together and is all the VMM needs.
 
 pub mod backing;
+pub mod cachestat;
 pub mod config;
 pub mod counters;
 pub mod device;
 pub mod dirty;
 pub mod dirty_ring;
 pub mod fault;
+pub mod files;
 pub mod flush_log;
 pub mod group_commit;
 pub mod handler;
 pub mod in_flight;
+pub mod lock;
 pub mod metrics;
 pub mod mmap;
 pub mod page_set;
@@ -31,6 +34,10 @@ pub use backing::BackingError;
 pub use config::{validate_set, ConfigError, PmemConfig};
 pub use config::{OnError, PersistMode};
 pub use device::{FlushError, FlushSource, HarvestBarrier, Nvdimm, NvdimmParams};
+
+/// A vCPU's index, 0 to the number of vCPUs minus one: pmvm's MADT gives each an 8-bit
+/// local APIC id.
+pub type VcpuId = u8;
 pub use dirty::enable_manual_protect;
 pub use dirty_ring::{DirtyRings, VcpuRingHandle};
 pub use fault::IoFault;

@@ -98,7 +98,7 @@ fn run(sc: &Scenario) -> Option<bool> {
         Nvdimm::open(&pmem_config(dir.path(), sc.pmem_size), device_params(false)).unwrap(),
     );
     dev.attach_ring(&vm.vm, &rings).unwrap();
-    assert_eq!(dev.dirty_tracking(), "ring");
+    assert_eq!(dev.dirty_tracking(), nvdimm::stats::Tracking::Ring);
     vm.setup_ram();
     let path = dir.path().join("pmem.img");
 
@@ -121,7 +121,7 @@ fn run(sc: &Scenario) -> Option<bool> {
         })
         .collect();
 
-    let spawn = |(fd, handle), id: u32| {
+    let spawn = |(fd, handle), id: nvdimm::VcpuId| {
         let dev = dev.clone();
         spawn_vcpu_with_ring(fd, Some((rings.clone(), handle)), move |exit| {
             if let Exit::MmioWrite(addr, data) = exit {
@@ -137,7 +137,7 @@ fn run(sc: &Scenario) -> Option<bool> {
     let vcpu0 = vcpus.next().unwrap();
     let writers: Vec<_> = vcpus
         .enumerate()
-        .map(|(i, v)| spawn(v, i as u32 + 1))
+        .map(|(i, v)| spawn(v, i as nvdimm::VcpuId + 1))
         .collect();
     for (i, rx) in writers.iter().enumerate() {
         let exits = rx

@@ -11,8 +11,9 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use common::{cachestat, kvm_or_skip, Code, Exit, TinyVm, HINT_GPA, PMEM_GPA};
+use common::{kvm_or_skip, Code, Exit, TinyVm, HINT_GPA, PMEM_GPA};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use nvdimm::cachestat::cachestat;
 use nvdimm::mmap::Mapping;
 use nvdimm::{enable_manual_protect, Nvdimm, NvdimmParams, PmemConfig, PAGE_SIZE};
 

@@ -9,7 +9,6 @@
 pub mod actions;
 pub mod cases;
 pub mod console;
-pub mod crc32c;
 pub mod fiemap;
 #[cfg(feature = "host")]
 pub mod host;

@@ -220,7 +220,7 @@ pub fn stats_table(vm: &VmInfo, list: &PmemList) -> String {
                 s.latency_us.max.to_string(),
                 d.pending_dirty_pages
                     .map_or_else(|| "-".to_string(), |p| p.to_string()),
-                d.dirty_tracking.clone(),
+                d.dirty_tracking.to_string(),
             ]);
             row
         })

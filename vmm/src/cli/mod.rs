@@ -191,8 +191,8 @@ pub struct MachineArgs {
     #[arg(long, hide = true)]
     pub seccomp_selftest: bool,
 
-    /// Write every ACPI table the guest would get to DIR/<SIGNATURE>.dat and exit without
-    /// running a guest. Decode them with `iasl -d DIR/*.dat`.
+    /// Write every ACPI table the guest would get to DIR/<SIGNATURE>.dat (DIR is created if
+    /// missing) and exit without running a guest. Decode them with `iasl -d DIR/*.dat`.
     #[arg(long, value_name = "DIR")]
     pub dump_acpi: Option<PathBuf>,
 

@@ -94,7 +94,7 @@ impl Bus {
     /// A guest MMIO write by vCPU `vcpu` outside every memslot, or into pmem KVM could not
     /// back. `Some` when it is a flush (or a store) that did not become durable: the vCPU must
     /// not complete it.
-    pub fn mmio_write(&self, vcpu: u8, addr: u64, data: &[u8]) -> Option<FlushFailure> {
+    pub fn mmio_write(&self, vcpu: nvdimm::VcpuId, addr: u64, data: &[u8]) -> Option<FlushFailure> {
         match self.pmem.write(vcpu, addr, data) {
             PmemWrite::Claimed => None,
             PmemWrite::Unclaimed => {
@@ -117,7 +117,4 @@ impl Bus {
     }
 }
 
-/// Locks a device mutex; a vCPU that panicked while holding it leaves the device usable.
-pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+pub use nvdimm::lock::lock;

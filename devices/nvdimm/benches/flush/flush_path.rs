@@ -176,7 +176,7 @@ pub fn measure(
             exits.last()
         )));
     }
-    if dev.dirty_tracking() != tracking.name() {
+    if dev.dirty_tracking().as_str() != tracking.name() {
         return Err(BenchError::Check(format!(
             "the device's dirty tracking ended as {} (want {})",
             dev.dirty_tracking(),

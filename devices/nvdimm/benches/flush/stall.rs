@@ -35,7 +35,7 @@ impl Stall {
     }
 }
 
-fn flush(dev: &Nvdimm, vcpu: u32) -> f64 {
+fn flush(dev: &Nvdimm, vcpu: nvdimm::VcpuId) -> f64 {
     let start = Instant::now();
     dev.mmio_write(vcpu, 0, &1u64.to_le_bytes())
         .expect("the flush failed");
