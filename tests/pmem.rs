@@ -957,8 +957,8 @@ fn every_bad_pmem_argument_fails_with_one_clear_line() {
         expect_pmem_error(
             &[arg(&small, ""), arg(second, "")],
             &[
-                &format!("--pmem pmem1 ({})", second.display()),
-                &format!("--pmem pmem0 ({}) are the same file", small.display()),
+                &format!("--pmem pmem1: pmem1 ({})", second.display()),
+                &format!("pmem0 ({}) are the same file", small.display()),
             ],
         );
     }

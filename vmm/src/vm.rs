@@ -20,12 +20,11 @@ use std::time::Instant;
 
 use crate::api::server::{ApiServer, ServerError, ServerOptions};
 use crate::boot::{self, BootError};
-use crate::cli::DirtyTracking;
 use crate::control::MachineControl;
 use crate::devices::{serial, Bus};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::layout;
-use crate::machine::{MachineConfig, SerialTarget};
+use crate::machine::{DirtyTracking, MachineConfig, SerialTarget};
 use crate::memory;
 use crate::platform::{self, PlatformError};
 use crate::pmem::{self, PmemBus};
@@ -89,6 +88,8 @@ pub enum VmError {
     },
     #[error("no --kernel given")]
     NoKernel,
+    #[error(transparent)]
+    PmemOpen(crate::pmem::OpenError),
     #[error(transparent)]
     Pmem(nvdimm::NvdimmError),
     #[error("cannot set up dirty logging for --pmem")]
@@ -327,7 +328,7 @@ pub fn run(config: &MachineConfig, opts: &RunOptions) -> Result<u8, VmError> {
         }
     );
     let pmem_devices = pmem::open_all(&config.pmem, config.memory, config.cpus, manual_protect)
-        .map_err(VmError::Pmem)?;
+        .map_err(VmError::PmemOpen)?;
     for d in &pmem_devices {
         match &tracking {
             Tracking::Ring(rings) => d.attach_ring(&vm, rings),

@@ -1096,11 +1096,17 @@ mod tests {
         }
     }
 
-    fn open(dir: &Path, extra: &str, index: usize) -> Result<Nvdimm, NvdimmError> {
-        let cfg: PmemConfig = format!("path={}{extra}", dir.join("pmem.img").display())
-            .parse()
-            .unwrap();
+    fn open(dir: &Path, cfg: PmemConfig, index: usize) -> Result<Nvdimm, NvdimmError> {
+        let cfg = PmemConfig {
+            path: dir.join("pmem.img"),
+            ..cfg
+        };
         Nvdimm::open(&cfg, params(index))
+    }
+
+    /// A device with the defaults; `open` puts it in its directory.
+    fn dev() -> PmemConfig {
+        PmemConfig::new("")
     }
 
     #[test]
@@ -1112,7 +1118,7 @@ mod tests {
     #[test]
     fn identity_and_nfit_values() {
         let dir = tempfile::tempdir().unwrap();
-        let d = open(dir.path(), ",size=4M,hints=3", 2).unwrap();
+        let d = open(dir.path(), dev().with_size(4 << 20).with_hints(3), 2).unwrap();
         assert_eq!(d.id(), "pmem2");
         assert_eq!(d.size(), 4 * MIB);
         assert_eq!(d.guest_base(), 1 << 32);
@@ -1135,12 +1141,10 @@ mod tests {
     #[test]
     fn default_hints_come_from_params() {
         let dir = tempfile::tempdir().unwrap();
-        let d = open(dir.path(), ",size=2M", 0).unwrap();
+        let d = open(dir.path(), dev().with_size(2 << 20), 0).unwrap();
         assert_eq!(d.hint_addresses(), vec![0xd000_0000]);
         drop(d);
-        let cfg: PmemConfig = format!("path={}", dir.path().join("pmem.img").display())
-            .parse()
-            .unwrap();
+        let cfg = PmemConfig::new(dir.path().join("pmem.img"));
         let err = Nvdimm::open(
             &cfg,
             NvdimmParams {
@@ -1168,29 +1172,27 @@ mod tests {
     fn created_file_is_removed_unless_kept() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pmem.img");
-        drop(open(dir.path(), ",size=2M", 0).unwrap());
+        drop(open(dir.path(), dev().with_size(2 << 20), 0).unwrap());
         assert!(!path.exists(), "an unkept created file survived");
-        let mut d = open(dir.path(), ",size=2M", 0).unwrap();
+        let mut d = open(dir.path(), dev().with_size(2 << 20), 0).unwrap();
         d.keep_created_file();
         drop(d);
         assert!(path.exists(), "a kept file was removed");
         // A file that existed before is never removed.
-        drop(open(dir.path(), "", 0).unwrap());
+        drop(open(dir.path(), dev(), 0).unwrap());
         assert!(path.exists(), "an existing file was removed");
     }
 
     #[test]
     fn backing_errors_pass_through() {
         let dir = tempfile::tempdir().unwrap();
-        let err = open(dir.path(), "", 0).unwrap_err();
+        let err = open(dir.path(), dev(), 0).unwrap_err();
         assert!(
             matches!(err, NvdimmError::Backing(BackingError::Missing { .. })),
             "{err:?}"
         );
-        let first = open(dir.path(), ",size=2M", 0).unwrap();
-        let cfg: PmemConfig = format!("path={}", dir.path().join("pmem.img").display())
-            .parse()
-            .unwrap();
+        let first = open(dir.path(), dev().with_size(2 << 20), 0).unwrap();
+        let cfg = PmemConfig::new(dir.path().join("pmem.img"));
         let err = Nvdimm::open_among(&cfg, params(1), &[&first]).unwrap_err();
         assert!(
             err.to_string().contains("pmem1") && err.to_string().contains("pmem0"),
@@ -1201,7 +1203,7 @@ mod tests {
     #[test]
     fn hint_page_accesses_are_decoded_and_counted() {
         let dir = tempfile::tempdir().unwrap();
-        let d = open(dir.path(), ",size=2M,hints=2", 0).unwrap();
+        let d = open(dir.path(), dev().with_size(2 << 20).with_hints(2), 0).unwrap();
         d.mmio_write(0, 0, &1u64.to_le_bytes()).unwrap();
         d.mmio_write(0, 8, &[0xff; 8]).unwrap();
         // Odd widths and offsets inside a hint still flush, and are counted.
@@ -1224,7 +1226,7 @@ mod tests {
     #[test]
     fn host_writes_are_pending_until_flushed() {
         let dir = tempfile::tempdir().unwrap();
-        let d = open(dir.path(), ",size=2M", 0).unwrap();
+        let d = open(dir.path(), dev().with_size(2 << 20), 0).unwrap();
         assert_eq!(d.pending_pages(), Some(0));
         // Spans pages 0 and 1; page 5 separately: two runs.
         d.write_bytes(4090, b"0123456789").unwrap();
@@ -1265,14 +1267,14 @@ mod tests {
     #[test]
     fn out_of_range_and_readonly_host_writes_fail() {
         let dir = tempfile::tempdir().unwrap();
-        let mut d = open(dir.path(), ",size=2M", 0).unwrap();
+        let mut d = open(dir.path(), dev().with_size(2 << 20), 0).unwrap();
         // Reopened read-only below.
         d.keep_created_file();
         let err = d.write_bytes(2 * MIB - 1, b"ab").unwrap_err();
         assert!(err.to_string().contains("pmem0"), "{err}");
         assert_eq!(d.pending_pages(), Some(0));
         drop(d);
-        let ro = open(dir.path(), ",readonly=on", 0).unwrap();
+        let ro = open(dir.path(), dev().with_readonly(true), 0).unwrap();
         assert!(ro.readonly());
         assert!(ro.write_bytes(0, b"x").is_err());
         assert_eq!(ro.host_flush().unwrap().pages, 0);
@@ -1285,7 +1287,12 @@ mod tests {
     #[test]
     fn strict_model_changes_the_file_only_at_flushes() {
         let dir = tempfile::tempdir().unwrap();
-        let mut d = open(dir.path(), ",size=2M,persist=flush", 0).unwrap();
+        let mut d = open(
+            dir.path(),
+            dev().with_size(2 << 20).with_persist(PersistMode::Flush),
+            0,
+        )
+        .unwrap();
         d.keep_created_file();
         assert_eq!(d.persist(), PersistMode::Flush);
         d.write_bytes(0, b"AAAA").unwrap();
@@ -1301,16 +1308,21 @@ mod tests {
         // Dropping the device without a flush is the power loss: the private copy is gone.
         assert_eq!(file_bytes(dir.path(), 0, 4), b"AAAA");
         assert_eq!(file_bytes(dir.path(), PAGE_SIZE as usize, 4), [0; 4]);
-        let d = open(dir.path(), ",persist=flush", 0).unwrap();
+        let d = open(dir.path(), dev().with_persist(PersistMode::Flush), 0).unwrap();
         d.read_bytes(0, &mut seen).unwrap();
         assert_eq!(&seen, b"AAAA", "the reboot sees the last flushed image");
     }
 
     #[test]
     fn after_a_power_cut_nothing_is_written_back() {
-        for persist in ["adr", "flush"] {
+        for persist in [PersistMode::Adr, PersistMode::Flush] {
             let dir = tempfile::tempdir().unwrap();
-            let d = open(dir.path(), &format!(",size=2M,persist={persist}"), 0).unwrap();
+            let d = open(
+                dir.path(),
+                dev().with_size(2 << 20).with_persist(persist),
+                0,
+            )
+            .unwrap();
             d.write_bytes(0, b"A").unwrap();
             d.host_flush().unwrap();
             d.write_bytes(PAGE_SIZE, b"B").unwrap();
@@ -1338,25 +1350,25 @@ mod tests {
             assert_eq!(d.pending_pages(), Some(1), "page B is still only in memory");
             let b = file_bytes(dir.path(), PAGE_SIZE as usize, 1)[0];
             // adr: the store is in the host's page cache, which did not lose power.
-            assert_eq!(b, if persist == "adr" { b'B' } else { 0 }, "{persist}");
+            assert_eq!(
+                b,
+                if persist == PersistMode::Adr { b'B' } else { 0 },
+                "{persist}"
+            );
         }
     }
 
     #[test]
     fn every_flush_appends_an_epoch_with_its_source_and_pages() {
         use crate::flush_log::{FileSource, FlushLog, SOURCE_HOST};
-        for persist in ["adr", "flush"] {
+        for persist in [PersistMode::Adr, PersistMode::Flush] {
             let dir = tempfile::tempdir().unwrap();
             let log_path = dir.path().join("flush.log");
-            let d = open(
-                dir.path(),
-                &format!(
-                    ",size=2M,persist={persist},flush-log={}",
-                    log_path.display()
-                ),
-                0,
-            )
-            .unwrap();
+            let cfg = PmemConfig {
+                flush_log: Some(log_path.clone()),
+                ..dev().with_size(2 << 20).with_persist(persist)
+            };
+            let d = open(dir.path(), cfg, 0).unwrap();
             assert_eq!(d.flush_log_path(), Some(log_path.as_path()));
             assert!(
                 !log_path.exists(),
@@ -1398,14 +1410,14 @@ mod tests {
                 &[0xc3, 0xc3, 0xc3, 0xc3, 0xc3, 0xc3, 0xc3, 0xc3, 0xc3, 0xc3, 0]
             );
             drop(d);
-            let err = open(
-                dir.path(),
-                &format!(",size=2M,flush-log={}", log_path.display()),
-                0,
-            )
-            .unwrap()
-            .open_flush_log()
-            .unwrap_err();
+            let cfg = PmemConfig {
+                flush_log: Some(log_path.clone()),
+                ..dev().with_size(2 << 20)
+            };
+            let err = open(dir.path(), cfg, 0)
+                .unwrap()
+                .open_flush_log()
+                .unwrap_err();
             assert!(matches!(err, NvdimmError::FlushLog { .. }), "{err:?}");
         }
     }
@@ -1418,10 +1430,12 @@ mod tests {
         let d = Arc::new(
             open(
                 dir.path(),
-                &format!(
-                    ",size=2M,writeback-interval=20,flush-log={}",
-                    log_path.display()
-                ),
+                PmemConfig {
+                    flush_log: Some(log_path.clone()),
+                    ..dev()
+                        .with_size(2 << 20)
+                        .with_writeback_interval(Duration::from_millis(20))
+                },
                 0,
             )
             .unwrap(),
@@ -1457,17 +1471,26 @@ mod tests {
             .collect();
         assert_eq!(summary, vec![(SOURCE_BACKGROUND, vec![2])]);
         // A device without an interval returns at once.
-        let plain = open(&dir.path().join("x"), "", 0);
+        let plain = open(&dir.path().join("x"), dev(), 0);
         assert!(plain.is_err());
         let other = tempfile::tempdir().unwrap();
-        let quick = open(other.path(), ",size=2M", 0).unwrap();
+        let quick = open(other.path(), dev().with_size(2 << 20), 0).unwrap();
         quick.run_background_writeback();
     }
 
     #[test]
     fn a_power_cut_ends_the_background_loop() {
         let dir = tempfile::tempdir().unwrap();
-        let d = Arc::new(open(dir.path(), ",size=2M,writeback-interval=3600000", 0).unwrap());
+        let d = Arc::new(
+            open(
+                dir.path(),
+                dev()
+                    .with_size(2 << 20)
+                    .with_writeback_interval(Duration::from_secs(3600)),
+                0,
+            )
+            .unwrap(),
+        );
         let runner = {
             let d = d.clone();
             thread::spawn(move || d.run_background_writeback())
@@ -1480,7 +1503,7 @@ mod tests {
     #[test]
     fn concurrent_flushes_share_writebacks_and_stay_consistent() {
         let dir = tempfile::tempdir().unwrap();
-        let d = Arc::new(open(dir.path(), ",size=2M", 0).unwrap());
+        let d = Arc::new(open(dir.path(), dev().with_size(2 << 20), 0).unwrap());
         let threads = 6;
         let rounds = 40;
         let (done, finished) = std::sync::mpsc::channel();
@@ -1522,7 +1545,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pmem.img");
         let moved = dir.path().join("moved.img");
-        let mut d = open(dir.path(), ",size=2M", 0).unwrap();
+        let mut d = open(dir.path(), dev().with_size(2 << 20), 0).unwrap();
         d.keep_created_file();
         d.write_bytes(0, b"kept").unwrap();
         std::fs::rename(&path, &moved).unwrap();
@@ -1561,7 +1584,7 @@ mod tests {
     #[test]
     fn a_store_kvm_could_not_back_is_applied_by_the_retry() {
         let dir = tempfile::tempdir().unwrap();
-        let mut d = open(dir.path(), ",size=2M", 0).unwrap();
+        let mut d = open(dir.path(), dev().with_size(2 << 20), 0).unwrap();
         d.keep_created_file();
         let e = d.unbacked_store(PAGE_SIZE - 2, b"abcd");
         assert!(

@@ -31,7 +31,7 @@ pub mod stats;
 pub mod writeback;
 
 pub use backing::BackingError;
-pub use config::{validate_set, ConfigError, PmemConfig};
+pub use config::PmemConfig;
 pub use config::{OnError, PersistMode};
 pub use device::{FlushError, FlushSource, HarvestBarrier, Nvdimm, NvdimmParams};
 
@@ -73,16 +73,6 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 /// Everything that can go wrong setting up or running an NVDIMM.
 #[derive(Debug, thiserror::Error)]
 pub enum NvdimmError {
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error("{count} --pmem devices given; at most {max} are supported")]
-    TooManyDevices { count: usize, max: usize },
-    #[error("--pmem devices #{first} and #{second} both have id {id:?}; ids must be unique")]
-    DuplicateId {
-        id: String,
-        first: usize,
-        second: usize,
-    },
     #[error(transparent)]
     Backing(#[from] BackingError),
     #[error("{id}: {hints} flush hints requested; between 1 and {max} are supported", max = MAX_HINTS)]

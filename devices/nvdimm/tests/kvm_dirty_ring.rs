@@ -55,12 +55,9 @@ const FLOOD: Scenario = Scenario {
 };
 
 fn pmem_config(dir: &Path, size: u64) -> PmemConfig {
-    format!(
-        "path={},size={size},persist=flush",
-        dir.join("pmem.img").display()
-    )
-    .parse()
-    .unwrap()
+    PmemConfig::new(dir.join("pmem.img"))
+        .with_size(size)
+        .with_persist(nvdimm::config::PersistMode::Flush)
 }
 
 fn page_addr(page: u64) -> u64 {

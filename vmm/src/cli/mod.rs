@@ -2,13 +2,17 @@
 //! what the command line asks for.
 
 pub mod client;
+mod config;
+pub mod pmem_option;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
-use crate::{crash_test, log_cmd, logger, machine, platform, pmem, pmem_format, vm};
+use crate::machine::DirtyTracking;
+use crate::seccomp::SeccompMode;
+use crate::{crash_test, log_cmd, logger, platform, pmem, pmem_format, vm};
 use client::ClientCommand;
 
 /// The `pmvm` command.
@@ -56,7 +60,7 @@ fn run_subcommand(cmd: Command) -> ExitCode {
 }
 
 fn run_machine(args: &MachineArgs) -> ExitCode {
-    let config = match machine::MachineConfig::from_args(args) {
+    let config = match config::machine_config(args) {
         Ok(c) => c,
         Err(e) => return fail(&e),
     };
@@ -209,22 +213,6 @@ pub struct MachineArgs {
         hide_short_help = true
     )]
     pub kvm_device: PathBuf,
-}
-
-/// `--seccomp`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum SeccompMode {
-    Kill,
-    Log,
-    Off,
-}
-
-/// `--dirty-tracking`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum DirtyTracking {
-    Auto,
-    Ring,
-    Bitmap,
 }
 
 /// The default command line of a Linux guest on pmvm's platform.

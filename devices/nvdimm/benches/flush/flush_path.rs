@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use kvm_ioctls::Kvm;
 use nvdimm::dirty_ring::DEFAULT_RING_ENTRIES;
-use nvdimm::{enable_manual_protect, DirtyRings, Nvdimm, NvdimmError, NvdimmParams, PmemConfig};
+use nvdimm::{enable_manual_protect, DirtyRings, Nvdimm, NvdimmParams, PmemConfig};
 
 use crate::common::{Exit, TinyVm};
 use crate::error::BenchError;
@@ -128,9 +128,9 @@ pub fn measure(
     };
     let manual_protect = rings.is_none() && enable_manual_protect(&vm.vm)?;
     let image = dir.join(format!("pmem-{}M-{pages}.img", size >> 20));
-    let cfg: PmemConfig = format!("path={},size={}M,sparse=on", image.display(), size >> 20)
-        .parse()
-        .map_err(NvdimmError::from)?;
+    let cfg = PmemConfig::new(image)
+        .with_size(size >> 20 << 20)
+        .with_sparse(true);
     let params = NvdimmParams {
         index: 0,
         slot: 1,
