@@ -18,16 +18,11 @@ cpio="$out/pmvm-init.cpio"
 stamp="$out/pmvm-init.stamp"
 step() { echo "build-init: $*" >&2; }
 
-if ! command -v gcc >/dev/null || [ ! -f /usr/lib/x86_64-linux-gnu/libc.a ]; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    step "installing gcc and libc6-dev (static glibc)"
-    apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev >&2
-  else
-    step "missing gcc or static glibc: apt-get install gcc libc6-dev"
-    exit 1
-  fi
-fi
+. "$here/../scripts/lib/apt.sh"
+need_pkgs=()
+command -v gcc >/dev/null || need_pkgs+=(gcc)
+[ -f /usr/lib/x86_64-linux-gnu/libc.a ] || need_pkgs+=(libc6-dev) # static glibc
+apt_need build-init "${need_pkgs[@]}"
 command -v python3 >/dev/null || { step "missing python3 (for initramfs/mkcpio.py)"; exit 1; }
 
 mkdir -p "$out"

@@ -37,14 +37,7 @@ for tool in gcc:build-essential make:build-essential bc:bc flex:flex bison:bison
 done
 [ -f /usr/include/libelf.h ] || need_pkgs+=(libelf-dev)
 [ -f /usr/include/openssl/ssl.h ] || need_pkgs+=(libssl-dev)
-if [ ${#need_pkgs[@]} -gt 0 ]; then
-  [ "$(id -u)" = 0 ] || die "missing packages: ${need_pkgs[*]} (as root: apt-get install ${need_pkgs[*]})"
-  command -v apt-get >/dev/null || die "missing packages ${need_pkgs[*]} and no apt-get to install them"
-  step "installing ${need_pkgs[*]}"
-  apt-get update -qq >&2 || die "apt-get update failed"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >&2 \
-    || die "apt-get install ${need_pkgs[*]} failed"
-fi
+apt_need build-kernel "${need_pkgs[@]}"
 [ -f "$tarball" ] || die "no kernel source tarball at $tarball"
 
 if [ -n "${PMVM_KERNEL_TARBALL:-}" ]; then

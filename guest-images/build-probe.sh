@@ -11,20 +11,11 @@ elf="$out/probe.elf"
 stamp="$out/probe.stamp"
 step() { echo "build-probe: $*" >&2; }
 
-missing=()
-for tool in gcc ld objcopy objdump; do
-  command -v "$tool" >/dev/null || missing+=("$tool")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    step "installing gcc and binutils (missing: ${missing[*]})"
-    apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc binutils >&2
-  else
-    step "missing ${missing[*]}: install gcc and binutils (apt-get install gcc binutils)"
-    exit 1
-  fi
-fi
+. "$here/../scripts/lib/apt.sh"
+need_pkgs=()
+command -v gcc >/dev/null || need_pkgs+=(gcc)
+{ command -v ld && command -v objcopy && command -v objdump; } >/dev/null || need_pkgs+=(binutils)
+apt_need build-probe "${need_pkgs[@]}"
 
 CFLAGS=(
   -std=gnu11 -O2 -g -Wall -Wextra

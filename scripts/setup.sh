@@ -2,6 +2,7 @@
 # Installs what pmvm's build, demo and tests need on a Debian or Ubuntu machine.
 # Safe to run repeatedly: it installs only what is missing.
 set -euo pipefail
+. "$(dirname "$0")/lib/apt.sh"
 
 need_pkgs=()
 have() { command -v "$1" >/dev/null 2>&1; }
@@ -23,16 +24,7 @@ have pkg-config || need_pkgs+=(pkgconf)
 have fusermount3 || need_pkgs+=(fuse3)
 have fallocate || need_pkgs+=(util-linux)
 
-if ((${#need_pkgs[@]})); then
-  if [ "$(id -u)" = 0 ] && have apt-get; then
-    echo "setup: installing ${need_pkgs[*]}" >&2
-    apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >&2
-  else
-    echo "setup: missing ${need_pkgs[*]}; install them (apt-get install ${need_pkgs[*]}) and rerun" >&2
-    exit 1
-  fi
-fi
+apt_need setup "${need_pkgs[@]}"
 
 if ! have cargo; then
   echo "setup: cargo is missing; install Rust from https://rustup.rs and rerun" >&2

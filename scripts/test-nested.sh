@@ -74,17 +74,13 @@ case "$repo" in
 esac
 
 # ---- tools ----------------------------------------------------------------------------------
-apt_install() {
-  [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null ||
-    die "tools: $1 is missing; install it (apt-get install $2) and rerun"
-  step "installing $2"
-  apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >&2 ||
-    die "tools: apt-get install $2 failed"
-}
-command -v qemu-system-x86_64 >/dev/null || apt_install qemu-system-x86_64 qemu-system-x86
-command -v mkfs.ext4 >/dev/null || apt_install mkfs.ext4 e2fsprogs
-command -v depmod >/dev/null || apt_install depmod kmod
-command -v xz >/dev/null || apt_install xz xz-utils
+. "$repo/scripts/lib/apt.sh"
+need_pkgs=()
+command -v qemu-system-x86_64 >/dev/null || need_pkgs+=(qemu-system-x86)
+command -v mkfs.ext4 >/dev/null || need_pkgs+=(e2fsprogs)
+command -v depmod >/dev/null || need_pkgs+=(kmod)
+command -v xz >/dev/null || need_pkgs+=(xz-utils)
+apt_need test-nested "${need_pkgs[@]}"
 for t in python3 dpkg-deb apt-get cargo timeout; do
   command -v "$t" >/dev/null || die "tools: $t is missing"
 done
