@@ -11,21 +11,23 @@ mod crash_test;
 mod devices;
 mod exit;
 mod layout;
-mod log_cmd;
 mod logger;
 mod machine;
 mod memory;
 mod platform;
 mod pmem;
-mod pmem_format;
+mod power_cut;
 mod seccomp;
 mod signals;
 mod stop_wait;
+mod tools;
 mod vcpu;
 mod vm;
 mod x86;
 
 use std::process::ExitCode;
+
+use tools::{log as log_cmd, pmem_format};
 
 /// The device crate, for the tools that share its helpers (cachestat, the statistics).
 pub use nvdimm;

@@ -127,13 +127,6 @@ impl PmemBus {
         PmemBus { devices }
     }
 
-    /// Cuts every device's power: when this returns no writeback runs or will start.
-    pub fn power_cut(&self) {
-        for d in &self.devices {
-            d.power_cut();
-        }
-    }
-
     /// The device whose hint page holds `addr`, and the offset in that page.
     fn hint_target(&self, addr: u64) -> Option<(&Nvdimm, u64)> {
         let rel = addr.checked_sub(layout::FLUSH_HINT_START)?;

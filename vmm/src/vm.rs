@@ -28,6 +28,7 @@ use crate::machine::{DirtyTracking, MachineConfig, SerialTarget};
 use crate::memory;
 use crate::platform::{self, PlatformError};
 use crate::pmem::{self, PmemBus};
+use crate::power_cut::PowerSwitch;
 use crate::seccomp::{Filters, SeccompError, ThreadFilter};
 use crate::signals::{self, StopSignals};
 use crate::stop_wait::{self, STOP_TIMEOUT};
@@ -360,10 +361,12 @@ pub fn run(config: &MachineConfig, opts: &RunOptions) -> Result<u8, VmError> {
     let (serial_dev, serial_ready) = serial::new(serial_irq, serial_output(&config.serial)?)
         .map_err(host_err("the serial port"))?;
     let serial_dev = Arc::new(Mutex::new(serial_dev));
+    let power = PowerSwitch::new(exit.clone(), pmem_devices.clone());
     let bus = Arc::new(Bus::new(
         serial_dev.clone(),
         exit.clone(),
         PmemBus::new(pmem_devices.clone()),
+        power.clone(),
     ));
 
     let supported = kvm
@@ -441,6 +444,7 @@ pub fn run(config: &MachineConfig, opts: &RunOptions) -> Result<u8, VmError> {
                 pmem: pmem_devices.clone(),
                 threads: threads.clone(),
                 exit: exit.clone(),
+                power: power.clone(),
                 paused: Mutex::new(false),
                 paused_flag: Default::default(),
             });
@@ -500,9 +504,7 @@ pub fn run(config: &MachineConfig, opts: &RunOptions) -> Result<u8, VmError> {
         ExitReason::Fatal(msg) | ExitReason::IoError(msg) => eprintln!("pmvm: {msg}"),
         ExitReason::PowerCut(cause) => {
             // Already done by whoever cut the power; repeated for any device added since.
-            for d in &pmem_devices {
-                d.power_cut();
-            }
+            power.cut(*cause);
             eprintln!("pmvm: power cut by {cause}: nothing unflushed was written back");
         }
         _ => {}

@@ -806,10 +806,7 @@ mod tests {
                 let err = Backing::open_among(&c, "b", &[first.opened().clone()]).unwrap_err();
                 let msg = err.to_string();
                 assert!(matches!(err, BackingError::SameFile { .. }), "{err:?}");
-                assert!(
-                    msg.starts_with("b (") && msg.contains(" and a ("),
-                    "{msg}"
-                );
+                assert!(msg.starts_with("b (") && msg.contains(" and a ("), "{msg}");
                 assert!(msg.contains(&other.display().to_string()), "{msg}");
                 assert!(msg.contains(&path.display().to_string()), "{msg}");
             }

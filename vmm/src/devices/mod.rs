@@ -9,6 +9,7 @@ use crate::exit::{ExitReason, ExitSignal, PowerCutCause};
 use crate::layout;
 pub use crate::pmem::FlushFailure;
 use crate::pmem::{PmemBus, PmemWrite};
+use crate::power_cut::PowerSwitch;
 
 use power::{PowerDevice, I8042};
 use serial::SerialDevice;
@@ -20,25 +21,24 @@ pub struct Bus {
     power: PowerDevice,
     pmem: PmemBus,
     exit: Arc<ExitSignal>,
+    switch: PowerSwitch,
 }
 
 impl Bus {
-    pub fn new(serial: Arc<Mutex<SerialDevice>>, exit: Arc<ExitSignal>, pmem: PmemBus) -> Self {
+    pub fn new(
+        serial: Arc<Mutex<SerialDevice>>,
+        exit: Arc<ExitSignal>,
+        pmem: PmemBus,
+        switch: PowerSwitch,
+    ) -> Self {
         Bus {
             serial,
             i8042: Mutex::new(power::i8042(exit.clone())),
             power: PowerDevice::new(exit.clone()),
             pmem,
             exit,
+            switch,
         }
-    }
-
-    /// Cuts the power: no NVDIMM writes anything back from now on, and the VM stops. What the
-    /// guest did not flush is lost (for `persist=flush` devices; see docs/persistence.md).
-    /// The stop comes first, so a vCPU whose flush the cut ends never re-enters the guest.
-    pub fn power_cut(&self, cause: PowerCutCause) {
-        self.exit.request(ExitReason::PowerCut(cause));
-        self.pmem.power_cut();
     }
 
     /// A guest `in`. Ports nobody decodes read as all ones, like an empty ISA bus.
@@ -77,7 +77,7 @@ impl Bus {
                 // The reset trigger cannot fail: it only records the exit reason.
                 let _ = lock(&self.i8042).write((port - layout::I8042_DATA_PORT) as u8, value);
             }
-            layout::TEST_CRASH_PORT => self.power_cut(PowerCutCause::Guest),
+            layout::TEST_CRASH_PORT => self.switch.cut(PowerCutCause::Guest),
             p => self.power.write(p, value),
         }
     }
