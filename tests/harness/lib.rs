@@ -16,8 +16,9 @@ pub use pmvm::api::types;
 /// The repository root.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
+        .ancestors()
+        .nth(2)
+        .expect("tests/harness is two levels down")
         .to_path_buf()
 }
 
