@@ -20,7 +20,7 @@ impl FakeVmm {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, (VmState, Vec<PmemInfo>)> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        nvdimm::lock::lock(&self.state)
     }
 
     fn transition(&self, action: &'static str, from: VmState, to: VmState) -> Result<(), ApiError> {

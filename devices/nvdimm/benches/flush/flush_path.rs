@@ -4,11 +4,12 @@
 //! pages of a same-sized host file and times each host-only method on it.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use kvm_ioctls::Kvm;
 use nvdimm::dirty_ring::DEFAULT_RING_ENTRIES;
+use nvdimm::lock::lock;
 use nvdimm::{enable_manual_protect, DirtyRings, Nvdimm, NvdimmParams, PmemConfig};
 
 use crate::common::{Exit, TinyVm};
@@ -28,10 +29,6 @@ pub struct Round {
     pub msync: f64,
     /// Host: fsync of the file.
     pub fsync: f64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn timed(f: impl FnOnce() -> Result<(), BenchError>) -> Result<f64, BenchError> {
