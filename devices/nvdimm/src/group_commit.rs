@@ -100,7 +100,7 @@ struct Leader<'a, T> {
 
 impl<T> Drop for Leader<'_, T> {
     fn drop(&mut self) {
-        let mut state = self.group.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = crate::lock::lock(&self.group.state);
         state.running = false;
         drop(state);
         self.group.finished.notify_all();
