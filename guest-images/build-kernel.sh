@@ -16,6 +16,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 kdir="$here/kernel"
+. "$here/../scripts/lib/apt.sh"
 fragment="$kdir/pmvm.config"
 step() { echo "build-kernel: $*" >&2; }
 die() { step "error: $*"; exit 1; }

@@ -1,7 +1,8 @@
 //! `pmvm crash-test` end to end on this host: the minimal kernel boots from an fsdax ext4 and
-//! runs every shipped workload and the negative control; every crash state between flushes is
-//! checked at cache-line granularity. The real workloads' claims must hold in every state, the
-//! negative control's claim must be caught, and a named state must rebuild.
+//! runs every shipped workload and the negative controls; every crash state between flushes
+//! (and the guest's own cache-line flushes) is checked at cache-line granularity. The real
+//! workloads' claims must hold in every state, each negative control's claims must be caught,
+//! and a named state must rebuild.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -9,8 +10,11 @@ use std::process::{Command, Output};
 use pmvm_tests::linux::{emulating_host, init_cpio, minimal_kernel_or_skip, EmulatedProfile};
 use pmvm_tests::{in_ci, kvm_or_skip};
 
-/// The workloads whose claims are true; `nosync` is the control whose claim is false.
-const REAL: [&str; 5] = ["create", "append", "rename", "mmap", "truncate"];
+/// The workloads whose claims are true.
+const REAL: [&str; 6] = ["create", "append", "rename", "mmap", "mapsync", "truncate"];
+/// The controls, whose claims are false: a write never synced, and MAP_SYNC's stores and cache
+/// flushes through a mapping without MAP_SYNC.
+const CONTROLS: [&str; 2] = ["nosync", "nomapsync"];
 
 fn pmvm(args: &[String]) -> Output {
     let out = Command::new(env!("CARGO_BIN_EXE_pmvm"))
@@ -37,7 +41,7 @@ fn tools_or_skip(test: &str, tools: &[(&str, &str, &str)]) -> bool {
     false
 }
 
-/// `pmvm crash-test` on the minimal kernel with every workload and the control.
+/// `pmvm crash-test` on the minimal kernel with every workload and the controls.
 fn run_args(vmlinux: &Path, tmp: &Path, dir: &Path, fs: &str, per_epoch: &str) -> Vec<String> {
     let program = init_cpio().with_file_name("pmvm-crash-workload");
     let mut args: Vec<String> = vec!["crash-test".into(), "--kernel".into()];
@@ -47,11 +51,11 @@ fn run_args(vmlinux: &Path, tmp: &Path, dir: &Path, fs: &str, per_epoch: &str) -
             "--fs",
             fs,
             "--workload",
-            "all,nosync",
+            "all,nosync,nomapsync",
             "--states-per-epoch",
             per_epoch,
             "--timeout",
-            "600",
+            "1800",
         ]
         .map(String::from),
     );
@@ -82,7 +86,7 @@ fn num(v: &serde_json::Value, key: &str) -> u64 {
     v[key].as_u64().unwrap_or_else(|| panic!("no {key} in {v}"))
 }
 
-/// The real workloads' claims all held and were checked; the control's did not.
+/// The real workloads' claims all held and were checked; the controls' did not.
 fn assert_verdicts(s: &serde_json::Value) {
     for name in REAL {
         let r = row(s, name);
@@ -93,10 +97,48 @@ fn assert_verdicts(s: &serde_json::Value) {
             "{name}: a real claim was broken: {s}"
         );
     }
-    assert!(
-        num(row(s, "nosync"), "violations") > 0,
-        "the negative control's unsynced claim was not caught: {s}"
-    );
+    for name in CONTROLS {
+        assert!(
+            num(row(s, name), "violations") > 0,
+            "the negative control {name} was not caught: {s}"
+        );
+    }
+}
+
+/// The guest's cache flushes became epochs of their own: three per MAP_SYNC workload (one per
+/// page it stores to), each holding only the lines flushed.
+fn assert_cache_flushes(dir: &Path) {
+    let text = std::fs::read_to_string(dir.join("run.json")).expect("run.json");
+    let run: serde_json::Value = serde_json::from_str(&text).expect("run.json is JSON");
+    let flushes = run["cache_flushes"].as_array().expect("cache_flushes");
+    for name in ["mapsync", "nomapsync"] {
+        let lens: Vec<u64> = flushes
+            .iter()
+            .filter(|f| f["workload"] == name)
+            .map(|f| num(f, "len"))
+            .collect();
+        assert_eq!(lens, [4096, 4096, 1856], "{name}: {flushes:?}");
+    }
+    let out = pmvm(&[
+        "log".into(),
+        "list".into(),
+        dir.join("epochs.log").display().to_string(),
+    ]);
+    assert!(out.status.success(), "pmvm log list epochs.log");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for f in flushes {
+        let epoch = num(f, "epoch").to_string();
+        let row = stdout
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(&epoch))
+            .unwrap_or_else(|| panic!("no epoch {epoch} in {stdout}"));
+        let words: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(
+            (words[2], words[3], words[4].parse::<u64>().ok()),
+            ("cache-flush", "1", Some(num(f, "offset") / 4096)),
+            "{row}"
+        );
+    }
 }
 
 #[test]
@@ -122,6 +164,7 @@ fn crash_test_catches_the_negative_control_and_no_real_workload() {
     assert_eq!(out.status.code(), Some(1), "violations exit 1");
     let lines = summary(&dir);
     assert_verdicts(&lines);
+    assert_cache_flushes(&dir);
     assert!(num(&lines, "states") >= 150, "too few states: {lines}");
     // Torn superblocks (docs/crash-test.md) are the only inconsistent states seen so far.
     assert!(
@@ -170,7 +213,7 @@ fn crash_test_catches_the_negative_control_and_no_real_workload() {
 }
 
 /// xfs -o dax: every state's log is replayed by a user-mode Linux mount, then xfs_repair -n
-/// and the claims; the real workloads' claims hold and the control's is caught.
+/// and the claims; the real workloads' claims hold and the controls' are caught.
 #[test]
 fn crash_test_on_xfs_dax() {
     let test = "crash-test xfs";
@@ -196,5 +239,6 @@ fn crash_test_on_xfs_dax() {
     );
     let s = summary(&dir);
     assert_verdicts(&s);
+    assert_cache_flushes(&dir);
     assert!(num(&s, "states") >= 40, "too few states: {s}");
 }

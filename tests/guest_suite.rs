@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use pmem_tests::host::api::ApiCounters;
+use pmem_tests::host::api::{ApiCounters, CounterSource};
 use pmem_tests::host::session::Session;
 use pmem_tests::host::stages::{self, Stage};
 use pmem_tests::host::table;
@@ -314,7 +314,11 @@ fn run_suite(boot: &Boot, image: &Image) -> SuiteRun {
     let boot_timeout = Duration::from_secs(300);
     let quiet_timeout = Duration::from_secs(180);
     let started = Instant::now();
+    // Progress: a console line, or pmvm's counters moving (a loaded host can slow a guest's mkfs
+    // past the limit without it printing; a hung guest neither prints nor flushes).
     let mut last_line = Instant::now();
+    let mut activity = ApiCounters { sock: sock.clone() };
+    let mut last_counts = None;
     let mut next = 0;
     let mut problems = Vec::new();
     loop {
@@ -359,9 +363,19 @@ fn run_suite(boot: &Boot, image: &Image) -> SuiteRun {
                 } else {
                     boot_timeout
                 };
+                let counts = activity.sample().ok().map(|d| {
+                    d.iter()
+                        .map(|d| (d.flushes, d.pages_written))
+                        .collect::<Vec<_>>()
+                });
+                if counts.is_some() && counts != last_counts {
+                    last_counts = counts;
+                    last_line = Instant::now();
+                }
                 if last_line.elapsed() > limit && started.elapsed() > limit {
                     problems.push(format!(
-                        "no console line for {limit:?} while the guest was {} (stage: {})\n\
+                        "no console line and no flush for {limit:?} while the guest was {} \
+                         (stage: {})\n\
                          last console lines:\n{}",
                         session.position(),
                         Stage::reached(&vm.lines()),

@@ -8,6 +8,9 @@
 //                                           <path> may hold these bytes instead
 //   CHANGING <path> prefix=<n> crc32c=<hex> an in-place change starts: until the next DURABLE,
 //                                           only <path>'s first n bytes are promised
+//   CLFLUSH <phys> <len> crc32c=<hex>       the program wrote these cache lines back itself
+//                                           (CLWB, CLFLUSHOPT or CLFLUSH, then SFENCE): the
+//                                           host makes exactly them durable
 //   crash-workload: <name> start | done | FAIL: <why>, and "crash-workload: all done"
 // After each such line it waits for one byte on the console: the host reads the
 // flush log's length before it answers, so it knows which flushes came before the line, and
@@ -21,7 +24,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <cpuid.h>
 #include <sys/mman.h>
+#include <sys/mount.h>
 #include <sys/reboot.h>
 #include <sys/stat.h>
 #include <termios.h>
@@ -178,6 +183,106 @@ static int wl_mmap(void) {
   return 0;
 }
 
+// The cache-line write-back instruction this CPU has: CLWB keeps the line cached, CLFLUSHOPT
+// and CLFLUSH evict it; all three leave it in the persistence domain once an SFENCE retires.
+enum wb_insn { WB_NONE, WB_CLFLUSH, WB_CLFLUSHOPT, WB_CLWB };
+static enum wb_insn wb_insn(void) {
+  unsigned a, b, c, d;
+  if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) {
+    if (b & (1u << 24)) return WB_CLWB;
+    if (b & (1u << 23)) return WB_CLFLUSHOPT;
+  }
+  if (__get_cpuid(1, &a, &b, &c, &d) && (d & (1u << 19))) return WB_CLFLUSH;
+  return WB_NONE;
+}
+
+#define LINE 64
+#define PAGE 4096
+
+// Writes the cache lines of [p, p + n) back to memory, as a MAP_SYNC program must.
+static void write_back_lines(const volatile uint8_t *p, size_t n, enum wb_insn insn) {
+  uintptr_t a = (uintptr_t)p & ~(uintptr_t)(LINE - 1), end = (uintptr_t)p + n;
+  for (; a < end; a += LINE) {
+    if (insn == WB_CLWB) __asm__ volatile(".byte 0x66, 0x0f, 0xae, 0x30" ::"a"(a) : "memory");
+    else if (insn == WB_CLFLUSHOPT) __asm__ volatile(".byte 0x66; clflush (%0)" ::"r"(a) : "memory");
+    else __asm__ volatile("clflush (%0)" ::"r"(a) : "memory");
+  }
+  __asm__ volatile("sfence" ::: "memory");
+}
+
+// The physical address of the page mapped at `p` (on DAX: the persistent memory page itself).
+static int phys_page(const void *p, uint64_t *phys) {
+  static int mounted;
+  if (!mounted && mount("proc", "/proc", "proc", 0, NULL) && errno != EBUSY)
+    return fail("mount /proc (for /proc/self/pagemap)");
+  mounted = 1;
+  int fd = open("/proc/self/pagemap", O_RDONLY);
+  if (fd < 0) return fail("open /proc/self/pagemap");
+  uint64_t entry = 0;
+  ssize_t r = pread(fd, &entry, sizeof entry, (off_t)((uintptr_t)p / PAGE * sizeof entry));
+  close(fd);
+  if (r != (ssize_t)sizeof entry) return fail("read /proc/self/pagemap");
+  uint64_t pfn = entry & ((1ull << 55) - 1);
+  errno = 0;
+  if (!(entry >> 63) || !pfn) return fail("pagemap has no frame for %p (entry %#llx)", p,
+                                          (unsigned long long)entry);
+  *phys = pfn * PAGE;
+  return 0;
+}
+
+// Tells the host which lines of the page at `p` were written back: [p, p + n) rounded out to
+// whole lines, by physical address, with the checksum of those lines as the program sees them.
+static int tell_flushed(const uint8_t *p, size_t n) {
+  uint64_t phys = 0;
+  if (phys_page(p, &phys)) return -1;
+  uintptr_t first = (uintptr_t)p & ~(uintptr_t)(LINE - 1);
+  uintptr_t end = ((uintptr_t)p + n + LINE - 1) & ~(uintptr_t)(LINE - 1);
+  say("CLFLUSH %#llx %zu crc32c=%08x", (unsigned long long)(phys + first % PAGE),
+      (size_t)(end - first), crc32c((const uint8_t *)first, end - first));
+  return wait_ack();
+}
+
+// MAP_SYNC store + cache flush, no system call: when a write fault on a MAP_SYNC mapping
+// returns, the metadata that reaches the block (allocation, extent) is durable, so writing
+// the stored lines back makes them durable. Each page of a sparse file is allocated by the
+// first store into it, and is claimed durable right after its lines are written back, before
+// the next page's fault can sync anything. With `sync` 0 the same stores go through a plain
+// MAP_SHARED mapping: the negative control, whose allocations nothing makes durable.
+static int map_store_flush(const char *dir, unsigned k, int sync) {
+  if (make_dir(dir)) return -1;
+  enum wb_insn insn = wb_insn();
+  errno = 0;
+  if (insn == WB_NONE) return fail("the CPU has no cache-line flush instruction");
+  char path[64];
+  snprintf(path, sizeof path, "%s/region", dir);
+  size_t size = 3 * PAGE, n = 2 * PAGE + 1808;
+  int fd = open(path, O_CREAT | O_RDWR | O_TRUNC, 0644);
+  if (fd < 0) return fail("open %s", path);
+  if (ftruncate(fd, size) || fsync(fd) || fsync_path(dir)) return close(fd), fail("size %s", path);
+  memset(big, 0, size);
+  if (tell("DURABLE", path, "size", size, big)) return close(fd), -1;
+  fill(big, n, k);
+  if (tell("CHANGING", path, "prefix", 0, big)) return close(fd), -1;
+  int flags = sync ? MAP_SHARED_VALIDATE | MAP_SYNC : MAP_SHARED;
+  uint8_t *m = mmap(NULL, size, PROT_READ | PROT_WRITE, flags, fd, 0);
+  close(fd);
+  if (m == MAP_FAILED) return fail("mmap %s%s", path, sync ? " with MAP_SYNC" : "");
+  for (size_t at = 0; at < n; at += PAGE) {
+    size_t len = n - at < PAGE ? n - at : PAGE;
+    memcpy(m + at, big + at, len);
+    write_back_lines(m + at, len, insn);
+    if (tell_flushed(m + at, len) || tell("DURABLE", path, "prefix", at + len, big))
+      return munmap(m, size), -1;
+  }
+  munmap(m, size);
+  return 0;
+}
+
+static int wl_mapsync(void) { return map_store_flush("/ct/mapsync", 61, 1); }
+
+// The control of mapsync: MAP_SHARED without MAP_SYNC, cache lines written back, no msync.
+static int wl_nomapsync(void) { return map_store_flush("/ct/nomapsync", 71, 0); }
+
 // truncate down, then fallocate past the end, each followed by fsync. Truncating zeroes the
 // tail of the last block in place, so during each only the bytes that stay are promised.
 static int wl_truncate(void) {
@@ -219,7 +324,8 @@ static const struct {
   int (*run)(void);
 } workloads[] = {
     {"create", wl_create}, {"append", wl_append},     {"rename", wl_rename},
-    {"mmap", wl_mmap},     {"truncate", wl_truncate}, {"nosync", wl_nosync},
+    {"mmap", wl_mmap},     {"mapsync", wl_mapsync},   {"truncate", wl_truncate},
+    {"nosync", wl_nosync}, {"nomapsync", wl_nomapsync},
 };
 
 static void quiet_console(void) {

@@ -21,7 +21,7 @@ pub fn default_hints(cpus: u8) -> u32 {
 }
 
 /// Where the first NVDIMM goes: 1 GiB-aligned, above RAM and above 4 GiB.
-fn first_base(ram_size: u64) -> u64 {
+pub(crate) fn first_base(ram_size: u64) -> u64 {
     memory::ram_top(ram_size).next_multiple_of(layout::NVDIMM_ALIGN)
 }
 

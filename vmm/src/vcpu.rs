@@ -55,8 +55,12 @@ impl VcpuSlot {
     }
 }
 
-/// How long a harvest waits for the other vCPUs to leave the guest.
-const HARVEST_BARRIER_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a harvest waits for the other vCPUs to leave the guest. A kicked vCPU leaves as
+/// soon as its thread runs, which on a loaded host can take well over a second; only one that
+/// stays this long is stuck.
+const HARVEST_BARRIER_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest pause between kicks: the first come every 200 µs, then less often.
+const KICK_INTERVAL_MAX: Duration = Duration::from_millis(10);
 
 #[derive(Default)]
 struct PauseState {
@@ -206,6 +210,7 @@ impl VcpuControl {
 /// timeout.
 fn kick_until_none(waiting: impl Fn() -> Vec<Arc<VcpuSlot>>) -> Result<(), String> {
     let deadline = Instant::now() + HARVEST_BARRIER_TIMEOUT;
+    let mut pause = Duration::from_micros(200);
     loop {
         let waiting = waiting();
         let Some(first) = waiting.first() else {
@@ -221,7 +226,8 @@ fn kick_until_none(waiting: impl Fn() -> Vec<Arc<VcpuSlot>>) -> Result<(), Strin
         for s in &waiting {
             s.kick();
         }
-        std::thread::sleep(Duration::from_micros(200));
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(KICK_INTERVAL_MAX);
     }
 }
 

@@ -139,6 +139,7 @@ impl FlushSource {
     /// The `source` field of a flush-log epoch.
     pub fn log_code(self) -> u32 {
         match self {
+            // A VcpuId (u8) never reaches the reserved codes near u32::MAX.
             FlushSource::Vcpu(id) => u32::from(id),
             FlushSource::Host => flush_log::SOURCE_HOST,
             FlushSource::Background => flush_log::SOURCE_BACKGROUND,

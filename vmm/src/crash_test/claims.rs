@@ -68,16 +68,10 @@ pub fn parse(line: &str) -> Result<Option<Claim>, String> {
     let Ok(len) = len.parse::<u64>() else {
         return bad("the length is not a number");
     };
-    let Some(crc) = words
-        .next()
-        .and_then(|w| w.strip_prefix("crc32c="))
-        .and_then(|h| u32::from_str_radix(h, 16).ok())
-    else {
-        return bad("expected crc32c=<8 hex digits>");
+    let crc = match last_crc(words) {
+        Ok(crc) => crc,
+        Err(why) => return bad(why),
     };
-    if words.next().is_some() {
-        return bad("unexpected words after crc32c=");
-    }
     Ok(Some(Claim {
         kind,
         path: path.to_string(),
@@ -88,6 +82,19 @@ pub fn parse(line: &str) -> Result<Option<Claim>, String> {
         workload: String::new(),
         line: line.to_string(),
     }))
+}
+
+/// The `crc32c=<hex>` that ends a console line, and nothing after it.
+pub fn last_crc<'a>(mut words: impl Iterator<Item = &'a str>) -> Result<u32, &'static str> {
+    let crc = words
+        .next()
+        .and_then(|w| w.strip_prefix("crc32c="))
+        .and_then(|h| u32::from_str_radix(h, 16).ok())
+        .ok_or("expected crc32c=<8 hex digits>")?;
+    match words.next() {
+        Some(_) => Err("unexpected words after crc32c="),
+        None => Ok(crc),
+    }
 }
 
 /// For one path in the crash state after epoch `epoch`: the contents it may hold.

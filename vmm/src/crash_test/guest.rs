@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use nvdimm::flush_log::{FileSource, FlushLog};
 use nvdimm::pfn::{PfnInfoBlock, INFO_BLOCK_OFFSET, INFO_BLOCK_SIZE};
 
+use super::cache_flush::{self, CacheFlush, GuestMemory};
 use super::claims::{self, Claim};
 use super::{CrashTestError, Fs, RunMeta};
 use crate::pmem_format::{self, FormatArgs, Mode};
@@ -41,7 +42,9 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> CrashTestError {
 /// as DIR/base.img, and returns where the filesystem starts.
 pub fn prepare(dir: &Path, run: &GuestRun<'_>, fs: Fs) -> Result<u64, CrashTestError> {
     let root = dir.join("root");
-    fs::create_dir_all(root.join("dev")).map_err(io_err(format!("create {}", root.display())))?;
+    for sub in ["dev", "proc"] {
+        fs::create_dir_all(root.join(sub)).map_err(io_err(format!("create {}", root.display())))?;
+    }
     let init = root.join("init");
     fs::copy(run.program, &init).map_err(io_err(format!(
         "copy the guest program {} into the root",
@@ -97,8 +100,32 @@ fn epochs_now(log: &Path) -> Result<u64, CrashTestError> {
         })
 }
 
-/// Boots the guest and collects its claims; the backing file and the log are left in `dir`.
-pub fn boot(dir: &Path, run: &GuestRun<'_>, fs: Fs) -> Result<Vec<Claim>, CrashTestError> {
+/// What the guest reported: its claims, and the cache lines it wrote back itself (with the
+/// workload that did), in console order.
+pub struct Reported {
+    pub claims: Vec<Claim>,
+    pub cache_flushes: Vec<(CacheFlush, String)>,
+}
+
+/// Where the guest will see the NVDIMM and which file pmvm maps for it (its pid still 0).
+fn guest_memory(dir: &Path, run: &GuestRun<'_>) -> Result<GuestMemory, CrashTestError> {
+    let image = fs::canonicalize(dir.join("image.img")).map_err(io_err("find image.img"))?;
+    let size = fs::metadata(&image)
+        .map_err(io_err("stat image.img"))?
+        .len();
+    let ram = nvdimm::parse_size(run.memory)
+        .map_err(|e| CrashTestError::Usage(format!("--memory {}: {e}", run.memory)))?;
+    Ok(GuestMemory {
+        pid: 0,
+        image,
+        base: crate::pmem::first_base(ram),
+        size,
+    })
+}
+
+/// Boots the guest and collects what it reports; the backing file and the log are left in
+/// `dir`.
+pub fn boot(dir: &Path, run: &GuestRun<'_>, fs: Fs) -> Result<Reported, CrashTestError> {
     let log = dir.join("flush.log");
     let fstype = match fs {
         Fs::Ext4 => "ext4",
@@ -114,6 +141,7 @@ pub fn boot(dir: &Path, run: &GuestRun<'_>, fs: Fs) -> Result<Vec<Claim>, CrashT
         dir.join("image.img").display(),
         log.display()
     );
+    let mut memory = guest_memory(dir, run)?;
     let stderr = File::create(dir.join("pmvm.log")).map_err(io_err("create pmvm.log"))?;
     let mut child = Command::new(&run.pmvm)
         .arg("--kernel")
@@ -140,6 +168,7 @@ pub fn boot(dir: &Path, run: &GuestRun<'_>, fs: Fs) -> Result<Vec<Claim>, CrashT
 
     // A guest that hangs is stopped after the timeout; the console then ends.
     let (done, watchdog) = mpsc::channel::<()>();
+    memory.pid = child.id();
     let pid = child.id() as libc::pid_t;
     let timeout = run.timeout;
     let timer = std::thread::spawn(move || {
@@ -155,6 +184,7 @@ pub fn boot(dir: &Path, run: &GuestRun<'_>, fs: Fs) -> Result<Vec<Claim>, CrashT
     let mut console =
         File::create(dir.join("console.log")).map_err(io_err("create console.log"))?;
     let mut claims = Vec::new();
+    let mut cache_flushes: Vec<(CacheFlush, String)> = Vec::new();
     let mut problems = Vec::new();
     let mut workload = String::from("-");
     let mut tail: Vec<String> = Vec::new();
@@ -177,21 +207,47 @@ pub fn boot(dir: &Path, run: &GuestRun<'_>, fs: Fs) -> Result<Vec<Claim>, CrashT
             }
         }
         all_done |= line == ALL_DONE;
-        match claims::parse(&line) {
-            Ok(None) => {}
+        // Each cache flush is an epoch of its own, after the flushes the log holds now.
+        let answer = match claims::parse(&line) {
+            Ok(None) => match cache_flush::parse(&line) {
+                Ok(None) => false,
+                Ok(Some(req)) => {
+                    let after = epochs_now(&log)?;
+                    match memory.read(&req) {
+                        Ok((offset, bytes)) => cache_flushes.push((
+                            CacheFlush {
+                                after,
+                                offset,
+                                bytes,
+                                time_ns: nvdimm::flush_log::now_ns(),
+                            },
+                            workload.clone(),
+                        )),
+                        Err(why) => problems.push(format!("{line}: {why}")),
+                    }
+                    true
+                }
+                Err(why) => {
+                    problems.push(why);
+                    true
+                }
+            },
             Ok(Some(claim)) => {
                 claims.push(Claim {
-                    epoch: epochs_now(&log)?,
+                    epoch: epochs_now(&log)? + cache_flushes.len() as u64,
                     workload: workload.clone(),
                     ..claim
                 });
-                // The guest waits for this byte before its next operation.
-                let _ = ack.write_all(b"k").and_then(|()| ack.flush());
+                true
             }
             Err(why) => {
                 problems.push(why);
-                let _ = ack.write_all(b"k").and_then(|()| ack.flush());
+                true
             }
+        };
+        if answer {
+            // The guest waits for this byte before its next operation.
+            let _ = ack.write_all(b"k").and_then(|()| ack.flush());
         }
         tail.push(line);
         if tail.len() > 12 {
@@ -226,7 +282,10 @@ pub fn boot(dir: &Path, run: &GuestRun<'_>, fs: Fs) -> Result<Vec<Claim>, CrashT
             tail.join("\n  ")
         )));
     }
-    Ok(claims)
+    Ok(Reported {
+        claims,
+        cache_flushes,
+    })
 }
 
 /// Saves what `check` and `rebuild` need to read the run again.

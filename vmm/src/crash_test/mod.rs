@@ -2,6 +2,7 @@
 //! persistence model, then check every crash state the flush-epoch log allows against the
 //! filesystem's checker and the guest's durability claims. docs/crash-test.md has the model.
 
+mod cache_flush;
 mod check;
 mod claims;
 mod guest;
@@ -28,7 +29,18 @@ const EXIT_VIOLATIONS: u8 = 1;
 const EXIT_ERROR: u8 = 2;
 
 /// The workloads of the guest program, in the order `all` runs them.
-pub const WORKLOADS: [&str; 6] = ["create", "append", "rename", "mmap", "truncate", "nosync"];
+pub const WORKLOADS: [&str; 8] = [
+    "create",
+    "append",
+    "rename",
+    "mmap",
+    "mapsync",
+    "truncate",
+    "nosync",
+    "nomapsync",
+];
+/// The negative controls: workloads whose claims are false, which `all` leaves out.
+pub const CONTROLS: [&str; 2] = ["nosync", "nomapsync"];
 
 #[derive(Debug, Args)]
 #[command(
@@ -55,16 +67,18 @@ pub struct RunArgs {
     /// Guest kernel (vmlinux or bzImage) with fsdax and the --fs filesystem built in.
     #[arg(long, value_name = "PATH", required = true)]
     pub kernel: Option<PathBuf>,
-    /// Workloads to run, in order, comma-separated: create, append, rename, mmap, truncate,
-    /// nosync (the negative control: claims durability without syncing), or `all` (all but
-    /// nosync).
+    /// Workloads to run, in order, comma-separated: create, append, rename, mmap, mapsync,
+    /// truncate; the negative controls nosync (claims durability without syncing) and
+    /// nomapsync (mapsync's stores and cache flushes without MAP_SYNC); or `all` (all but the
+    /// controls).
     #[arg(long, value_name = "A,B,...", default_value = "all")]
     pub workload: String,
     /// The filesystem the NVDIMM holds.
     #[arg(long, value_enum, default_value_t = Fs::Ext4)]
     pub fs: Fs,
     /// Directory for the run (created; must be empty): base.img, image.img, flush.log,
-    /// console.log, run.json. Kept, so `check` and `rebuild` can use it.
+    /// epochs.log (with the guest's cache flushes), console.log, run.json. Kept, so `check`
+    /// and `rebuild` can use it.
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
     /// NVDIMM size (a multiple of 2M).
@@ -156,6 +170,9 @@ pub struct RunMeta {
     pub workloads: String,
     pub data_offset: u64,
     pub claims: Vec<Claim>,
+    /// The guest's own cache flushes, each an epoch of DIR/epochs.log.
+    #[serde(default)]
+    pub cache_flushes: Vec<cache_flush::FlushRecord>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -209,7 +226,7 @@ fn workload_list(text: &str) -> Result<String, CrashTestError> {
     let mut names = Vec::new();
     for w in text.split(',').map(str::trim) {
         match w {
-            "all" => names.extend(WORKLOADS.iter().filter(|&&n| n != "nosync")),
+            "all" => names.extend(WORKLOADS.iter().filter(|n| !CONTROLS.contains(n))),
             w if WORKLOADS.contains(&w) => {
                 names.push(WORKLOADS.iter().find(|&&n| n == w).unwrap_or(&""))
             }
@@ -322,17 +339,19 @@ fn run_and_check(run: &RunArgs, opts: &CheckOpts) -> Result<bool, CrashTestError
         dir.display()
     );
     let start = Instant::now();
-    let claims = guest::boot(&dir, &guest, run.fs)?;
+    let reported = guest::boot(&dir, &guest, run.fs)?;
     eprintln!(
-        "crash-test: the guest ran in {:.1} s and made {} claims",
+        "crash-test: the guest ran in {:.1} s, made {} claims and flushed cache lines {} times",
         start.elapsed().as_secs_f64(),
-        claims.len()
+        reported.claims.len(),
+        reported.cache_flushes.len()
     );
     let meta = RunMeta {
         fs: run.fs,
         workloads,
         data_offset,
-        claims,
+        claims: reported.claims,
+        cache_flushes: add_cache_flushes(&dir, &reported.cache_flushes)?,
     };
     guest::save_meta(&dir, &meta)?;
     check_run(&dir, &meta, opts)
@@ -357,9 +376,51 @@ fn check_dir(dir: &Path, opts: &CheckOpts) -> Result<bool, CrashTestError> {
     check_run(dir, &meta, opts)
 }
 
+/// The guest's flush log plus an epoch for each of its cache flushes, as DIR/epochs.log
+/// (written only when there were any: the states' log is then flush.log itself).
+fn add_cache_flushes(
+    dir: &Path,
+    flushes: &[(cache_flush::CacheFlush, String)],
+) -> Result<Vec<cache_flush::FlushRecord>, CrashTestError> {
+    if flushes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let path = dir.join(EPOCHS_LOG);
+    let (src, log) = read_log(&dir.join(FLUSH_LOG))?;
+    let base_path = dir.join("base.img");
+    let base = File::open(&base_path).map_err(io_err(format!("open {}", base_path.display())))?;
+    let only: Vec<cache_flush::CacheFlush> = flushes.iter().map(|(f, _)| f.clone()).collect();
+    let numbers = cache_flush::merge(&src, &log, &base, &only, &path)
+        .map_err(io_err(format!("write {}", path.display())))?;
+    Ok(flushes
+        .iter()
+        .zip(numbers)
+        .map(|((f, workload), epoch)| cache_flush::FlushRecord {
+            epoch,
+            offset: f.offset,
+            len: f.bytes.len() as u64,
+            workload: workload.clone(),
+        })
+        .collect())
+}
+
+/// pmvm's flush-epoch log of the run.
+const FLUSH_LOG: &str = "flush.log";
+/// The same with the guest's cache flushes as epochs of their own.
+const EPOCHS_LOG: &str = "epochs.log";
+
+/// The log whose epochs the states are built from.
 fn open_log(dir: &Path) -> Result<(FileSource, FlushLog), CrashTestError> {
-    let path = dir.join("flush.log");
-    let src = FileSource::open(&path).map_err(io_err(format!("open {}", path.display())))?;
+    let merged = dir.join(EPOCHS_LOG);
+    read_log(&if merged.exists() {
+        merged
+    } else {
+        dir.join(FLUSH_LOG)
+    })
+}
+
+fn read_log(path: &Path) -> Result<(FileSource, FlushLog), CrashTestError> {
+    let src = FileSource::open(path).map_err(io_err(format!("open {}", path.display())))?;
     let log = FlushLog::read(&src).map_err(|e| CrashTestError::Io {
         what: format!("read {}", path.display()),
         source: io::Error::other(e.to_string()),

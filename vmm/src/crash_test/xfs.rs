@@ -14,7 +14,7 @@ use super::check::{complaints_except, run_tool, FsChecker, Fsck};
 use super::uml::{Replay, Replayer};
 use super::CrashTestError;
 
-/// Writes an xfs holding `init` as /init (and an empty /dev) into the data area of the fsdax
+/// Writes an xfs holding `init` as /init (and an empty /dev and /proc) into the data area of the fsdax
 /// namespace `image`, which starts at `offset`.
 pub fn format_data_area(
     image: &Path,
@@ -37,7 +37,7 @@ pub fn format_data_area(
     let init = fs::canonicalize(init).map_err(fail(format!("find {}", init.display())))?;
     // mkfs.xfs's prototype file: boot image, sizes, root mode, entries, ends.
     let text = format!(
-        "/dev/null\n0 0\nd--755 0 0\ninit ---755 0 0 {}\ndev d--755 0 0\n$\n$\n",
+        "/dev/null\n0 0\nd--755 0 0\ninit ---755 0 0 {}\ndev d--755 0 0\n$\nproc d--755 0 0\n$\n$\n",
         init.display()
     );
     fs::write(&proto, text).map_err(fail(format!("write {}", proto.display())))?;

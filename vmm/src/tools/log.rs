@@ -9,7 +9,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 use nvdimm::flush_log::{
-    crash_subset, FileSource, FlushLog, FlushLogError, SOURCE_BACKGROUND, SOURCE_HOST,
+    crash_subset, FileSource, FlushLog, FlushLogError, SOURCE_BACKGROUND, SOURCE_CACHE_FLUSH,
+    SOURCE_HOST,
 };
 use nvdimm::format_size;
 
@@ -242,6 +243,7 @@ fn source_name(source: u32) -> String {
     match source {
         SOURCE_HOST => "host".into(),
         SOURCE_BACKGROUND => "background".into(),
+        SOURCE_CACHE_FLUSH => "cache-flush".into(),
         vcpu => format!("vcpu{vcpu}"),
     }
 }

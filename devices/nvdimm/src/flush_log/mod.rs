@@ -13,7 +13,8 @@
 //!  28  crc32c       4   of bytes 0..28
 //! epoch record, repeated
 //!   0  magic        4   "EPOC"
-//!   4  source       4   vCPU id of the flush, or 0xFFFFFFFF for a host flush
+//!   4  source       4   vCPU id of the flush, 0xFFFFFFFF a host flush, 0xFFFFFFFE a
+//!                         background round, 0xFFFFFFFD a guest's own cache-line flush
 //!   8  epoch        8   1 for the first record, then +1 each
 //!  16  time_ns      8   wall-clock time of the flush, ns since 1970-01-01 UTC
 //!  24  page_count   4   n
@@ -57,6 +58,9 @@ pub const LOG_PAGE_SIZE: u32 = 4096;
 pub const SOURCE_HOST: u32 = u32::MAX;
 /// `source` of a `writeback-interval=` round: not a flush point, but the file did change.
 pub const SOURCE_BACKGROUND: u32 = u32::MAX - 1;
+/// `source` of the lines a guest wrote back itself (CLWB, CLFLUSHOPT): never written by pmvm,
+/// which cannot see them, but by `pmvm crash-test` when the guest reports them.
+pub const SOURCE_CACHE_FLUSH: u32 = u32::MAX - 2;
 /// Bytes read at a time while checksumming a record.
 const CHUNK: usize = 1 << 20;
 
