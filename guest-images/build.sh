@@ -187,7 +187,7 @@ suite_target="$here/out/target"
 (cd "$repo" && env -u RUSTFLAGS -u CARGO_BUILD_RUSTFLAGS -u CARGO_ENCODED_RUSTFLAGS \
   CARGO_TARGET_DIR="$suite_target" \
   RUSTFLAGS="-C target-feature=+crt-static -C strip=symbols" \
-  cargo build -q --release -p pmem-tests --bin pmem-tests --target x86_64-unknown-linux-gnu >&2) ||
+  cargo build -q --release -p pmem-tests --bin pmem-tests --no-default-features --target x86_64-unknown-linux-gnu >&2) ||
   die "cargo build of guest-images/pmem-tests failed"
 suite_bin="$suite_target/x86_64-unknown-linux-gnu/release/pmem-tests"
 file_info=$(od -An -tx1 -N4 "$suite_bin" | tr -d ' ')

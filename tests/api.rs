@@ -2,7 +2,7 @@
 //! flushes, pause and resume, shutdown, the client subcommands, the socket's life cycle, bad
 //! input and load, and guest and host flushes racing on one device.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::Write;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -11,10 +11,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pmvm::api::error_chain;
+use pmvm_tests::types::{FlushReport, PmemInfo, PmemList, VmInfo, VmState};
 use pmvm_tests::{
-    auto_dirty_tracking, cachestat, kvm_or_skip, page_cache_or_skip, probe_elf, Pmvm,
+    auto_dirty_tracking, cachestat, kvm_or_skip, page_cache_or_skip, probe_elf, Client,
+    ClientResponse, Pmvm,
 };
-use serde_json::Value;
+use serde::de::DeserializeOwned;
 
 const BOOT: Duration = Duration::from_secs(60);
 /// How long one exchange with the socket may take before the test calls it hung.
@@ -24,133 +27,60 @@ fn pmvm() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_pmvm"))
 }
 
-// ---- a minimal HTTP/1.1 client over the Unix socket ----
+// ---- requests through pmvm's own client ----
 
-/// One response: the server sends one per connection and closes it.
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    head: String,
-    body: Vec<u8>,
+/// Sends `raw` bytes, whatever they are, on a fresh connection and reads the response.
+fn exchange(sock: &Path, raw: &[u8]) -> Result<ClientResponse, String> {
+    Client::new(sock)
+        .with_timeout(REPLY)
+        .exchange(raw)
+        .map_err(|e| error_chain(&e))
 }
 
-impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!(
-                "status {} body is not JSON ({e}): {}",
-                self.status,
-                String::from_utf8_lossy(&self.body)
-            )
-        })
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    /// The value of header `name`, if present.
-    fn header(&self, name: &str) -> Option<&str> {
-        self.head.lines().skip(1).find_map(|l| {
-            let (n, v) = l.split_once(':')?;
-            n.eq_ignore_ascii_case(name).then(|| v.trim())
-        })
-    }
-
-    /// The `error` member of a JSON error body.
-    fn error(&self) -> String {
-        self.json()["error"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no error message in {}", self.text()))
-            .to_string()
-    }
+/// Reads the response to whatever was sent on `stream`.
+fn read_reply(sock: &Path, stream: &mut UnixStream) -> Result<ClientResponse, String> {
+    Client::new(sock)
+        .with_timeout(REPLY)
+        .read_response(stream)
+        .map_err(|e| error_chain(&e))
 }
 
-/// Reads a whole response from `stream` until the server closes it.
-fn read_reply(stream: &mut UnixStream) -> Result<Reply, String> {
-    stream
-        .set_read_timeout(Some(REPLY))
-        .map_err(|e| e.to_string())?;
-    let mut raw = Vec::new();
-    let mut chunk = [0u8; 16 * 1024];
-    loop {
-        match stream.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => raw.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            // The server may close without reading all of an oversized request.
-            Err(e) if e.kind() == ErrorKind::ConnectionReset && !raw.is_empty() => break,
-            Err(e) => return Err(format!("reading the response: {e}")),
-        }
-    }
-    parse_reply(&raw)
+fn request(sock: &Path, method: &str, path: &str) -> ClientResponse {
+    Client::new(sock)
+        .with_timeout(REPLY)
+        .send(method, path, b"")
+        .unwrap_or_else(|e| panic!("{method} {path}: {}", error_chain(&e)))
 }
 
-fn parse_reply(raw: &[u8]) -> Result<Reply, String> {
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| format!("no end of head in {:?}", String::from_utf8_lossy(raw)))?;
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let body = raw[split + 4..].to_vec();
-    let status = head
-        .strip_prefix("HTTP/1.1 ")
-        .and_then(|s| s.get(..3))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("bad status line in {head:?}"))?;
-    let reply = Reply { status, head, body };
-    if let Some(len) = reply.header("Content-Length") {
-        let len: usize = len.parse().map_err(|_| format!("Content-Length {len:?}"))?;
-        if len != reply.body.len() {
-            return Err(format!(
-                "Content-Length {len} but {} body bytes",
-                reply.body.len()
-            ));
-        }
-    }
-    Ok(reply)
+fn get(sock: &Path, path: &str) -> ClientResponse {
+    request(sock, "GET", path)
 }
 
-/// Connects to `sock`, again if a signal interrupts the call.
-fn connect(sock: &Path) -> Result<UnixStream, String> {
-    loop {
-        match UnixStream::connect(sock) {
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            other => return other.map_err(|e| format!("connect {}: {e}", sock.display())),
-        }
-    }
+fn put(sock: &Path, path: &str) -> ClientResponse {
+    request(sock, "PUT", path)
 }
 
-/// Sends `raw` on a fresh connection and reads the response.
-fn exchange(sock: &Path, raw: &[u8]) -> Result<Reply, String> {
-    let mut stream = connect(sock)?;
-    // The server answers a request it refuses (413) without reading the rest: a failed write
-    // is fine as long as the response arrives.
-    let _ = stream.write_all(raw);
-    read_reply(&mut stream)
+/// The body of a 2xx response as the document `T`.
+fn doc<T: DeserializeOwned>(r: &ClientResponse) -> T {
+    assert!((200..300).contains(&r.status), "{}: {}", r.status, r.text());
+    r.json()
+        .unwrap_or_else(|e| panic!("not the expected document ({e}): {}", r.text()))
 }
 
-fn request(sock: &Path, method: &str, path: &str, body: &str) -> Reply {
-    let raw = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    exchange(sock, raw.as_bytes()).unwrap_or_else(|e| panic!("{method} {path}: {e}"))
-}
-
-fn get(sock: &Path, path: &str) -> Reply {
-    request(sock, "GET", path, "")
-}
-
-fn put(sock: &Path, path: &str) -> Reply {
-    request(sock, "PUT", path, "")
+/// The message of a JSON error response.
+fn error(r: &ClientResponse) -> String {
+    r.error_message()
+        .unwrap_or_else(|| panic!("no error message in {}", r.text()))
 }
 
 /// `GET /v1/pmem/{id}`, checked for 200.
-fn pmem(sock: &Path, id: &str) -> Value {
-    let r = get(sock, &format!("/v1/pmem/{id}"));
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()
+fn pmem(sock: &Path, id: &str) -> PmemInfo {
+    doc(&get(sock, &format!("/v1/pmem/{id}")))
+}
+
+/// `GET /v1/vm`, checked for 200.
+fn vm_state(sock: &Path) -> VmState {
+    doc::<VmInfo>(&get(sock, "/v1/vm")).state
 }
 
 // ---- running pmvm with the probe and a control socket ----
@@ -313,36 +243,35 @@ fn guest_flushes_on_two_devices_are_counted_exactly_and_host_flush_reports_pages
     assert!(list
         .header("Content-Type")
         .is_some_and(|t| t.starts_with("application/json")));
-    let list = list.json();
-    let devices = list["devices"].as_array().unwrap();
-    assert_eq!(devices.len(), 2, "{list}");
-    let (d0, d1) = (&devices[0], &devices[1]);
-    assert_eq!(d0["id"], "pmem0");
-    assert_eq!(d1["id"], "pmem1");
-    assert_eq!(d0["path"], g.file(0).display().to_string());
-    assert_eq!(d0["size_bytes"], 64 << 20);
-    assert_eq!(d0["flush_hint_count"], 1);
-    assert_eq!(d1["flush_hint_count"], 2);
-    assert_eq!(d1["flush_hint_addresses"].as_array().unwrap().len(), 2);
-    assert_eq!(d0["readonly"], false);
+    let list: PmemList = doc(&list);
+    assert_eq!(list.devices.len(), 2, "{list:?}");
+    let (d0, d1) = (&list.devices[0], &list.devices[1]);
+    assert_eq!(d0.id, "pmem0");
+    assert_eq!(d1.id, "pmem1");
+    assert_eq!(d0.path, g.file(0).display().to_string());
+    assert_eq!(d0.size_bytes, 64 << 20);
+    assert_eq!(d0.flush_hint_count, 1);
+    assert_eq!(d1.flush_hint_count, 2);
+    assert_eq!(d1.flush_hint_addresses.len(), 2);
+    assert!(!d0.readonly);
 
-    let s0 = &d0["stats"];
-    assert_eq!(s0["flushes"], 1, "{d0}");
-    assert_eq!(s0["empty_flushes"], 0, "{d0}");
-    assert_eq!(s0["pages_written"], 1, "{d0}");
-    assert_eq!(s0["bytes_written"], 4096, "{d0}");
-    assert_eq!(s0["host_flushes"], 0, "{d0}");
-    assert_eq!(d0["pending_dirty_pages"], 2, "{d0}");
-    let s1 = &d1["stats"];
-    assert_eq!(s1["flushes"], 2, "{d1}");
-    assert_eq!(s1["empty_flushes"], 1, "{d1}");
-    assert_eq!(s1["pages_written"], 2, "{d1}");
-    assert_eq!(s1["runs"], 1, "{d1}");
-    assert_eq!(s1["host_flushes"], 0, "{d1}");
-    assert_eq!(d1["pending_dirty_pages"], 0, "{d1}");
+    let s0 = &d0.stats;
+    assert_eq!(s0.flushes, 1, "{d0:?}");
+    assert_eq!(s0.empty_flushes, 0, "{d0:?}");
+    assert_eq!(s0.pages_written, 1, "{d0:?}");
+    assert_eq!(s0.bytes_written, 4096, "{d0:?}");
+    assert_eq!(s0.host_flushes, 0, "{d0:?}");
+    assert_eq!(d0.pending_dirty_pages, Some(2), "{d0:?}");
+    let s1 = &d1.stats;
+    assert_eq!(s1.flushes, 2, "{d1:?}");
+    assert_eq!(s1.empty_flushes, 1, "{d1:?}");
+    assert_eq!(s1.pages_written, 2, "{d1:?}");
+    assert_eq!(s1.runs, 1, "{d1:?}");
+    assert_eq!(s1.host_flushes, 0, "{d1:?}");
+    assert_eq!(d1.pending_dirty_pages, Some(0), "{d1:?}");
 
     // The one-device view is the same document as the list's element.
-    assert_eq!(pmem(&g.sock, "pmem1")["stats"]["flushes"], 2);
+    assert_eq!(pmem(&g.sock, "pmem1").stats.flushes, 2);
 
     // In the host's page cache, what the guest flushed is on disk and the rest is dirty.
     let page_cache = page_cache_or_skip("api host flush: page-cache checks", g.dir.path());
@@ -375,11 +304,10 @@ fn guest_flushes_on_two_devices_are_counted_exactly_and_host_flush_reports_pages
     // A host flush writes back exactly the two pages the guest left dirty.
     let r = put(&g.sock, "/v1/pmem/pmem0/flush");
     assert_eq!(r.status, 200, "{}", r.text());
-    let report = r.json();
-    assert_eq!(report["pages"], 2, "{report}");
-    assert_eq!(report["bytes"], 8192, "{report}");
-    assert_eq!(report["runs"], 1, "{report}");
-    assert!(report["latency_us"].is_u64(), "{report}");
+    let report: FlushReport = doc(&r);
+    assert_eq!(report.pages, 2, "{report:?}");
+    assert_eq!(report.bytes, 8192, "{report:?}");
+    assert_eq!(report.runs, 1, "{report:?}");
     assert_eq!(
         read_file_range(&g.file(0), 0x3000, 0x2000),
         vec![0x33; 0x2000]
@@ -394,25 +322,25 @@ fn guest_flushes_on_two_devices_are_counted_exactly_and_host_flush_reports_pages
     }
     let d0 = pmem(&g.sock, "pmem0");
     assert_eq!(
-        d0["stats"]["flushes"], 1,
-        "host flush counted as a guest one: {d0}"
+        d0.stats.flushes, 1,
+        "host flush counted as a guest one: {d0:?}"
     );
-    assert_eq!(d0["stats"]["host_flushes"], 1, "{d0}");
-    assert_eq!(d0["stats"]["pages_written"], 3, "{d0}");
-    assert_eq!(d0["pending_dirty_pages"], 0, "{d0}");
+    assert_eq!(d0.stats.host_flushes, 1, "{d0:?}");
+    assert_eq!(d0.stats.pages_written, 3, "{d0:?}");
+    assert_eq!(d0.pending_dirty_pages, Some(0), "{d0:?}");
 
     // Nothing is left: the next host flush writes nothing, and is still counted.
-    let report = put(&g.sock, "/v1/pmem/pmem0/flush").json();
-    assert_eq!(report["pages"], 0, "{report}");
+    let report: FlushReport = doc(&put(&g.sock, "/v1/pmem/pmem0/flush"));
+    assert_eq!(report.pages, 0, "{report:?}");
     let d0 = pmem(&g.sock, "pmem0");
-    assert_eq!(d0["stats"]["host_flushes"], 2, "{d0}");
-    assert_eq!(d0["stats"]["pages_written"], 3, "{d0}");
+    assert_eq!(d0.stats.host_flushes, 2, "{d0:?}");
+    assert_eq!(d0.stats.pages_written, 3, "{d0:?}");
     // The other device was not touched.
-    assert_eq!(pmem(&g.sock, "pmem1")["stats"]["host_flushes"], 0);
+    assert_eq!(pmem(&g.sock, "pmem1").stats.host_flushes, 0);
 
     let r = put(&g.sock, "/v1/pmem/nope/flush");
     assert_eq!(r.status, 404, "{}", r.text());
-    assert!(r.error().contains("\"nope\""), "{}", r.text());
+    assert!(error(&r).contains("\"nope\""), "{}", r.text());
 
     // Prometheus text carries the same counters, per device.
     let m = get(&g.sock, "/metrics");
@@ -463,7 +391,7 @@ fn pause_holds_the_vcpu_and_resume_releases_it() {
     let r = put(&g.sock, "/v1/vm/pause");
     assert_eq!(r.status, 204, "{}", r.text());
     assert!(r.body.is_empty());
-    assert_eq!(get(&g.sock, "/v1/vm").json()["state"], "paused");
+    assert_eq!(vm_state(&g.sock), VmState::Paused);
     // Lines the vCPU wrote before the pause may still be in the pipe.
     std::thread::sleep(Duration::from_millis(300));
     let held = g.counter_lines();
@@ -477,20 +405,20 @@ fn pause_holds_the_vcpu_and_resume_releases_it() {
 
     let again = put(&g.sock, "/v1/vm/pause");
     assert_eq!(again.status, 409, "{}", again.text());
-    assert_eq!(again.error(), "cannot pause the VM while it is paused");
+    assert_eq!(error(&again), "cannot pause the VM while it is paused");
     // Reads and host flushes still work while paused.
     assert_eq!(put(&g.sock, "/v1/pmem/pmem0/flush").status, 200);
 
     let r = put(&g.sock, "/v1/vm/resume");
     assert_eq!(r.status, 204, "{}", r.text());
-    assert_eq!(get(&g.sock, "/v1/vm").json()["state"], "running");
+    assert_eq!(vm_state(&g.sock), VmState::Running);
     g.wait_counter_after(held, Duration::from_secs(10)).unwrap();
     g.wait_counter_after(held + 3, Duration::from_secs(10))
         .unwrap();
 
     let again = put(&g.sock, "/v1/vm/resume");
     assert_eq!(again.status, 409, "{}", again.text());
-    assert_eq!(again.error(), "cannot resume the VM while it is running");
+    assert_eq!(error(&again), "cannot resume the VM while it is running");
 
     // A paused VM can be shut down.
     assert_eq!(put(&g.sock, "/v1/vm/pause").status, 204);
@@ -544,8 +472,8 @@ fn client_subcommands_drive_a_running_guest() {
 
     let (code, out, err) = client(&["stats", "--json", s[0], s[1]]);
     assert_eq!(code, Some(0), "{err}");
-    let doc: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
-    assert_eq!(doc["devices"][1]["pending_dirty_pages"], 3, "{doc}");
+    let list: PmemList = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(list.devices[1].pending_dirty_pages, Some(3), "{list:?}");
 
     // `flush --id` writes back one device, `flush` all of them.
     let (code, out, err) = client(&["flush", "--id", "pmem1", s[0], s[1]]);
@@ -561,8 +489,8 @@ fn client_subcommands_drive_a_running_guest() {
     assert_eq!(lines.len(), 2, "{out}");
     assert!(lines[0].starts_with("pmem0: wrote 0 pages"), "{out}");
     assert!(lines[1].starts_with("pmem1: wrote 0 pages"), "{out}");
-    assert_eq!(pmem(&g.sock, "pmem1")["stats"]["host_flushes"], 2);
-    assert_eq!(pmem(&g.sock, "pmem0")["stats"]["host_flushes"], 1);
+    assert_eq!(pmem(&g.sock, "pmem1").stats.host_flushes, 2);
+    assert_eq!(pmem(&g.sock, "pmem0").stats.host_flushes, 1);
 
     let (code, out, err) = client(&["flush", "--id", "nope", s[0], s[1]]);
     assert_ne!(code, Some(0), "{out}");
@@ -714,8 +642,8 @@ fn bad_input_and_load_leave_pmvm_serving() {
         let sock = sock.clone();
         std::thread::spawn(move || {
             let started = Instant::now();
-            let mut stream = connect(&sock).unwrap();
-            let reply = read_reply(&mut stream);
+            let mut stream = Client::new(&sock).connect().unwrap();
+            let reply = read_reply(&sock, &mut stream);
             (reply, started.elapsed())
         })
     };
@@ -771,12 +699,12 @@ fn bad_input_and_load_leave_pmvm_serving() {
     for (what, bytes, status) in &cases {
         let r = raw(bytes);
         assert_eq!(r.status, *status, "{what}: {}", r.text());
-        assert!(!r.error().is_empty(), "{what}");
+        assert!(!error(&r).is_empty(), "{what}");
     }
     let r = raw(b"DELETE /v1/vm HTTP/1.1\r\n\r\n");
     assert_eq!(r.header("Allow"), Some("GET"));
     let r = raw(b"PUT /v1/pmem/pmem0/flush HTTP/1.1\r\nContent-Length: 7\r\n\r\n{flush:");
-    assert!(r.error().starts_with("invalid JSON body"), "{}", r.text());
+    assert!(error(&r).starts_with("invalid JSON body"), "{}", r.text());
 
     // Over 64 KiB of body, sent whole: refused from its Content-Length.
     let big = 64 * 1024 + 1;
@@ -786,7 +714,7 @@ fn bad_input_and_load_leave_pmvm_serving() {
     let r = raw(&req);
     assert_eq!(r.status, 413, "{}", r.text());
     assert_eq!(
-        r.error(),
+        error(&r),
         "request body of 65537 bytes exceeds the limit of 65536 bytes"
     );
     // Headers past 8 KiB.
@@ -795,20 +723,24 @@ fn bad_input_and_load_leave_pmvm_serving() {
     req.extend_from_slice(b"\r\n\r\n");
     assert_eq!(raw(&req).status, 431);
     // None of it was taken as a flush.
-    assert_eq!(pmem(&sock, "pmem0")["stats"]["host_flushes"], 0);
+    assert_eq!(pmem(&sock, "pmem0").stats.host_flushes, 0);
 
     // 200 connections open at once, then each sends its request: all are answered.
     let started = Instant::now();
     let mut streams: Vec<UnixStream> = (0..200)
-        .map(|i| connect(&sock).unwrap_or_else(|e| panic!("connection {i}: {e}")))
+        .map(|i| {
+            Client::new(&sock)
+                .connect()
+                .unwrap_or_else(|e| panic!("connection {i}: {e}"))
+        })
         .collect();
     for s in &mut streams {
         s.write_all(b"GET /v1/pmem HTTP/1.1\r\n\r\n").unwrap();
     }
     for (i, s) in streams.iter_mut().enumerate() {
-        let r = read_reply(s).unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        let r = read_reply(&sock, s).unwrap_or_else(|e| panic!("connection {i}: {e}"));
         assert_eq!(r.status, 200, "connection {i}: {}", r.text());
-        assert_eq!(r.json()["devices"][0]["id"], "pmem0");
+        assert_eq!(doc::<PmemList>(&r).devices[0].id, "pmem0");
     }
     drop(streams);
     println!(
@@ -833,7 +765,7 @@ fn bad_input_and_load_leave_pmvm_serving() {
     let (reply, waited) = idle.join().unwrap();
     let reply = reply.unwrap();
     assert_eq!(reply.status, 408, "{}", reply.text());
-    assert_eq!(reply.error(), "no complete request within 5.0 s");
+    assert_eq!(error(&reply), "no complete request within 5.0 s");
     assert!(
         waited >= Duration::from_millis(4900) && waited < Duration::from_secs(30),
         "408 after {waited:?}"
@@ -841,9 +773,7 @@ fn bad_input_and_load_leave_pmvm_serving() {
 
     // Still serving, and the guest still runs.
     let seen = g.counter_lines();
-    let vm = get(&sock, "/v1/vm");
-    assert_eq!(vm.status, 200);
-    assert_eq!(vm.json()["state"], "running");
+    assert_eq!(vm_state(&sock), VmState::Running);
     g.wait_counter_after(seen, Duration::from_secs(10)).unwrap();
     g.shutdown();
 }
@@ -879,7 +809,7 @@ fn guest_and_host_flushes_racing_on_one_device_are_all_counted() {
                     assert_eq!(r.status, 200, "{}", r.text());
                     ok += 1;
                     puts.fetch_add(1, Ordering::AcqRel);
-                    caught_pages += r.json()["pages"].as_u64().unwrap();
+                    caught_pages += doc::<FlushReport>(&r).pages;
                 }
                 (ok, caught_pages)
             })
@@ -891,9 +821,8 @@ fn guest_and_host_flushes_racing_on_one_device_are_all_counted() {
         std::thread::spawn(move || {
             let mut mid_run = 0u64;
             while !stop.load(Ordering::Acquire) {
-                let s = pmem(&sock, "pmem0")["stats"].clone();
-                let f = s["flushes"].as_u64().unwrap();
-                if f > 0 && f < ROUNDS && s["host_flushes"].as_u64().unwrap() > 0 {
+                let s = pmem(&sock, "pmem0").stats;
+                if s.flushes > 0 && s.flushes < ROUNDS && s.host_flushes > 0 {
                     mid_run += 1;
                 }
             }
@@ -919,27 +848,26 @@ fn guest_and_host_flushes_racing_on_one_device_are_all_counted() {
         .unwrap();
 
     let d = pmem(&g.sock, "pmem0");
-    let s = &d["stats"];
-    assert_eq!(s["flushes"], ROUNDS, "{d}");
-    assert_eq!(s["host_flushes"], host_ok, "{d}");
-    assert_eq!(s["errors"], 0, "{d}");
+    let s = &d.stats;
+    assert_eq!(s.flushes, ROUNDS, "{d:?}");
+    assert_eq!(s.host_flushes, host_ok, "{d:?}");
+    assert_eq!(s.errors, 0, "{d:?}");
     // Each round dirties page 0 once and each writeback writes it at most once; flushes that
     // met in one writeback share it. Hardware KVM may report one store's page again when the
     // host's flush re-protects it while the store is faulting it in (404 page writes for 400
     // rounds under nested SVM), so the bound is the writebacks, not the rounds.
-    let n = |k: &str| s[k].as_u64().unwrap();
     assert!(
-        n("pages_written") >= 1 && n("pages_written") <= n("writebacks"),
-        "{d}"
+        s.pages_written >= 1 && s.pages_written <= s.writebacks,
+        "{d:?}"
     );
-    assert!(n("writebacks") <= ROUNDS + host_ok, "{d}");
-    assert!(n("empty_flushes") < ROUNDS, "{d}");
+    assert!(s.writebacks <= ROUNDS + host_ok, "{d:?}");
+    assert!(s.empty_flushes < ROUNDS, "{d:?}");
     // The guest's last flush left nothing behind.
-    assert_eq!(d["pending_dirty_pages"], 0, "{d}");
+    assert_eq!(d.pending_dirty_pages, Some(0), "{d:?}");
     println!(
         "{ROUNDS} guest flushes, {host_ok} host flushes ({caught} pages caught by the host), \
          {mid_run} snapshots mid-run, {} empty guest flushes",
-        s["empty_flushes"]
+        s.empty_flushes
     );
     assert!(
         mid_run > 0,
@@ -979,9 +907,9 @@ fn pausing_and_resuming_during_guest_flushes_loses_none() {
         let r = put(&g.sock, "/v1/vm/pause");
         assert_eq!(r.status, 204, "{}", r.text());
         // While paused the count holds still.
-        let before = pmem(&g.sock, "pmem0")["stats"]["flushes"].as_u64().unwrap();
+        let before = pmem(&g.sock, "pmem0").stats.flushes;
         std::thread::sleep(Duration::from_millis(20));
-        let after = pmem(&g.sock, "pmem0")["stats"]["flushes"].as_u64().unwrap();
+        let after = pmem(&g.sock, "pmem0").stats.flushes;
         assert_eq!(before, after, "a guest flush ran while paused");
         if before > 0 && before < ROUNDS {
             paused_mid_run += 1;
@@ -993,13 +921,13 @@ fn pausing_and_resuming_during_guest_flushes_loses_none() {
     }
     let d = pmem(&g.sock, "pmem0");
     println!(
-        "{cycles} pause/resume cycles, {paused_mid_run} paused mid-run: {}",
-        d["stats"]
+        "{cycles} pause/resume cycles, {paused_mid_run} paused mid-run: {:?}",
+        d.stats
     );
-    assert_eq!(d["stats"]["flushes"], ROUNDS, "{d}");
-    assert_eq!(d["stats"]["pages_written"], ROUNDS, "{d}");
-    assert_eq!(d["stats"]["empty_flushes"], 0, "{d}");
-    assert_eq!(d["pending_dirty_pages"], 0, "{d}");
+    assert_eq!(d.stats.flushes, ROUNDS, "{d:?}");
+    assert_eq!(d.stats.pages_written, ROUNDS, "{d:?}");
+    assert_eq!(d.stats.empty_flushes, 0, "{d:?}");
+    assert_eq!(d.pending_dirty_pages, Some(0), "{d:?}");
     assert!(
         paused_mid_run > 0,
         "no pause landed while the guest was flushing"

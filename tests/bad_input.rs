@@ -3,13 +3,11 @@
 //! non-zero exit, or a JSON error, and never a panic or a signal death. docs/bad-input.md lists
 //! the same table; a test checks that every case here appears there.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use pmvm_tests::{api_request, kvm_or_skip, probe_elf, repo_root, wait_api, Pmvm};
+use pmvm_tests::{kvm_or_skip, probe_elf, repo_root, wait_api, Client, Pmvm};
 
 fn pmvm() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_pmvm"))
@@ -429,28 +427,6 @@ fn a_backing_file_on_a_read_only_filesystem_is_refused() {
     );
 }
 
-/// An API request, raw, and its reply's status and body.
-fn raw(sock: &Path, request: &[u8]) -> (u16, String) {
-    let mut s = UnixStream::connect(sock).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(request).unwrap();
-    let _ = s.shutdown(std::net::Shutdown::Write);
-    let mut reply = Vec::new();
-    let _ = s.read_to_end(&mut reply);
-    let text = String::from_utf8_lossy(&reply).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .to_string();
-    (status, body)
-}
-
 #[test]
 fn every_bad_api_request_gets_a_json_error_and_the_guest_runs_on() {
     if !kvm_or_skip("bad API requests") {
@@ -518,19 +494,20 @@ fn every_bad_api_request_gets_a_json_error_and_the_guest_runs_on() {
             409,
         ),
     ];
+    let client = Client::new(&sock).with_timeout(Duration::from_secs(10));
     for (name, request, want) in &cases {
-        let (status, body) = raw(&sock, request);
-        assert_eq!(status, *want, "{name}: {body}");
-        let json: serde_json::Value = serde_json::from_str(&body)
-            .unwrap_or_else(|e| panic!("{name}: not JSON ({e}): {body}"));
+        let r = client
+            .exchange(request)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(r.status, *want, "{name}: {}", r.text());
         assert!(
-            json["error"].as_str().is_some_and(|e| !e.is_empty()),
-            "{name}: {body}"
+            r.error_message().is_some_and(|e| !e.is_empty()),
+            "{name}: not a JSON error: {}",
+            r.text()
         );
     }
     // Still serving, the guest still running, then a clean stop.
-    let (status, _) = api_request(&sock, "GET", "/v1/vm").unwrap();
-    assert_eq!(status, 200);
+    client.vm().unwrap();
     let seen = vm.lines().iter().filter(|l| l.contains("counter")).count();
     vm.wait_for(&format!("counter {}", seen + 1), Duration::from_secs(30))
         .unwrap();

@@ -341,7 +341,10 @@ fn bad_command_lines_fail_with_one_clear_line() {
         "no such device",
     );
     expect_error(&["--dump-acpi", a_file], "not a directory");
-    expect_error(&["--dump-acpi", &missing], "not a directory");
+    expect_error(
+        &["--dump-acpi", &format!("{a_file}/acpi")],
+        "cannot create the directory",
+    );
     expect_error(&["--kernel", probe, "--initrd", &missing], "--initrd");
 }
 
@@ -457,6 +460,17 @@ fn dump_acpi_with_pmem_leaves_no_created_file_behind() {
     assert_eq!(&nfit[..4], b"NFIT");
     assert!(!new.exists(), "--dump-acpi left {} behind", new.display());
     assert_eq!(std::fs::read(&old).unwrap(), vec![7u8; 2 << 20]);
+}
+
+/// A directory that does not exist yet is made, with its parents, as `mkdir -p` would.
+#[test]
+fn dump_acpi_creates_a_missing_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("new").join("acpi");
+    dump_acpi(&[], &out);
+    assert!(out.is_dir(), "{} was not created", out.display());
+    let dsdt = std::fs::read(out.join("DSDT.dat")).expect("the tables are in it");
+    assert_eq!(&dsdt[..4], b"DSDT");
 }
 
 #[test]

@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pmvm_tests::{api_get_json, in_ci, kvm_or_skip, probe_pmem_args, repo_root, wait_api, Pmvm};
+use pmvm_tests::types::{IoFault, VmInfo, VmState};
+use pmvm_tests::{in_ci, kvm_or_skip, probe_pmem_args, repo_root, wait_api, Client, Pmvm};
 
 const BOOT: Duration = Duration::from_secs(60);
 const MIB: u64 = 1 << 20;
@@ -45,17 +46,25 @@ fn client(args: &[&str]) -> (bool, String) {
     )
 }
 
-/// Waits until `GET /v1/vm` says `io-error`; returns the document.
-fn wait_io_error(vm: &Pmvm, sock: &Path, timeout: Duration) -> serde_json::Value {
+/// `GET /v1/vm`, which must answer.
+fn vm_info(sock: &Path) -> VmInfo {
+    Client::new(sock)
+        .vm()
+        .unwrap_or_else(|e| panic!("GET /v1/vm: {e}"))
+}
+
+/// Waits until `GET /v1/vm` says `io-error`; returns the fault it reports.
+fn wait_io_error(vm: &Pmvm, sock: &Path, timeout: Duration) -> IoFault {
     let deadline = Instant::now() + timeout;
     loop {
-        let doc = api_get_json(sock, "/v1/vm");
-        if doc["state"] == "io-error" {
-            return doc;
+        let doc = vm_info(sock);
+        if doc.state == VmState::IoError {
+            let why = format!("io-error without a fault: {doc:?}");
+            return doc.io_error.expect(&why);
         }
         assert!(
             Instant::now() < deadline,
-            "no io-error within {timeout:?}: {doc}\n{}",
+            "no io-error within {timeout:?}: {doc:?}\n{}",
             vm.transcript()
         );
         std::thread::sleep(Duration::from_millis(50));
@@ -79,12 +88,9 @@ fn resume_and_complete(vm: &Pmvm, sock: &Path, line: &str) {
     if let Err(e) = vm.wait_for(line, BOOT) {
         panic!("{e}");
     }
-    assert_eq!(api_get_json(sock, "/v1/vm")["state"], "running");
-    assert!(
-        vm.transcript().contains("io-error cleared"),
-        "{}",
-        vm.transcript()
-    );
+    assert_eq!(vm_info(sock).state, VmState::Running);
+    // pmvm says so before it answers the resume; the test's reader may see it a moment later.
+    wait_stderr(vm, "io-error cleared", BOOT);
 }
 
 /// Whether the test may mount file systems; under CI it must.
@@ -268,17 +274,17 @@ fn a_replaced_backing_file_stops_the_flush_until_it_is_back() {
     fs::rename(&img, &moved).unwrap();
     fs::write(&img, vec![0u8; 2 << 20]).unwrap();
     vm.send(b"go\n").unwrap();
-    let doc = wait_io_error(&vm, &sock, BOOT);
-    let fault = &doc["io_error"];
-    assert_eq!(fault["device"], "pmem0", "{doc}");
-    assert_eq!(fault["errno_name"], "ESTALE", "{doc}");
-    assert!(
-        fault["what"].as_str().unwrap().contains("replaced"),
-        "{doc}"
-    );
+    let fault = wait_io_error(&vm, &sock, BOOT);
+    assert_eq!(fault.device, "pmem0", "{fault:?}");
+    assert_eq!(fault.errno_name, "ESTALE", "{fault:?}");
+    assert!(fault.what.contains("replaced"), "{fault:?}");
     assert_held(&vm, "MARK FLUSHED");
-    let dev = api_get_json(&sock, "/v1/pmem/pmem0");
-    assert_eq!(dev["io_error"]["device"], "pmem0", "{dev}");
+    let dev = Client::new(&sock).pmem("pmem0").unwrap();
+    assert_eq!(
+        dev.io_error.as_ref().map(|f| f.device.as_str()),
+        Some("pmem0"),
+        "{dev:?}"
+    );
     // One line on stderr names the device and what to do.
     let t = vm.transcript();
     assert_eq!(t.matches("io-error on pmem0").count(), 1, "{t}");
@@ -290,8 +296,7 @@ fn a_replaced_backing_file_stops_the_flush_until_it_is_back() {
         .unwrap();
     let table = String::from_utf8_lossy(&stats.stdout);
     assert!(table.contains("VM io-error"), "{table}");
-    let (code, metrics) = pmvm_tests::api_request(&sock, "GET", "/metrics").unwrap();
-    assert_eq!(code, 200);
+    let metrics = Client::new(&sock).metrics().unwrap();
     assert!(
         metrics.contains("pmvm_vm_state{state=\"io-error\"} 1"),
         "{metrics}"
@@ -299,7 +304,7 @@ fn a_replaced_backing_file_stops_the_flush_until_it_is_back() {
     // Still replaced: the retry fails and the guest stays stopped.
     let (ok, err) = client(&["resume", "--api-sock", sock.to_str().unwrap()]);
     assert!(!ok && err.contains("replaced"), "{err}");
-    assert_eq!(api_get_json(&sock, "/v1/vm")["state"], "io-error");
+    assert_eq!(vm_info(&sock).state, VmState::IoError);
     assert_held(&vm, "MARK FLUSHED");
     fs::rename(&moved, &img).unwrap();
     resume_and_complete(&vm, &sock, "probe: MARK FLUSHED");
@@ -343,12 +348,9 @@ fn enospc_in_a_flush_holds_the_guest_until_space_returns() {
         ",persist=flush",
     );
     let (vm, sock, img) = (&full.vm, &full.sock, &full.img);
-    let doc = wait_io_error(vm, sock, BOOT);
-    assert_eq!(doc["io_error"]["errno_name"], "ENOSPC", "{doc}");
-    assert!(
-        doc["io_error"]["pages_at_stake"].as_u64().unwrap() >= 1024,
-        "{doc}"
-    );
+    let fault = wait_io_error(vm, sock, BOOT);
+    assert_eq!(fault.errno_name, "ENOSPC", "{fault:?}");
+    assert!(fault.pages_at_stake >= 1024, "{fault:?}");
     assert_held(vm, "MARK FLUSHED");
     fs::remove_file(&full.ballast).unwrap();
     resume_and_complete(vm, sock, "probe: MARK FLUSHED");
@@ -366,15 +368,15 @@ fn enospc_under_a_guest_store_holds_the_guest_until_space_returns() {
         "",
     );
     let (vm, sock, img) = (&full.vm, &full.sock, &full.img);
-    let doc = wait_io_error(vm, sock, BOOT);
+    let fault = wait_io_error(vm, sock, BOOT);
     assert_held(vm, "MARK FLUSHED");
     fs::remove_file(&full.ballast).unwrap();
     // Each retry applies what is pending; the guest may need more than one to get through
     // stores that met the full file system before it was freed.
     let deadline = Instant::now() + BOOT;
     while !vm.lines().iter().any(|l| l.contains("MARK FLUSHED")) {
-        assert!(Instant::now() < deadline, "{doc}\n{}", vm.transcript());
-        if api_get_json(sock, "/v1/vm")["state"] == "io-error" {
+        assert!(Instant::now() < deadline, "{fault:?}\n{}", vm.transcript());
+        if vm_info(sock).state == VmState::IoError {
             let (ok, err) = client(&["resume", "--api-sock", sock.to_str().unwrap()]);
             assert!(ok, "resume failed with space free: {err}");
         }
@@ -399,15 +401,9 @@ fn a_flush_log_on_a_full_file_system_holds_the_guest() {
         "write 0 0 0x100000 0x3c flush 0 mark FLUSHED wait",
         &format!("path={},size=2M,flush-log={}", img.display(), log.display()),
     );
-    let doc = wait_io_error(&vm, &sock, BOOT);
-    assert_eq!(doc["io_error"]["errno_name"], "ENOSPC", "{doc}");
-    assert!(
-        doc["io_error"]["what"]
-            .as_str()
-            .unwrap()
-            .contains("flush.log"),
-        "{doc}"
-    );
+    let fault = wait_io_error(&vm, &sock, BOOT);
+    assert_eq!(fault.errno_name, "ENOSPC", "{fault:?}");
+    assert!(fault.what.contains("flush.log"), "{fault:?}");
     assert_held(&vm, "MARK FLUSHED");
     fs::remove_file(&ballast).unwrap();
     resume_and_complete(&vm, &sock, "probe: MARK FLUSHED");
@@ -440,8 +436,8 @@ fn eio_scenario(control: &str) {
     vm.wait_for("probe: reading", BOOT).unwrap();
     fs::write(under.join(control), b"").unwrap();
     vm.send(b"go\n").unwrap();
-    let doc = wait_io_error(&vm, &sock, BOOT);
-    assert_eq!(doc["io_error"]["errno_name"], "EIO", "{doc}");
+    let fault = wait_io_error(&vm, &sock, BOOT);
+    assert_eq!(fault.errno_name, "EIO", "{fault:?}");
     assert_held(&vm, "MARK FLUSHED");
     // The fault is still there: the retry fails and the guest stays stopped.
     let (ok, _) = client(&["resume", "--api-sock", sock.to_str().unwrap()]);
@@ -513,9 +509,9 @@ impl Drop for Frozen {
 const ANSWERED: Duration = Duration::from_secs(3);
 
 /// `GET /v1/vm`, timed; fails if it takes longer than [`ANSWERED`].
-fn vm_state_answered(vm: &Pmvm, sock: &Path) -> serde_json::Value {
+fn vm_state_answered(vm: &Pmvm, sock: &Path) -> VmInfo {
     let asked = Instant::now();
-    let doc = api_get_json(sock, "/v1/vm");
+    let doc = vm_info(sock);
     let took = asked.elapsed();
     assert!(
         took < ANSWERED,
@@ -560,20 +556,20 @@ impl FrozenFlush {
     }
 
     /// Waits until the API reports pmem0's writeback in progress for at least `min`.
-    fn wait_blocked(&self, min: Duration) -> serde_json::Value {
+    fn wait_blocked(&self, min: Duration) -> VmInfo {
         let deadline = Instant::now() + BOOT;
         loop {
             let doc = vm_state_answered(&self.vm, &self.sock);
-            let blocked = doc["writebacks_in_progress"]
-                .as_array()
-                .and_then(|w| w.first())
-                .filter(|w| w["running_ms"].as_u64().unwrap_or(0) >= min.as_millis() as u64);
+            let blocked = doc
+                .writebacks_in_progress
+                .first()
+                .filter(|w| w.running_ms >= min.as_millis() as u64);
             if blocked.is_some() {
                 return doc;
             }
             assert!(
                 Instant::now() < deadline,
-                "no writeback reported in progress: {doc}\n{}",
+                "no writeback reported in progress: {doc:?}\n{}",
                 self.vm.transcript()
             );
             std::thread::sleep(Duration::from_millis(50));
@@ -588,10 +584,10 @@ fn a_frozen_file_system_holds_the_flush_and_the_api_still_answers() {
     }
     let mut t = FrozenFlush::boot();
     let doc = t.wait_blocked(Duration::from_millis(500));
-    assert_eq!(doc["state"], "running", "{doc}");
-    let w = &doc["writebacks_in_progress"][0];
-    assert_eq!(w["device"], "pmem0", "{doc}");
-    assert_eq!(w["by"], "vCPU 0", "{doc}");
+    assert_eq!(doc.state, VmState::Running, "{doc:?}");
+    let w = &doc.writebacks_in_progress[0];
+    assert_eq!(w.device, "pmem0", "{doc:?}");
+    assert_eq!(w.by, "vCPU 0", "{doc:?}");
     assert_held(&t.vm, "MARK FLUSHED");
     // Every read-only query answers too: the stats table reads the devices.
     let asked = Instant::now();
@@ -615,11 +611,7 @@ fn a_frozen_file_system_holds_the_flush_and_the_api_still_answers() {
     }
     assert_eq!(bytes_at(&t.img, 0, 0x4000), vec![0x7e; 0x4000]);
     let doc = vm_state_answered(&t.vm, &t.sock);
-    assert_eq!(
-        doc["writebacks_in_progress"],
-        serde_json::json!([]),
-        "{doc}"
-    );
+    assert_eq!(doc.writebacks_in_progress, [], "{doc:?}");
 }
 
 #[test]

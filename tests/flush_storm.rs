@@ -11,7 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use pmvm_tests::{api_get_json, api_request, kvm_or_skip, probe_elf, wait_api, Pmvm};
+use pmvm_tests::{kvm_or_skip, probe_elf, wait_api, Client, Pmvm};
 
 const FLUSHES: u64 = 100_000;
 const API_LIMIT: Duration = Duration::from_millis(100);
@@ -80,12 +80,8 @@ fn a_flush_storm_keeps_pmvm_responsive_and_counts_every_flush() {
             vm.transcript()
         );
         let t = Instant::now();
-        let (status, body) = api_request(&sock, "GET", "/v1/pmem/pmem0").unwrap();
+        let flushes = Client::new(&sock).pmem("pmem0").unwrap().stats.flushes;
         latencies.push(t.elapsed());
-        assert_eq!(status, 200, "{body}");
-        let flushes = serde_json::from_str::<serde_json::Value>(&body).unwrap()["stats"]["flushes"]
-            .as_u64()
-            .unwrap();
         if flushes > 0 && flushes < FLUSHES {
             seen_mid_storm += 1;
         }
@@ -99,13 +95,10 @@ fn a_flush_storm_keeps_pmvm_responsive_and_counts_every_flush() {
     let storm = started.elapsed();
     let counter_during = counter_lines(&vm.lines()) - counter_before;
 
-    let d = api_get_json(&sock, "/v1/pmem/pmem0");
-    assert_eq!(d["stats"]["flushes"], FLUSHES, "{d}");
-    assert_eq!(
-        d["stats"]["pages_written"], FLUSHES,
-        "one page per flush: {d}"
-    );
-    assert_eq!(d["stats"]["errors"], 0, "{d}");
+    let d = Client::new(&sock).pmem("pmem0").unwrap();
+    assert_eq!(d.stats.flushes, FLUSHES, "{d:?}");
+    assert_eq!(d.stats.pages_written, FLUSHES, "one page per flush: {d:?}");
+    assert_eq!(d.stats.errors, 0, "{d:?}");
     assert!(seen_mid_storm > 0, "no API request landed during the storm");
     let (p95, worst) = p95_and_worst(&mut latencies);
     let (host_p95, host_worst) = p95_and_worst(&mut oversleeps);

@@ -24,7 +24,9 @@ use pmvm_tests::linux::{
     EmulatedProfile, PROOF_BYTES,
 };
 use pmvm_tests::{
-    api_get_json, api_request, cachestat, in_ci, kvm_or_skip, page_cache_or_skip, wait_api, Pmvm,
+    cachestat, in_ci, kvm_or_skip, page_cache_or_skip,
+    types::{PmemStats, Tracking},
+    wait_api, Client, Pmvm,
 };
 
 /// The whole boot, banner to init, may take this long on an emulating host shared with
@@ -158,24 +160,19 @@ impl<'a> Milestones<'a> {
     }
 }
 
-fn pmem_stats(sock: &Path) -> serde_json::Value {
-    let doc = api_get_json(sock, "/v1/pmem");
-    doc["devices"][0]["stats"].clone()
-}
-
-fn stat(v: &serde_json::Value, key: &str) -> u64 {
-    v[key].as_u64().unwrap_or_else(|| panic!("no {key} in {v}"))
+fn pmem_stats(sock: &Path) -> PmemStats {
+    Client::new(sock).pmem("pmem0").unwrap().stats
 }
 
 /// Polls the device's statistics until no flush or writeback happened for `quiet`.
-fn settled_stats(sock: &Path, quiet: Duration, timeout: Duration) -> serde_json::Value {
+fn settled_stats(sock: &Path, quiet: Duration, timeout: Duration) -> PmemStats {
     let deadline = Instant::now() + timeout;
     let mut last = pmem_stats(sock);
     let mut since = Instant::now();
     loop {
         std::thread::sleep(Duration::from_millis(250));
         let now = pmem_stats(sock);
-        let key = |v: &serde_json::Value| (stat(v, "flushes"), stat(v, "writebacks"));
+        let key = |v: &PmemStats| (v.flushes, v.writebacks);
         if key(&now) != key(&last) {
             last = now;
             since = Instant::now();
@@ -276,29 +273,26 @@ fn minimal_kernel_mounts_an_fsdax_ext4_root_and_its_flushes_reach_the_file() {
     // Host view: the mount flushed, pmvm wrote back what the guest dirtied, nothing is left
     // dirty in the host page cache once the flushes have settled.
     let after = settled_stats(&sock, Duration::from_secs(3), Duration::from_secs(60));
-    println!("pmem0 stats before the mount: {before_mount}");
-    println!("pmem0 stats after the mount:  {after}");
+    println!("pmem0 stats before the mount: {before_mount:?}");
+    println!("pmem0 stats after the mount:  {after:?}");
     assert!(
-        stat(&after, "flushes") > stat(&before_mount, "flushes"),
-        "the mount issued no flush: before {before_mount}, after {after}"
+        after.flushes > before_mount.flushes,
+        "the mount issued no flush: before {before_mount:?}, after {after:?}"
     );
-    assert!(
-        stat(&after, "pages_written") > 0,
-        "no page written back: {after}"
-    );
-    assert_eq!(stat(&after, "errors"), 0, "{after}");
+    assert!(after.pages_written > 0, "no page written back: {after:?}");
+    assert_eq!(after.errors, 0, "{after:?}");
     // Default tracking stays exact under a real kernel: a flush writes what the guest dirtied,
     // not the device (an overflowed dirty ring would write every page on every flush).
-    let tracking = api_get_json(&sock, "/v1/pmem")["devices"][0]["dirty_tracking"].clone();
+    let tracking = Client::new(&sock).pmem("pmem0").unwrap().dirty_tracking;
     let device_pages = std::fs::metadata(&img).unwrap().len() / 4096;
-    let per_flush = stat(&after, "pages_written") / stat(&after, "writebacks").max(1);
+    let per_flush = after.pages_written / after.writebacks.max(1);
     println!(
         "tracking {tracking}: {per_flush} pages per writeback of a {device_pages}-page device"
     );
-    assert_ne!(tracking, "ring-overflowed", "{after}");
+    assert_ne!(tracking, Tracking::RingOverflowed, "{after:?}");
     assert!(
         per_flush * 16 < device_pages,
-        "{per_flush} pages per writeback of a {device_pages}-page device: {after}"
+        "{per_flush} pages per writeback of a {device_pages}-page device: {after:?}"
     );
     let cs = cachestat(&img, 0, 0).unwrap();
     let recheck = pmem_stats(&sock);
@@ -307,10 +301,10 @@ fn minimal_kernel_mounts_an_fsdax_ext4_root_and_its_flushes_reach_the_file() {
         cs.nr_cache > 0,
         "the guest's pages are not in the host page cache: {cs:?}"
     );
-    if stat(&recheck, "flushes") == stat(&after, "flushes") {
+    if recheck.flushes == after.flushes {
         assert_eq!(
             cs.nr_dirty, 0,
-            "pages the guest flushed are still dirty in the host page cache: {cs:?}, {recheck}"
+            "pages the guest flushed are still dirty in the host page cache: {cs:?}, {recheck:?}"
         );
     } else {
         println!("the guest flushed again while cachestat ran; the clean check is not conclusive");
@@ -429,8 +423,7 @@ fn strict_model_power_cut_after_the_mount_leaves_a_root_that_mounts_again() {
         );
         if n == 1 {
             // Right after the mount: whatever the guest has not flushed is lost.
-            let (status, body) = api_request(&sock, "PUT", "/v1/vm/power-cut").unwrap();
-            assert_eq!(status, 204, "power cut: {body}");
+            Client::new(&sock).vm_action("power-cut").unwrap();
             let (exit, stderr) = vm.wait_exit(Duration::from_secs(60)).unwrap();
             assert_eq!(exit.code(), Some(3), "a power cut exits 3: {stderr}");
         } else {

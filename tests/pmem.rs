@@ -13,12 +13,11 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nvdimm::stats::PmemStats;
+use pmvm_tests::types::PmemInfo;
 use pmvm_tests::{
-    api_get_json, api_request, auto_dirty_tracking, cachestat, kvm_or_skip, page_cache_or_skip,
-    probe_elf, read_direct, wait_api, wait_writeback_calm, CacheStat, Pmvm,
+    auto_dirty_tracking, cachestat, kvm_or_skip, page_cache_or_skip, probe_elf, read_direct,
+    wait_api, wait_writeback_calm, CacheStat, Client, Pmvm,
 };
-use serde::Deserialize;
 
 const BOOT: Duration = Duration::from_secs(60);
 const PAGE: u64 = 4096;
@@ -27,26 +26,6 @@ const GIB: u64 = 1 << 30;
 
 fn pmvm() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_pmvm"))
-}
-
-/// The part of `GET /v1/pmem/{id}` these tests read; the stats are the device crate's own type.
-#[derive(Debug, Deserialize)]
-struct Device {
-    id: String,
-    path: String,
-    size_bytes: u64,
-    guest_base: u64,
-    flush_hint_addresses: Vec<u64>,
-    readonly: bool,
-    #[serde(default)]
-    pending_dirty_pages: Option<u64>,
-    stats: PmemStats,
-    dirty_tracking: String,
-}
-
-#[derive(Debug, Deserialize)]
-struct Devices {
-    devices: Vec<Device>,
 }
 
 /// A `--pmem` value for `path` with more options (`opts` starts with a comma, or is empty).
@@ -78,10 +57,15 @@ impl Guest {
         Guest { vm, sock }
     }
 
-    fn devices(&self) -> Vec<Device> {
-        let list: Devices = serde_json::from_value(api_get_json(&self.sock, "/v1/pmem"))
-            .unwrap_or_else(|e| panic!("GET /v1/pmem does not match PmemInfo: {e}"));
-        list.devices
+    fn devices(&self) -> Vec<PmemInfo> {
+        self.client()
+            .pmem_list()
+            .unwrap_or_else(|e| panic!("GET /v1/pmem: {e}"))
+            .devices
+    }
+
+    fn client(&self) -> Client {
+        Client::new(&self.sock)
     }
 
     fn wait_for(&self, needle: &str) {
@@ -90,8 +74,8 @@ impl Guest {
 
     /// Shuts the VM down through the API; returns pmvm's stderr after a 0 exit.
     fn shutdown(mut self) -> String {
-        let (status, body) = api_request(&self.sock, "PUT", "/v1/vm/shutdown").unwrap();
-        assert_eq!(status, 204, "{body}");
+        let r = self.client().send("PUT", "/v1/vm/shutdown", b"").unwrap();
+        assert_eq!(r.status, 204, "{}", r.text());
         let (status, stderr) = self.vm.wait_exit(BOOT).unwrap();
         assert_eq!(status.code(), Some(0), "{}", self.vm.transcript());
         stderr
@@ -280,7 +264,7 @@ fn each_dirty_tracking_mode_writes_back_exactly_the_stored_pages() {
             "auto" => auto_dirty_tracking(),
             m => m,
         };
-        assert_eq!(dev.dirty_tracking, want, "--dirty-tracking {mode}");
+        assert_eq!(dev.dirty_tracking.as_str(), want, "--dirty-tracking {mode}");
         let st = &dev.stats;
         assert_eq!(
             (st.flushes, st.pages_written, st.runs, st.errors),
@@ -292,10 +276,8 @@ fn each_dirty_tracking_mode_writes_back_exactly_the_stored_pages() {
             // The ring can say what is pending without losing it; the next flush takes it.
             assert_eq!(dev.pending_dirty_pages, Some(1), "{mode}");
         }
-        let (status, body) = api_request(&g.sock, "PUT", "/v1/pmem/pmem0/flush").unwrap();
-        assert_eq!(status, 200, "{body}");
-        let report: serde_json::Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(report["pages"], 1, "{mode}: the late page, once");
+        let report = g.client().flush("pmem0").unwrap();
+        assert_eq!(report.pages, 1, "{mode}: the late page, once");
         g.shutdown();
     }
     let out = std::process::Command::new(pmvm())
@@ -339,18 +321,14 @@ fn after_a_dirty_ring_overflow_the_next_flushes_write_only_the_dirtied_pages() {
     let dev = &g.devices()[0];
     let st = &dev.stats;
     let device_pages = DEV / 4096;
-    assert_eq!(dev.dirty_tracking, "ring", "{st:?}");
+    assert_eq!(dev.dirty_tracking.as_str(), "ring", "{st:?}");
     assert_eq!((st.flushes, st.errors), (2, 0), "{st:?}");
     // The first flush wrote every page (all stored to, or the whole device after an
     // overflow); the second only the three stored to since.
     assert_eq!(st.last_harvest_pages, 3, "{st:?}");
     assert_eq!(st.pages_written, device_pages + 3, "{st:?}");
-    let (status, body) = api_request(&g.sock, "PUT", "/v1/pmem/pmem0/flush").unwrap();
-    assert_eq!(status, 200, "{body}");
-    assert!(
-        body.contains("\"pages\":0"),
-        "nothing written since: {body}"
-    );
+    let report = g.client().flush("pmem0").unwrap();
+    assert_eq!(report.pages, 0, "nothing written since: {report:?}");
     let stderr = g.shutdown();
     let overflowed = stderr.contains("overflowed");
     println!("the dirty ring overflowed: {overflowed}");
@@ -1036,8 +1014,8 @@ fn every_bad_pmem_argument_fails_with_one_clear_line() {
         expect_pmem_error(
             &[arg(&small, ""), arg(second, "")],
             &[
-                &format!("--pmem pmem1 ({})", second.display()),
-                &format!("--pmem pmem0 ({}) are the same file", small.display()),
+                &format!("--pmem pmem1: pmem1 ({})", second.display()),
+                &format!("pmem0 ({}) are the same file", small.display()),
             ],
         );
     }
@@ -1134,11 +1112,10 @@ fn a_backing_file_truncated_while_the_guest_runs_stops_pmvm_with_one_line() {
     );
     g.wait_for("MARK WROTE");
     truncate_behind_pmvm(&img);
-    let (code, body) = api_request(&g.sock, "PUT", "/v1/pmem/pmem0/flush").unwrap();
-    assert_eq!(code, 500, "{body}");
-    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let error = json["error"].as_str().unwrap_or_default();
-    assert!(error.contains("shrank to 0 bytes"), "{body}");
+    let r = g.client().send("PUT", "/v1/pmem/pmem0/flush", b"").unwrap();
+    assert_eq!(r.status, 500, "{}", r.text());
+    let error = r.error_message().unwrap_or_default();
+    assert!(error.contains("shrank to 0 bytes"), "{}", r.text());
     let mut vm = g.vm;
     let (status, stderr) = vm.wait_exit(BOOT).unwrap();
     expect_one_line(status, &stderr, "API flush");

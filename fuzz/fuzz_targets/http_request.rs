@@ -8,10 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
-
-mod api;
-
-use api::http::{parse_response, read_request, MAX_BODY_BYTES, MAX_HEAD_BYTES};
+use pmvm::api::http::{parse_response, read_request, MAX_BODY_BYTES, MAX_HEAD_BYTES};
 
 fuzz_target!(|data: &[u8]| {
     let (mut client, mut server) = UnixStream::pair().expect("a socket pair");

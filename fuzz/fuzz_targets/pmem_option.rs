@@ -3,13 +3,14 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use nvdimm::{PersistMode, PmemConfig, MAX_HINTS, MAX_ID_LEN};
+use nvdimm::{PersistMode, MAX_HINTS, MAX_ID_LEN};
+use pmvm::cli::pmem_option;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let Ok(cfg) = text.parse::<PmemConfig>() else {
+    let Ok(cfg) = pmem_option::parse(text) else {
         return;
     };
     assert!(!cfg.path.as_os_str().is_empty(), "{text:?}");

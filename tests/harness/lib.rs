@@ -9,11 +9,16 @@ use std::time::{Duration, Instant};
 
 pub mod linux;
 
+/// The control socket's client and documents, as pmvm itself defines them.
+pub use pmvm::api::client::{Client, ClientResponse};
+pub use pmvm::api::types;
+
 /// The repository root.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
+        .ancestors()
+        .nth(2)
+        .expect("tests/harness is two levels down")
         .to_path_buf()
 }
 
@@ -286,51 +291,12 @@ impl Drop for Pmvm {
     }
 }
 
-/// Page-cache state of a file range, as cachestat(2) reports it (Linux 6.5+). The kernel's
-/// `struct cachestat`; counts are in pages.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CacheStat {
-    pub nr_cache: u64,
-    pub nr_dirty: u64,
-    pub nr_writeback: u64,
-    pub nr_evicted: u64,
-    pub nr_recently_evicted: u64,
-}
-
-/// The kernel's `struct cachestat_range`: `len` 0 means "to the end of the file".
-#[repr(C)]
-struct CacheStatRange {
-    off: u64,
-    len: u64,
-}
-
-/// x86-64 syscall number of cachestat; libc has no wrapper.
-const SYS_CACHESTAT: libc::c_long = 451;
+pub use pmvm::nvdimm::cachestat::CacheStat;
 
 /// What the host page cache holds of `len` bytes at `off` of `path`: which pages are cached,
 /// dirty (written but not yet on disk) or under writeback.
 pub fn cachestat(path: &Path, off: u64, len: u64) -> std::io::Result<CacheStat> {
-    use std::os::unix::io::AsRawFd;
-    let file = std::fs::File::open(path)?;
-    let range = CacheStatRange { off, len };
-    let mut stat = CacheStat::default();
-    // SAFETY: cachestat reads `range` and writes `stat`, both live #[repr(C)] structs laid out
-    // as the kernel's; the descriptor is owned by `file`, open for the call; flags must be 0.
-    let rc = unsafe {
-        libc::syscall(
-            SYS_CACHESTAT,
-            file.as_raw_fd(),
-            &range as *const CacheStatRange,
-            &mut stat as *mut CacheStat,
-            0u32,
-        )
-    };
-    if rc == 0 {
-        Ok(stat)
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    pmvm::nvdimm::cachestat::cachestat(&std::fs::File::open(path)?, off, len)
 }
 
 /// Whether the page cache of files in `dir` says anything about durability: cachestat(2) must
@@ -398,61 +364,15 @@ pub fn read_direct(path: &Path, off: u64, len: usize) -> std::io::Result<Vec<u8>
     Ok(buf[..len].to_vec())
 }
 
-/// One HTTP/1.1 request over the control socket at `sock`; returns the status and the body.
-/// The server answers once per connection and closes it.
-pub fn api_request(sock: &Path, method: &str, path: &str) -> Result<(u16, String), String> {
-    use std::io::Write;
-    use std::os::unix::net::UnixStream;
-    let mut stream =
-        UnixStream::connect(sock).map_err(|e| format!("connect {}: {e}", sock.display()))?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .map_err(|e| e.to_string())?;
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n"
-    )
-    .map_err(|e| format!("{method} {path}: {e}"))?;
-    let mut raw = Vec::new();
-    stream
-        .read_to_end(&mut raw)
-        .map_err(|e| format!("{method} {path}: reading the response: {e}"))?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("{method} {path}: no end of head in {text:?}"))?;
-    let status = head
-        .strip_prefix("HTTP/1.1 ")
-        .and_then(|s| s.get(..3))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("{method} {path}: bad status line in {head:?}"))?;
-    Ok((status, body.to_string()))
-}
-
-/// `GET path` on the control socket, which must answer 200 with JSON.
-pub fn api_get_json(sock: &Path, path: &str) -> serde_json::Value {
-    let (status, body) = api_request(sock, "GET", path).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(status, 200, "GET {path}: {body}");
-    serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: not JSON ({e}): {body}"))
-}
-
 /// Waits until the control socket at `sock` answers `GET /v1/vm`.
 pub fn wait_api(sock: &Path, timeout: Duration) -> Result<(), String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let last = match api_request(sock, "GET", "/v1/vm") {
-            Ok((200, _)) => return Ok(()),
-            Ok((status, body)) => format!("status {status}: {body}"),
-            Err(e) => e,
-        };
-        if Instant::now() >= deadline {
-            return Err(format!(
-                "{} never answered within {timeout:?}: {last}",
-                sock.display()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    Client::new(sock).wait_ready(timeout).map_err(|e| {
+        format!(
+            "{} never answered within {timeout:?}: {}",
+            sock.display(),
+            pmvm::api::error_chain(&e)
+        )
+    })
 }
 
 /// The host's dirty page cache, from /proc/vmstat: pages dirty or under writeback, and the

@@ -10,6 +10,7 @@ use crate::api::types::{FlushReport, PmemInfo, VmInfo, VmState};
 use crate::api::{ApiError, VmmControl};
 use crate::devices::lock;
 use crate::exit::{ExitReason, ExitSignal, PowerCutCause};
+use crate::power_cut::PowerSwitch;
 use crate::vcpu::VcpuThreads;
 
 /// The running machine as the API sees it.
@@ -22,6 +23,7 @@ pub struct MachineControl {
     pub pmem: Vec<Arc<Nvdimm>>,
     pub threads: Arc<VcpuThreads>,
     pub exit: Arc<ExitSignal>,
+    pub power: PowerSwitch,
     /// Held across a pause or resume, so the two never interleave.
     pub paused: Mutex<bool>,
     /// The same value, readable without waiting for a pause or resume in progress: a state
@@ -73,10 +75,10 @@ pub fn pmem_info(d: &Nvdimm) -> PmemInfo {
         readonly: d.readonly(),
         pending_dirty_pages: d.pending_pages(),
         stats: d.stats(),
-        persist: d.persist().to_string(),
+        persist: d.persist(),
         writeback_interval_ms: d.writeback_interval().map(|i| i.as_millis() as u64),
         flush_log: d.flush_log_path().map(|p| p.display().to_string()),
-        dirty_tracking: d.dirty_tracking().to_string(),
+        dirty_tracking: d.dirty_tracking(),
         io_error: d.io_fault(),
     }
 }
@@ -174,15 +176,11 @@ impl VmmControl for MachineControl {
 }
 
 impl MachineControl {
-    /// The stop first, so a vCPU whose flush the cut ends never re-enters the guest; then the
-    /// devices, so nothing becomes durable after the request; then the vCPUs, so the guest
-    /// stops storing. All are done when the client gets its answer.
+    /// The machine's power cut, then the vCPUs stopped, so the guest stops storing. All are
+    /// done when the client gets its answer.
     fn cut(&self, cause: PowerCutCause) -> Result<(), ApiError> {
         self.refuse_if_stopping("cut the power of")?;
-        self.exit.request(ExitReason::PowerCut(cause));
-        for d in &self.pmem {
-            d.power_cut();
-        }
+        self.power.cut(cause);
         self.threads.stop();
         Ok(())
     }

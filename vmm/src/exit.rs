@@ -4,6 +4,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
+use nvdimm::lock::lock;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// The reason the VM stops. The first one reported wins.
@@ -93,7 +94,7 @@ impl ExitSignal {
 
     /// Records `reason` unless another came first, and wakes the main thread.
     pub fn request(&self, reason: ExitReason) {
-        let mut r = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        let mut r = lock(&self.reason);
         if r.is_none() {
             if let ExitReason::PowerCut(_) = reason {
                 self.power_cut.store(true, Ordering::Release);
@@ -108,10 +109,7 @@ impl ExitSignal {
     }
 
     pub fn reason(&self) -> Option<ExitReason> {
-        self.reason
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        lock(&self.reason).clone()
     }
 
     /// Whether the VM is stopping because its power was cut.

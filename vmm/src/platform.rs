@@ -13,6 +13,12 @@ pub enum PlatformError {
     Acpi(#[source] acpi::AcpiError),
     #[error("--dump-acpi {0}: not a directory")]
     NotADirectory(PathBuf),
+    #[error("--dump-acpi {path}: cannot create the directory")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("--dump-acpi: cannot write {path}")]
     Write {
         path: PathBuf,
@@ -54,6 +60,13 @@ pub fn tables(desc: &PlatformDesc) -> Result<AcpiTables, PlatformError> {
 
 /// Writes every table to `dir/<SIGNATURE>.dat` and returns the files written.
 pub fn dump_acpi(desc: &PlatformDesc, dir: &Path) -> Result<Vec<PathBuf>, PlatformError> {
+    // Like mkdir -p: a missing directory is made, a file in the way is an error.
+    if std::fs::symlink_metadata(dir).is_err() {
+        std::fs::create_dir_all(dir).map_err(|source| PlatformError::CreateDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
     if !dir.is_dir() {
         return Err(PlatformError::NotADirectory(dir.to_path_buf()));
     }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use nvdimm::config::{PersistMode, PmemConfig};
-use nvdimm::{FlushError, IoFault, Nvdimm, NvdimmError, NvdimmParams, OnError};
+use nvdimm::{FlushError, IoFault, Nvdimm, NvdimmError, NvdimmParams, OnError, VcpuId};
 
 use crate::layout;
 use crate::memory;
@@ -30,13 +30,22 @@ fn base_after(base: u64, size: u64) -> u64 {
     (base + size).next_multiple_of(layout::NVDIMM_ALIGN)
 }
 
+/// Why one `--pmem` device could not be opened; the chain says what to change.
+#[derive(Debug, thiserror::Error)]
+#[error("--pmem {id}")]
+pub struct OpenError {
+    id: String,
+    #[source]
+    source: NvdimmError,
+}
+
 /// Opens every `--pmem` device: files checked, locked and mapped, not yet in the VM.
 pub fn open_all(
     configs: &[PmemConfig],
     ram_size: u64,
     cpus: u8,
     manual_protect: bool,
-) -> Result<Vec<Arc<Nvdimm>>, NvdimmError> {
+) -> Result<Vec<Arc<Nvdimm>>, OpenError> {
     let devices = open_transient(configs, ram_size, cpus, manual_protect)?;
     // Until here an error dropped the devices opened so far, and with them the files they
     // created: a refused command line leaves nothing behind. Now the files are the user's.
@@ -56,7 +65,7 @@ pub fn open_transient(
     ram_size: u64,
     cpus: u8,
     manual_protect: bool,
-) -> Result<Vec<Nvdimm>, NvdimmError> {
+) -> Result<Vec<Nvdimm>, OpenError> {
     let mut devices: Vec<Nvdimm> = Vec::new();
     let mut next = first_base(ram_size);
     for (index, cfg) in configs.iter().enumerate() {
@@ -69,7 +78,10 @@ pub fn open_transient(
             manual_protect,
         };
         let opened: Vec<&Nvdimm> = devices.iter().collect();
-        let dev = Nvdimm::open_among(cfg, params, &opened)?;
+        let dev = Nvdimm::open_among(cfg, params, &opened).map_err(|source| OpenError {
+            id: cfg.id_or_default(index),
+            source,
+        })?;
         next = base_after(next, dev.size());
         devices.push(dev);
     }
@@ -115,13 +127,6 @@ impl PmemBus {
         PmemBus { devices }
     }
 
-    /// Cuts every device's power: when this returns no writeback runs or will start.
-    pub fn power_cut(&self) {
-        for d in &self.devices {
-            d.power_cut();
-        }
-    }
-
     /// The device whose hint page holds `addr`, and the offset in that page.
     fn hint_target(&self, addr: u64) -> Option<(&Nvdimm, u64)> {
         let rel = addr.checked_sub(layout::FLUSH_HINT_START)?;
@@ -150,9 +155,9 @@ impl PmemBus {
     /// Handles a write by vCPU `vcpu`. A guest flush runs to completion here, on the vCPU
     /// thread, before the vCPU re-enters the guest; if it found the device's file truncated,
     /// the VM must stop.
-    pub fn write(&self, vcpu: u8, addr: u64, data: &[u8]) -> PmemWrite {
+    pub fn write(&self, vcpu: VcpuId, addr: u64, data: &[u8]) -> PmemWrite {
         if let Some((dev, off)) = self.hint_target(addr) {
-            let flushed = dev.mmio_write(u32::from(vcpu), off, data);
+            let flushed = dev.mmio_write(vcpu, off, data);
             if let Some(msg) = dev.fatal_error() {
                 return PmemWrite::Fatal(msg);
             }
@@ -245,11 +250,12 @@ mod tests {
     fn a_failed_set_removes_the_files_it_created_and_a_good_one_keeps_them() {
         let dir = tempfile::tempdir().unwrap();
         let created = dir.path().join("created.img");
-        let cfg = |s: String| s.parse::<PmemConfig>().unwrap();
-        let good = cfg(format!("path={},size=2M", created.display()));
-        let missing = cfg(format!("path={}", dir.path().join("missing.img").display()));
+        let good = PmemConfig::new(&created).with_size(2 << 20);
+        let missing = PmemConfig::new(dir.path().join("missing.img"));
         let err = open_all(&[good.clone(), missing], 512 << 20, 1, false).unwrap_err();
-        assert!(err.to_string().contains("missing.img"), "{err}");
+        let err = nvdimm::error_chain(&err);
+        assert!(err.starts_with("--pmem pmem1: "), "{err}");
+        assert!(err.contains("missing.img"), "{err}");
         assert!(!created.exists(), "the failed set left its created file");
         let devices = open_all(&[good], 512 << 20, 1, false).unwrap();
         assert_eq!(devices[0].guest_base(), 1 << 32);
@@ -259,15 +265,15 @@ mod tests {
 
     #[test]
     fn one_strict_device_withdraws_the_adr_claim() {
-        let cfg = |s: &str| s.parse::<PmemConfig>().unwrap();
         use acpi::PersistenceDomain::{MemoryController, NotReported};
+        let cfg = PmemConfig::new;
         assert_eq!(persistence_domain(&[]), MemoryController);
         assert_eq!(
-            persistence_domain(&[cfg("path=a"), cfg("path=b,readonly=on")]),
+            persistence_domain(&[cfg("a"), cfg("b").with_readonly(true)]),
             MemoryController
         );
         assert_eq!(
-            persistence_domain(&[cfg("path=a"), cfg("path=b,persist=flush")]),
+            persistence_domain(&[cfg("a"), cfg("b").with_persist(PersistMode::Flush)]),
             NotReported
         );
     }

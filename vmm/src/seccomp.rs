@@ -20,7 +20,15 @@ use seccompiler::{
 };
 use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
-use crate::cli::SeccompMode;
+/// The seccomp filter each pmvm thread runs under once the VM is built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SeccompMode {
+    // Variants without doc comments: clap would print them in `--help`, which documents the
+    // option itself.
+    Kill,
+    Log,
+    Off,
+}
 
 ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
 ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_bindings::kvm_regs);

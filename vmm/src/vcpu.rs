@@ -11,7 +11,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use nvdimm::{DirtyRings, VcpuRingHandle};
-use nvdimm::{IoFault, OnError};
+use nvdimm::{IoFault, OnError, VcpuId};
 use vm_memory::GuestMemoryMmap;
 
 use crate::devices::{lock, Bus, FlushFailure};
@@ -35,7 +35,7 @@ pub struct VcpuControl {
 
 /// What others need to know about one vCPU thread to make it leave the guest.
 struct VcpuSlot {
-    id: u8,
+    id: VcpuId,
     thread: libc::pthread_t,
     /// Set just before KVM_RUN and cleared once it returns.
     in_guest: AtomicBool,
@@ -128,7 +128,7 @@ impl VcpuControl {
     }
 
     /// Registers the calling thread as vCPU `id`.
-    fn register(&self, id: u8) -> Arc<VcpuSlot> {
+    fn register(&self, id: VcpuId) -> Arc<VcpuSlot> {
         let slot = Arc::new(VcpuSlot {
             id,
             // SAFETY: pthread_self has no preconditions.
@@ -188,10 +188,10 @@ impl VcpuControl {
 
     /// The harvest barrier: returns once every vCPU but `except` that was in the guest when
     /// called has left KVM_RUN at least once, kicking them until they have.
-    pub fn sync_exits(&self, except: Option<u32>) -> Result<(), String> {
+    pub fn sync_exits(&self, except: Option<VcpuId>) -> Result<(), String> {
         let snapshot: Vec<(Arc<VcpuSlot>, u64)> = lock(&self.threads)
             .iter()
-            .filter(|s| except != Some(u32::from(s.id)))
+            .filter(|s| except != Some(s.id))
             .map(|s| (s.clone(), s.exits.load(Ordering::SeqCst)))
             .collect();
         kick_until_none(|| {
@@ -233,7 +233,7 @@ fn kick_until_none(waiting: impl Fn() -> Vec<Arc<VcpuSlot>>) -> Result<(), Strin
 
 /// One vCPU, ready to run on its own thread.
 pub struct Vcpu {
-    pub id: u8,
+    pub id: VcpuId,
     pub fd: VcpuFd,
     pub bus: Arc<Bus>,
     pub exit: Arc<ExitSignal>,
@@ -532,7 +532,7 @@ mod tests {
 
     /// A stand-in vCPU thread: "in the guest" while blocked in pause(2), which the kick
     /// signal ends, as it ends KVM_RUN. Returns its slot once it is in.
-    fn fake_vcpu(control: &Arc<VcpuControl>, id: u8) -> (Arc<VcpuSlot>, JoinHandle<()>) {
+    fn fake_vcpu(control: &Arc<VcpuControl>, id: VcpuId) -> (Arc<VcpuSlot>, JoinHandle<()>) {
         let (tx, rx) = std::sync::mpsc::channel();
         let c = control.clone();
         let h = std::thread::spawn(move || {

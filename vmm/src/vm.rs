@@ -20,15 +20,15 @@ use std::time::Instant;
 
 use crate::api::server::{ApiServer, ServerError, ServerOptions};
 use crate::boot::{self, BootError};
-use crate::cli::DirtyTracking;
 use crate::control::MachineControl;
 use crate::devices::{serial, Bus};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::layout;
-use crate::machine::{MachineConfig, SerialTarget};
+use crate::machine::{DirtyTracking, MachineConfig, SerialTarget};
 use crate::memory;
 use crate::platform::{self, PlatformError};
 use crate::pmem::{self, PmemBus};
+use crate::power_cut::PowerSwitch;
 use crate::seccomp::{Filters, SeccompError, ThreadFilter};
 use crate::signals::{self, StopSignals};
 use crate::stop_wait::{self, STOP_TIMEOUT};
@@ -89,6 +89,8 @@ pub enum VmError {
     },
     #[error("no --kernel given")]
     NoKernel,
+    #[error(transparent)]
+    PmemOpen(crate::pmem::OpenError),
     #[error(transparent)]
     Pmem(nvdimm::NvdimmError),
     #[error("cannot set up dirty logging for --pmem")]
@@ -310,6 +312,30 @@ fn serial_input() -> Option<File> {
 
 /// Builds the machine from `config`, runs it, and returns pmvm's exit status.
 pub fn run(config: &MachineConfig, opts: &RunOptions) -> Result<u8, VmError> {
+    build(config, opts)?.run()
+}
+
+/// A machine built and ready: devices attached, guest loaded, vCPUs created, the control
+/// socket serving; no vCPU has run yet.
+pub struct Machine {
+    exit: Arc<ExitSignal>,
+    power: PowerSwitch,
+    pmem: Vec<Arc<nvdimm::Nvdimm>>,
+    vcpus: Vec<Vcpu>,
+    threads: Arc<VcpuThreads>,
+    events: EventManager<Box<dyn MutEventSubscriber + Send>>,
+    raw_terminal: Option<RawTerminal>,
+    api: Option<ApiServer>,
+    filters: Filters,
+    /// Kept until the machine is torn down, as the vCPUs and devices were built on them.
+    kvm: Kvm,
+    vm: Arc<VmFd>,
+    mem: GuestMemoryMmap,
+    bus: Arc<Bus>,
+}
+
+/// Builds the machine `config` describes; nothing runs until [`Machine::run`].
+pub fn build(config: &MachineConfig, opts: &RunOptions) -> Result<Machine, VmError> {
     let (kernel, format) = config.kernel.clone().ok_or(VmError::NoKernel)?;
     let stop_signals = StopSignals::install().map_err(host_err("signal handling"))?;
     signals::install_kick_handler().map_err(host_err("the vCPU kick signal"))?;
@@ -327,7 +353,7 @@ pub fn run(config: &MachineConfig, opts: &RunOptions) -> Result<u8, VmError> {
         }
     );
     let pmem_devices = pmem::open_all(&config.pmem, config.memory, config.cpus, manual_protect)
-        .map_err(VmError::Pmem)?;
+        .map_err(VmError::PmemOpen)?;
     for d in &pmem_devices {
         match &tracking {
             Tracking::Ring(rings) => d.attach_ring(&vm, rings),
@@ -359,10 +385,12 @@ pub fn run(config: &MachineConfig, opts: &RunOptions) -> Result<u8, VmError> {
     let (serial_dev, serial_ready) = serial::new(serial_irq, serial_output(&config.serial)?)
         .map_err(host_err("the serial port"))?;
     let serial_dev = Arc::new(Mutex::new(serial_dev));
+    let power = PowerSwitch::new(exit.clone(), pmem_devices.clone());
     let bus = Arc::new(Bus::new(
         serial_dev.clone(),
         exit.clone(),
         PmemBus::new(pmem_devices.clone()),
+        power.clone(),
     ));
 
     let supported = kvm
@@ -440,6 +468,7 @@ pub fn run(config: &MachineConfig, opts: &RunOptions) -> Result<u8, VmError> {
                 pmem: pmem_devices.clone(),
                 threads: threads.clone(),
                 exit: exit.clone(),
+                power: power.clone(),
                 paused: Mutex::new(false),
                 paused_flag: Default::default(),
             });
@@ -454,65 +483,99 @@ pub fn run(config: &MachineConfig, opts: &RunOptions) -> Result<u8, VmError> {
         }
         None => None,
     };
+    Ok(Machine {
+        exit,
+        power,
+        pmem: pmem_devices,
+        vcpus,
+        threads,
+        events: em,
+        raw_terminal,
+        api,
+        filters,
+        kvm,
+        vm,
+        mem,
+        bus,
+    })
+}
 
-    let background = start_background_writeback(&pmem_devices, &filters.writeback)?;
-    if let Err(e) = threads.start(vcpus) {
-        threads.stop();
-        stop_background_writeback(&pmem_devices, background, Instant::now() + STOP_TIMEOUT);
-        return Err(e.into());
-    }
-    // Last: every other thread is running under its own filter, and what the main thread
-    // does from here on (the event loop, teardown) needs no setup syscalls.
-    if let Err(e) = filters.main.apply() {
-        exit.request(ExitReason::Fatal(e.to_string()));
-    }
-
-    while exit.reason().is_none() {
-        if let Err(e) = em.run() {
-            log::error!("event loop: {e:?}");
+impl Machine {
+    /// Runs the vCPUs until the VM stops, tears the machine down and returns pmvm's exit
+    /// status.
+    pub fn run(self) -> Result<u8, VmError> {
+        let Machine {
+            exit,
+            power,
+            pmem: pmem_devices,
+            vcpus,
+            threads,
+            events: mut em,
+            raw_terminal,
+            api,
+            filters,
+            kvm: _kvm,
+            vm: _vm,
+            mem: _mem,
+            bus: _bus,
+        } = self;
+        let background = start_background_writeback(&pmem_devices, &filters.writeback)?;
+        if let Err(e) = threads.start(vcpus) {
+            threads.stop();
+            stop_background_writeback(&pmem_devices, background, Instant::now() + STOP_TIMEOUT);
+            return Err(e.into());
         }
-    }
-    if let Some(server) = api {
-        server.stop();
-    }
-    let stopping = Instant::now();
-    let mut stuck = threads.stop();
-    stuck.extend(stop_background_writeback(
-        &pmem_devices,
-        background,
-        stopping + STOP_TIMEOUT,
-    ));
-    drop(raw_terminal);
-    if !stuck.is_empty() {
-        // A flush blocked in the file system: it was never acknowledged, and a final
-        // writeback would block the same way.
-        eprintln!("pmvm: {}", stop_wait::stuck_line(&stuck, &pmem_devices));
-        let reason = exit.reason().unwrap_or(ExitReason::Shutdown);
-        return Ok(match reason {
-            ExitReason::PowerCut(_) => reason.exit_code(),
-            _ => crate::exit::IO_ERROR_EXIT_CODE,
-        });
-    }
+        // Last: every other thread is running under its own filter, and what the main thread
+        // does from here on (the event loop, teardown) needs no setup syscalls.
+        if let Err(e) = filters.main.apply() {
+            exit.request(ExitReason::Fatal(e.to_string()));
+        }
 
-    let reason = exit.reason().unwrap_or(ExitReason::Shutdown);
-    match &reason {
-        ExitReason::Fatal(msg) | ExitReason::IoError(msg) => eprintln!("pmvm: {msg}"),
-        ExitReason::PowerCut(cause) => {
-            // Already done by whoever cut the power; repeated for any device added since.
-            for d in &pmem_devices {
-                d.power_cut();
+        while exit.reason().is_none() {
+            if let Err(e) = em.run() {
+                log::error!("event loop: {e:?}");
             }
-            eprintln!("pmvm: power cut by {cause}: nothing unflushed was written back");
         }
-        _ => {}
+        if let Some(server) = api {
+            server.stop();
+        }
+        let stopping = Instant::now();
+        let mut stuck = threads.stop();
+        stuck.extend(stop_background_writeback(
+            &pmem_devices,
+            background,
+            stopping + STOP_TIMEOUT,
+        ));
+        drop(raw_terminal);
+        if !stuck.is_empty() {
+            // A flush blocked in the file system: it was never acknowledged, and a final
+            // writeback would block the same way.
+            eprintln!("pmvm: {}", stop_wait::stuck_line(&stuck, &pmem_devices));
+            let reason = exit.reason().unwrap_or(ExitReason::Shutdown);
+            return Ok(match reason {
+                ExitReason::PowerCut(_) => reason.exit_code(),
+                _ => crate::exit::IO_ERROR_EXIT_CODE,
+            });
+        }
+
+        let reason = exit.reason().unwrap_or(ExitReason::Shutdown);
+        match &reason {
+            ExitReason::Fatal(msg) | ExitReason::IoError(msg) => eprintln!("pmvm: {msg}"),
+            ExitReason::PowerCut(cause) => {
+                // Already done by whoever cut the power; repeated for any device added since.
+                power.cut(*cause);
+                eprintln!("pmvm: power cut by {cause}: nothing unflushed was written back");
+            }
+            _ => {}
+        }
+        if reason.writes_back() {
+            final_writeback(&pmem_devices);
+        }
+        for d in &pmem_devices {
+            eprintln!("pmvm: {}", d.summary_line());
+        }
+        Ok(reason.exit_code())
     }
-    if reason.writes_back() {
-        final_writeback(&pmem_devices);
-    }
-    for d in &pmem_devices {
-        eprintln!("pmvm: {}", d.summary_line());
-    }
-    Ok(reason.exit_code())
 }
 
 /// Starts the `writeback-interval=` thread of every device that has one.

@@ -12,6 +12,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use crate::config::PmemConfig;
+use crate::files::create_private;
 use crate::path_lock::{PathLock, PathLockError};
 use crate::size::format_size;
 use crate::SIZE_ALIGN;
@@ -19,7 +20,7 @@ use crate::SIZE_ALIGN;
 /// Why a backing file could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum BackingError {
-    #[error("{path} does not exist; add size=SIZE to --pmem to create it (e.g. size=1G)")]
+    #[error("{path} does not exist; add size=SIZE to create it (e.g. size=1G)")]
     Missing { path: PathBuf },
     #[error("{path} does not exist, and a readonly=on device cannot create it")]
     MissingReadonly { path: PathBuf },
@@ -53,7 +54,7 @@ pub enum BackingError {
     },
     #[error(
         "cannot allocate {size} bytes for {path}: guest stores must not meet a full file \
-         system later; free space, or add sparse=on to --pmem to create it sparse"
+         system later; free space, or add sparse=on to create it sparse"
     )]
     Allocate {
         path: PathBuf,
@@ -88,14 +89,14 @@ pub enum BackingError {
         #[source]
         source: io::Error,
     },
-    #[error("--pmem {id} ({path}) and --pmem {other_id} ({other_path}) are the same file")]
+    #[error("{id} ({path}) and {other_id} ({other_path}) are the same file")]
     SameFile {
         id: String,
         path: PathBuf,
         other_id: String,
         other_path: PathBuf,
     },
-    #[error("--pmem size={size} for {path} is not a positive multiple of 2 MiB; try {suggestion}", size = format_size(*.size))]
+    #[error("size={size} for {path} is not a positive multiple of 2 MiB; try {suggestion}", size = format_size(*.size))]
     BadSize {
         path: PathBuf,
         size: u64,
@@ -107,7 +108,7 @@ pub enum BackingError {
         len: u64,
         suggestion: String,
     },
-    #[error("--pmem size={size} exceeds file length {len} of {path}", size = format_size(*.size), len = format_size(*.len))]
+    #[error("size={size} exceeds file length {len} of {path}", size = format_size(*.size), len = format_size(*.len))]
     TooShort { path: PathBuf, size: u64, len: u64 },
     #[error("cannot set the length of {path} to {size} bytes")]
     Resize {
@@ -414,17 +415,10 @@ fn create(cfg: &PmemConfig) -> Result<File, BackingError> {
             suggestion: suggest_sizes(size),
         });
     }
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        // Guest memory may hold anything: keep it private to the owner.
-        .mode(0o600)
-        .open(path)
-        .map_err(|source| match open_error(path, false, source) {
-            BackingError::Open { path, source } => BackingError::Create { path, source },
-            other => other,
-        })
+    create_private(path).map_err(|source| match open_error(path, false, source) {
+        BackingError::Open { path, source } => BackingError::Create { path, source },
+        other => other,
+    })
 }
 
 /// Maps an open(2) failure to the error that tells the user what to change.
@@ -572,8 +566,8 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
-    fn cfg(path: &Path, extra: &str) -> PmemConfig {
-        format!("path={}{extra}", path.display()).parse().unwrap()
+    fn cfg(path: &Path) -> PmemConfig {
+        PmemConfig::new(path)
     }
 
     fn file_of_len(path: &Path, len: u64) {
@@ -584,10 +578,11 @@ mod tests {
     fn missing_without_size_says_to_give_size() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pmem.img");
-        let err = Backing::open(&cfg(&path, ""), "pmem0").unwrap_err();
+        let err = Backing::open(&cfg(&path), "pmem0").unwrap_err();
         assert!(matches!(err, BackingError::Missing { .. }), "{err:?}");
         assert!(err.to_string().contains("size="), "{err}");
-        let err = Backing::open(&cfg(&path, ",size=2M,readonly=on"), "pmem0").unwrap_err();
+        let err =
+            Backing::open(&cfg(&path).with_size(2 << 20).with_readonly(true), "pmem0").unwrap_err();
         assert!(
             matches!(err, BackingError::MissingReadonly { .. }),
             "{err:?}"
@@ -599,13 +594,14 @@ mod tests {
     fn missing_with_size_is_created_allocated_unless_sparse() {
         let dir = tempfile::tempdir().unwrap();
         let allocated = dir.path().join("full.img");
-        Backing::open(&cfg(&allocated, ",size=4M"), "pmem0")
+        Backing::open(&cfg(&allocated).with_size(4 << 20), "pmem0")
             .unwrap()
             .keep();
         let blocks = fs::metadata(&allocated).unwrap().blocks() * 512;
         assert!(blocks >= 4 * MIB, "only {blocks} bytes allocated");
         let path = dir.path().join("new.img");
-        let mut b = Backing::open(&cfg(&path, ",size=64M,sparse=on"), "pmem0").unwrap();
+        let mut b =
+            Backing::open(&cfg(&path).with_size(64 << 20).with_sparse(true), "pmem0").unwrap();
         assert_eq!(b.size(), 64 * MIB);
         assert!(b.removes_on_drop());
         let meta = fs::metadata(&path).unwrap();
@@ -621,7 +617,7 @@ mod tests {
     fn created_file_is_removed_when_device_does_not_come_up() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("new.img");
-        let b = Backing::open(&cfg(&path, ",size=2M"), "pmem0").unwrap();
+        let b = Backing::open(&cfg(&path).with_size(2 << 20), "pmem0").unwrap();
         drop(b);
         assert!(
             !path.exists(),
@@ -635,7 +631,7 @@ mod tests {
         let path = dir.path().join("huge.img");
         // 2^63 bytes is a multiple of 2 MiB but no file can be that long: set_len fails after
         // the file was created.
-        let err = Backing::open(&cfg(&path, ",size=8388608T"), "pmem0").unwrap_err();
+        let err = Backing::open(&cfg(&path).with_size(8388608 << 40), "pmem0").unwrap_err();
         assert!(matches!(err, BackingError::Resize { .. }), "{err:?}");
         assert!(
             !path.exists(),
@@ -648,22 +644,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pmem.img");
         file_of_len(&path, 8 * MIB);
-        let b = Backing::open(&cfg(&path, ""), "pmem0").unwrap();
+        let b = Backing::open(&cfg(&path), "pmem0").unwrap();
         assert_eq!(b.size(), 8 * MIB);
         assert!(!b.removes_on_drop());
         drop(b);
         assert!(path.exists(), "an existing file is never removed");
-        let b = Backing::open(&cfg(&path, ",size=4M"), "pmem0").unwrap();
+        let b = Backing::open(&cfg(&path).with_size(4 << 20), "pmem0").unwrap();
         assert_eq!(b.size(), 4 * MIB, "a smaller size maps a prefix");
         drop(b);
 
-        let err = Backing::open(&cfg(&path, ",size=1G"), "pmem0").unwrap_err();
+        let err = Backing::open(&cfg(&path).with_size(1 << 30), "pmem0").unwrap_err();
         assert!(matches!(err, BackingError::TooShort { .. }), "{err:?}");
         let msg = err.to_string();
-        assert!(
-            msg.contains("--pmem size=1G exceeds file length 8M of"),
-            "{msg}"
-        );
+        assert!(msg.contains("size=1G exceeds file length 8M of"), "{msg}");
         assert!(msg.contains("pmem.img"), "{msg}");
     }
 
@@ -671,26 +664,26 @@ mod tests {
     fn size_not_a_2m_multiple_suggests_neighbours() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pmem.img");
-        let err = Backing::open(&cfg(&path, ",size=3M"), "pmem0").unwrap_err();
+        let err = Backing::open(&cfg(&path).with_size(3 << 20), "pmem0").unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("size=2M or size=4M"), "{msg}");
         assert!(!path.exists(), "a bad size must not create the file");
-        let err = Backing::open(&cfg(&path, ",size=1M"), "pmem0").unwrap_err();
+        let err = Backing::open(&cfg(&path).with_size(1 << 20), "pmem0").unwrap_err();
         assert!(err.to_string().ends_with("try size=2M"), "{err}");
-        let err = Backing::open(&cfg(&path, ",size=0"), "pmem0").unwrap_err();
+        let err = Backing::open(&cfg(&path).with_size(0), "pmem0").unwrap_err();
         assert!(
             matches!(err, BackingError::BadSize { size: 0, .. }),
             "{err:?}"
         );
 
         file_of_len(&path, 5 * MIB);
-        let err = Backing::open(&cfg(&path, ""), "pmem0").unwrap_err();
+        let err = Backing::open(&cfg(&path), "pmem0").unwrap_err();
         assert!(matches!(err, BackingError::BadFileLength { .. }), "{err:?}");
         assert!(err.to_string().contains("size=4M or size=6M"), "{err}");
-        let err = Backing::open(&cfg(&path, ",size=3000K"), "pmem0").unwrap_err();
+        let err = Backing::open(&cfg(&path).with_size(3000 << 10), "pmem0").unwrap_err();
         assert!(err.to_string().contains("size=3000K"), "{err}");
         file_of_len(&path, 0);
-        let err = Backing::open(&cfg(&path, ""), "pmem0").unwrap_err();
+        let err = Backing::open(&cfg(&path), "pmem0").unwrap_err();
         assert!(
             matches!(err, BackingError::BadFileLength { len: 0, .. }),
             "{err:?}"
@@ -710,8 +703,8 @@ mod tests {
     #[test]
     fn directory_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        for extra in ["", ",readonly=on"] {
-            let err = Backing::open(&cfg(dir.path(), extra), "pmem0").unwrap_err();
+        for readonly in [false, true] {
+            let err = Backing::open(&cfg(dir.path()).with_readonly(readonly), "pmem0").unwrap_err();
             assert!(
                 matches!(
                     err,
@@ -731,8 +724,12 @@ mod tests {
         let path = dir.path().join("fifo");
         let status = Command::new("mkfifo").arg(&path).status().unwrap();
         assert!(status.success());
-        for extra in ["", ",readonly=on", ",size=2M"] {
-            let err = Backing::open(&cfg(&path, extra), "pmem0").unwrap_err();
+        for c in [
+            cfg(&path),
+            cfg(&path).with_readonly(true),
+            cfg(&path).with_size(2 << 20),
+        ] {
+            let err = Backing::open(&c, "pmem0").unwrap_err();
             assert!(
                 matches!(err, BackingError::NotRegular { kind: "FIFO", .. }),
                 "{err:?}"
@@ -743,7 +740,8 @@ mod tests {
 
     #[test]
     fn character_device_is_refused() {
-        let err = Backing::open(&cfg(Path::new("/dev/null"), ",readonly=on"), "pmem0").unwrap_err();
+        let err =
+            Backing::open(&cfg(Path::new("/dev/null")).with_readonly(true), "pmem0").unwrap_err();
         assert!(
             matches!(
                 err,
@@ -763,8 +761,8 @@ mod tests {
         file_of_len(&path, 2 * MIB);
         let other = File::open(&path).unwrap();
         try_flock(&other, libc::LOCK_EX).unwrap();
-        for extra in ["", ",readonly=on"] {
-            let err = Backing::open(&cfg(&path, extra), "pmem0").unwrap_err();
+        for readonly in [false, true] {
+            let err = Backing::open(&cfg(&path).with_readonly(readonly), "pmem0").unwrap_err();
             assert!(matches!(err, BackingError::Locked { .. }), "{err:?}");
             assert!(
                 err.to_string()
@@ -773,7 +771,7 @@ mod tests {
             );
         }
         drop(other);
-        Backing::open(&cfg(&path, ""), "pmem0").unwrap();
+        Backing::open(&cfg(&path), "pmem0").unwrap();
     }
 
     #[test]
@@ -783,12 +781,12 @@ mod tests {
         file_of_len(&path, 2 * MIB);
         let reader = File::open(&path).unwrap();
         try_flock(&reader, libc::LOCK_SH).unwrap();
-        let b = Backing::open(&cfg(&path, ",readonly=on"), "pmem0").unwrap();
+        let b = Backing::open(&cfg(&path).with_readonly(true), "pmem0").unwrap();
         assert!(b.readonly());
-        let err = Backing::open_among(&cfg(&path, ""), "pmem1", &[b.opened().clone()]).unwrap_err();
+        let err = Backing::open_among(&cfg(&path), "pmem1", &[b.opened().clone()]).unwrap_err();
         assert!(matches!(err, BackingError::SameFile { .. }), "{err:?}");
         drop(b);
-        let err = Backing::open(&cfg(&path, ""), "pmem1").unwrap_err();
+        let err = Backing::open(&cfg(&path), "pmem1").unwrap_err();
         assert!(matches!(err, BackingError::Locked { .. }), "{err:?}");
     }
 
@@ -801,23 +799,20 @@ mod tests {
         file_of_len(&path, 2 * MIB);
         std::os::unix::fs::symlink(&path, &link).unwrap();
         fs::hard_link(&path, &hard).unwrap();
-        let first = Backing::open(&cfg(&path, ",id=a"), "a").unwrap();
+        let first = Backing::open(&cfg(&path).with_id("a"), "a").unwrap();
         for other in [&link, &hard] {
-            for extra in ["", ",readonly=on"] {
-                let err = Backing::open_among(&cfg(other, extra), "b", &[first.opened().clone()])
-                    .unwrap_err();
+            for readonly in [false, true] {
+                let c = cfg(other).with_readonly(readonly);
+                let err = Backing::open_among(&c, "b", &[first.opened().clone()]).unwrap_err();
                 let msg = err.to_string();
                 assert!(matches!(err, BackingError::SameFile { .. }), "{err:?}");
-                assert!(
-                    msg.contains("--pmem b (") && msg.contains("--pmem a ("),
-                    "{msg}"
-                );
+                assert!(msg.starts_with("b (") && msg.contains(" and a ("), "{msg}");
                 assert!(msg.contains(&other.display().to_string()), "{msg}");
                 assert!(msg.contains(&path.display().to_string()), "{msg}");
             }
         }
         drop(first);
-        Backing::open(&cfg(&link, ""), "b").unwrap();
+        Backing::open(&cfg(&link), "b").unwrap();
     }
 
     #[test]
@@ -848,7 +843,7 @@ mod tests {
         let path = dir.path().join("ro.img");
         file_of_len(&path, 4 * MIB);
         fs::set_permissions(&path, fs::Permissions::from_mode(0o444)).unwrap();
-        let b = Backing::open(&cfg(&path, ",readonly=on"), "pmem0").unwrap();
+        let b = Backing::open(&cfg(&path).with_readonly(true), "pmem0").unwrap();
         assert_eq!(b.size(), 4 * MIB);
         assert!(b.readonly());
     }

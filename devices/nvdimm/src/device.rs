@@ -14,7 +14,7 @@ use std::fmt;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
@@ -29,13 +29,14 @@ use crate::flush_log::{self, AppendError, FlushLogWriter};
 use crate::group_commit::GroupCommit;
 use crate::handler::{self, FlushHintAccess, HINT_WIDTH};
 use crate::in_flight::{InFlight, WritebackInProgress};
+use crate::lock::lock;
 use crate::metrics::NvdimmMetrics;
 use crate::mmap::{Mapping, Sharing};
 use crate::page_set::{run_pages, PageSet, Run};
 use crate::reclaim::{self, VcpuFence};
-use crate::stats::{FlushReport, PmemStats};
+use crate::stats::{FlushReport, PmemStats, Tracking};
 use crate::writeback::{self, WritebackError, Written};
-use crate::{error_chain as chain, NvdimmError, MAX_HINTS, PAGE_SIZE};
+use crate::{error_chain as chain, NvdimmError, VcpuId, MAX_HINTS, PAGE_SIZE};
 
 /// Where the VMM puts a device; everything here comes from the VMM's layout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,13 +122,13 @@ impl FlushError {
 /// writebacks): the VMM makes every other vCPU leave `KVM_RUN` once and returns when each has.
 /// With PML (Intel) KVM logs a vCPU's stores only when that vCPU exits, so a store another vCPU
 /// completed before the flush would otherwise be missing from the harvest.
-pub type HarvestBarrier = Arc<dyn Fn(Option<u32>) -> Result<(), String> + Send + Sync>;
+pub type HarvestBarrier = Arc<dyn Fn(Option<VcpuId>) -> Result<(), String> + Send + Sync>;
 
 /// Who asked for a writeback: recorded in the flush-epoch log and the stats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlushSource {
     /// A guest write to a flush hint, on this vCPU.
-    Vcpu(u32),
+    Vcpu(VcpuId),
     /// The API, or the final writeback when the host stops the VM.
     Host,
     /// The `writeback-interval=` thread.
@@ -138,7 +139,8 @@ impl FlushSource {
     /// The `source` field of a flush-log epoch.
     pub fn log_code(self) -> u32 {
         match self {
-            FlushSource::Vcpu(id) => id.min(flush_log::SOURCE_CACHE_FLUSH - 1),
+            // A VcpuId (u8) never reaches the reserved codes near u32::MAX.
+            FlushSource::Vcpu(id) => u32::from(id),
             FlushSource::Host => flush_log::SOURCE_HOST,
             FlushSource::Background => flush_log::SOURCE_BACKGROUND,
         }
@@ -252,11 +254,6 @@ impl fmt::Debug for Nvdimm {
             .field("attached", &self.attachment.get().is_some())
             .finish()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every critical section leaves its data whole, so a panic elsewhere does not poison it.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Nvdimm {
@@ -508,7 +505,7 @@ impl Nvdimm {
     /// Runs on the vCPU thread. `Ok` when the pages are durable (and, with a flush log,
     /// logged); on `Err` the vCPU must not complete the write (never re-enter the guest)
     /// until [`Nvdimm::io_fault`] is cleared by a writeback that succeeds.
-    pub fn mmio_write(&self, vcpu: u32, offset: u64, data: &[u8]) -> Result<(), FlushError> {
+    pub fn mmio_write(&self, vcpu: VcpuId, offset: u64, data: &[u8]) -> Result<(), FlushError> {
         match handler::decode_write(offset, data.len(), self.hints) {
             FlushHintAccess::Flush { odd, .. } => {
                 if odd {
@@ -545,7 +542,7 @@ impl Nvdimm {
         handler::read(data);
     }
 
-    fn guest_flush(&self, vcpu: u32) -> Result<(), FlushError> {
+    fn guest_flush(&self, vcpu: VcpuId) -> Result<(), FlushError> {
         let arrived = Instant::now();
         let outcome = self.flush(FlushSource::Vcpu(vcpu));
         self.metrics.flushes.inc();
@@ -1052,12 +1049,12 @@ impl Nvdimm {
     /// How this device tracks guest writes: "ring", "ring-overflowed" (the rings overflowed
     /// and every writeback covers the whole device), "bitmap", or "none" (read-only or not
     /// attached).
-    pub fn dirty_tracking(&self) -> &'static str {
+    pub fn dirty_tracking(&self) -> Tracking {
         match self.attachment.get().and_then(|a| a.dirty.as_ref()) {
-            Some(Tracker::Log(_)) => "bitmap",
-            Some(Tracker::Ring(r)) if r.has_overflowed() => "ring-overflowed",
-            Some(Tracker::Ring(_)) => "ring",
-            None => "none",
+            Some(Tracker::Log(_)) => Tracking::Bitmap,
+            Some(Tracker::Ring(r)) if r.has_overflowed() => Tracking::RingOverflowed,
+            Some(Tracker::Ring(_)) => Tracking::Ring,
+            None => Tracking::None,
         }
     }
 
@@ -1161,11 +1158,17 @@ mod tests {
         }
     }
 
-    fn open(dir: &Path, extra: &str, index: usize) -> Result<Nvdimm, NvdimmError> {
-        let cfg: PmemConfig = format!("path={}{extra}", dir.join("pmem.img").display())
-            .parse()
-            .unwrap();
+    fn open(dir: &Path, cfg: PmemConfig, index: usize) -> Result<Nvdimm, NvdimmError> {
+        let cfg = PmemConfig {
+            path: dir.join("pmem.img"),
+            ..cfg
+        };
         Nvdimm::open(&cfg, params(index))
+    }
+
+    /// A device with the defaults; `open` puts it in its directory.
+    fn dev() -> PmemConfig {
+        PmemConfig::new("")
     }
 
     #[test]
@@ -1177,7 +1180,7 @@ mod tests {
     #[test]
     fn identity_and_nfit_values() {
         let dir = tempfile::tempdir().unwrap();
-        let d = open(dir.path(), ",size=4M,hints=3", 2).unwrap();
+        let d = open(dir.path(), dev().with_size(4 << 20).with_hints(3), 2).unwrap();
         assert_eq!(d.id(), "pmem2");
         assert_eq!(d.size(), 4 * MIB);
         assert_eq!(d.guest_base(), 1 << 32);
@@ -1200,12 +1203,10 @@ mod tests {
     #[test]
     fn default_hints_come_from_params() {
         let dir = tempfile::tempdir().unwrap();
-        let d = open(dir.path(), ",size=2M", 0).unwrap();
+        let d = open(dir.path(), dev().with_size(2 << 20), 0).unwrap();
         assert_eq!(d.hint_addresses(), vec![0xd000_0000]);
         drop(d);
-        let cfg: PmemConfig = format!("path={}", dir.path().join("pmem.img").display())
-            .parse()
-            .unwrap();
+        let cfg = PmemConfig::new(dir.path().join("pmem.img"));
         let err = Nvdimm::open(
             &cfg,
             NvdimmParams {
@@ -1233,29 +1234,27 @@ mod tests {
     fn created_file_is_removed_unless_kept() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pmem.img");
-        drop(open(dir.path(), ",size=2M", 0).unwrap());
+        drop(open(dir.path(), dev().with_size(2 << 20), 0).unwrap());
         assert!(!path.exists(), "an unkept created file survived");
-        let mut d = open(dir.path(), ",size=2M", 0).unwrap();
+        let mut d = open(dir.path(), dev().with_size(2 << 20), 0).unwrap();
         d.keep_created_file();
         drop(d);
         assert!(path.exists(), "a kept file was removed");
         // A file that existed before is never removed.
-        drop(open(dir.path(), "", 0).unwrap());
+        drop(open(dir.path(), dev(), 0).unwrap());
         assert!(path.exists(), "an existing file was removed");
     }
 
     #[test]
     fn backing_errors_pass_through() {
         let dir = tempfile::tempdir().unwrap();
-        let err = open(dir.path(), "", 0).unwrap_err();
+        let err = open(dir.path(), dev(), 0).unwrap_err();
         assert!(
             matches!(err, NvdimmError::Backing(BackingError::Missing { .. })),
             "{err:?}"
         );
-        let first = open(dir.path(), ",size=2M", 0).unwrap();
-        let cfg: PmemConfig = format!("path={}", dir.path().join("pmem.img").display())
-            .parse()
-            .unwrap();
+        let first = open(dir.path(), dev().with_size(2 << 20), 0).unwrap();
+        let cfg = PmemConfig::new(dir.path().join("pmem.img"));
         let err = Nvdimm::open_among(&cfg, params(1), &[&first]).unwrap_err();
         assert!(
             err.to_string().contains("pmem1") && err.to_string().contains("pmem0"),
@@ -1266,7 +1265,7 @@ mod tests {
     #[test]
     fn hint_page_accesses_are_decoded_and_counted() {
         let dir = tempfile::tempdir().unwrap();
-        let d = open(dir.path(), ",size=2M,hints=2", 0).unwrap();
+        let d = open(dir.path(), dev().with_size(2 << 20).with_hints(2), 0).unwrap();
         d.mmio_write(0, 0, &1u64.to_le_bytes()).unwrap();
         d.mmio_write(0, 8, &[0xff; 8]).unwrap();
         // Odd widths and offsets inside a hint still flush, and are counted.
@@ -1289,7 +1288,7 @@ mod tests {
     #[test]
     fn host_writes_are_pending_until_flushed() {
         let dir = tempfile::tempdir().unwrap();
-        let d = open(dir.path(), ",size=2M", 0).unwrap();
+        let d = open(dir.path(), dev().with_size(2 << 20), 0).unwrap();
         assert_eq!(d.pending_pages(), Some(0));
         // Spans pages 0 and 1; page 5 separately: two runs.
         d.write_bytes(4090, b"0123456789").unwrap();
@@ -1330,14 +1329,14 @@ mod tests {
     #[test]
     fn out_of_range_and_readonly_host_writes_fail() {
         let dir = tempfile::tempdir().unwrap();
-        let mut d = open(dir.path(), ",size=2M", 0).unwrap();
+        let mut d = open(dir.path(), dev().with_size(2 << 20), 0).unwrap();
         // Reopened read-only below.
         d.keep_created_file();
         let err = d.write_bytes(2 * MIB - 1, b"ab").unwrap_err();
         assert!(err.to_string().contains("pmem0"), "{err}");
         assert_eq!(d.pending_pages(), Some(0));
         drop(d);
-        let ro = open(dir.path(), ",readonly=on", 0).unwrap();
+        let ro = open(dir.path(), dev().with_readonly(true), 0).unwrap();
         assert!(ro.readonly());
         assert!(ro.write_bytes(0, b"x").is_err());
         assert_eq!(ro.host_flush().unwrap().pages, 0);
@@ -1350,7 +1349,12 @@ mod tests {
     #[test]
     fn strict_model_changes_the_file_only_at_flushes() {
         let dir = tempfile::tempdir().unwrap();
-        let mut d = open(dir.path(), ",size=2M,persist=flush", 0).unwrap();
+        let mut d = open(
+            dir.path(),
+            dev().with_size(2 << 20).with_persist(PersistMode::Flush),
+            0,
+        )
+        .unwrap();
         d.keep_created_file();
         assert_eq!(d.persist(), PersistMode::Flush);
         d.write_bytes(0, b"AAAA").unwrap();
@@ -1366,16 +1370,21 @@ mod tests {
         // Dropping the device without a flush is the power loss: the private copy is gone.
         assert_eq!(file_bytes(dir.path(), 0, 4), b"AAAA");
         assert_eq!(file_bytes(dir.path(), PAGE_SIZE as usize, 4), [0; 4]);
-        let d = open(dir.path(), ",persist=flush", 0).unwrap();
+        let d = open(dir.path(), dev().with_persist(PersistMode::Flush), 0).unwrap();
         d.read_bytes(0, &mut seen).unwrap();
         assert_eq!(&seen, b"AAAA", "the reboot sees the last flushed image");
     }
 
     #[test]
     fn after_a_power_cut_nothing_is_written_back() {
-        for persist in ["adr", "flush"] {
+        for persist in [PersistMode::Adr, PersistMode::Flush] {
             let dir = tempfile::tempdir().unwrap();
-            let d = open(dir.path(), &format!(",size=2M,persist={persist}"), 0).unwrap();
+            let d = open(
+                dir.path(),
+                dev().with_size(2 << 20).with_persist(persist),
+                0,
+            )
+            .unwrap();
             d.write_bytes(0, b"A").unwrap();
             d.host_flush().unwrap();
             d.write_bytes(PAGE_SIZE, b"B").unwrap();
@@ -1403,25 +1412,25 @@ mod tests {
             assert_eq!(d.pending_pages(), Some(1), "page B is still only in memory");
             let b = file_bytes(dir.path(), PAGE_SIZE as usize, 1)[0];
             // adr: the store is in the host's page cache, which did not lose power.
-            assert_eq!(b, if persist == "adr" { b'B' } else { 0 }, "{persist}");
+            assert_eq!(
+                b,
+                if persist == PersistMode::Adr { b'B' } else { 0 },
+                "{persist}"
+            );
         }
     }
 
     #[test]
     fn every_flush_appends_an_epoch_with_its_source_and_pages() {
         use crate::flush_log::{FileSource, FlushLog, SOURCE_HOST};
-        for persist in ["adr", "flush"] {
+        for persist in [PersistMode::Adr, PersistMode::Flush] {
             let dir = tempfile::tempdir().unwrap();
             let log_path = dir.path().join("flush.log");
-            let d = open(
-                dir.path(),
-                &format!(
-                    ",size=2M,persist={persist},flush-log={}",
-                    log_path.display()
-                ),
-                0,
-            )
-            .unwrap();
+            let cfg = PmemConfig {
+                flush_log: Some(log_path.clone()),
+                ..dev().with_size(2 << 20).with_persist(persist)
+            };
+            let d = open(dir.path(), cfg, 0).unwrap();
             assert_eq!(d.flush_log_path(), Some(log_path.as_path()));
             assert!(
                 !log_path.exists(),
@@ -1463,14 +1472,14 @@ mod tests {
                 &[0xc3, 0xc3, 0xc3, 0xc3, 0xc3, 0xc3, 0xc3, 0xc3, 0xc3, 0xc3, 0]
             );
             drop(d);
-            let err = open(
-                dir.path(),
-                &format!(",size=2M,flush-log={}", log_path.display()),
-                0,
-            )
-            .unwrap()
-            .open_flush_log()
-            .unwrap_err();
+            let cfg = PmemConfig {
+                flush_log: Some(log_path.clone()),
+                ..dev().with_size(2 << 20)
+            };
+            let err = open(dir.path(), cfg, 0)
+                .unwrap()
+                .open_flush_log()
+                .unwrap_err();
             assert!(matches!(err, NvdimmError::FlushLog { .. }), "{err:?}");
         }
     }
@@ -1483,10 +1492,12 @@ mod tests {
         let d = Arc::new(
             open(
                 dir.path(),
-                &format!(
-                    ",size=2M,writeback-interval=20,flush-log={}",
-                    log_path.display()
-                ),
+                PmemConfig {
+                    flush_log: Some(log_path.clone()),
+                    ..dev()
+                        .with_size(2 << 20)
+                        .with_writeback_interval(Duration::from_millis(20))
+                },
                 0,
             )
             .unwrap(),
@@ -1522,17 +1533,26 @@ mod tests {
             .collect();
         assert_eq!(summary, vec![(SOURCE_BACKGROUND, vec![2])]);
         // A device without an interval returns at once.
-        let plain = open(&dir.path().join("x"), "", 0);
+        let plain = open(&dir.path().join("x"), dev(), 0);
         assert!(plain.is_err());
         let other = tempfile::tempdir().unwrap();
-        let quick = open(other.path(), ",size=2M", 0).unwrap();
+        let quick = open(other.path(), dev().with_size(2 << 20), 0).unwrap();
         quick.run_background_writeback();
     }
 
     #[test]
     fn a_power_cut_ends_the_background_loop() {
         let dir = tempfile::tempdir().unwrap();
-        let d = Arc::new(open(dir.path(), ",size=2M,writeback-interval=3600000", 0).unwrap());
+        let d = Arc::new(
+            open(
+                dir.path(),
+                dev()
+                    .with_size(2 << 20)
+                    .with_writeback_interval(Duration::from_secs(3600)),
+                0,
+            )
+            .unwrap(),
+        );
         let runner = {
             let d = d.clone();
             thread::spawn(move || d.run_background_writeback())
@@ -1545,7 +1565,7 @@ mod tests {
     #[test]
     fn concurrent_flushes_share_writebacks_and_stay_consistent() {
         let dir = tempfile::tempdir().unwrap();
-        let d = Arc::new(open(dir.path(), ",size=2M", 0).unwrap());
+        let d = Arc::new(open(dir.path(), dev().with_size(2 << 20), 0).unwrap());
         let threads = 6;
         let rounds = 40;
         let (done, finished) = std::sync::mpsc::channel();
@@ -1587,7 +1607,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pmem.img");
         let moved = dir.path().join("moved.img");
-        let mut d = open(dir.path(), ",size=2M", 0).unwrap();
+        let mut d = open(dir.path(), dev().with_size(2 << 20), 0).unwrap();
         d.keep_created_file();
         d.write_bytes(0, b"kept").unwrap();
         std::fs::rename(&path, &moved).unwrap();
@@ -1626,7 +1646,7 @@ mod tests {
     #[test]
     fn a_store_kvm_could_not_back_is_applied_by_the_retry() {
         let dir = tempfile::tempdir().unwrap();
-        let mut d = open(dir.path(), ",size=2M", 0).unwrap();
+        let mut d = open(dir.path(), dev().with_size(2 << 20), 0).unwrap();
         d.keep_created_file();
         let e = d.unbacked_store(PAGE_SIZE - 2, b"abcd");
         assert!(

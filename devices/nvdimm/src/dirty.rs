@@ -138,7 +138,7 @@ impl DirtyLog {
 
     /// KVM_GET_DIRTY_LOG into the reused buffer, returned locked.
     fn get(&self) -> Result<MutexGuard<'_, Vec<u64>>, DirtyError> {
-        let mut buffer = self.buffer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut buffer = crate::lock::lock(&self.buffer);
         let log = kvm_dirty_log {
             slot: self.slot,
             padding1: 0,

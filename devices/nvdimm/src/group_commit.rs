@@ -55,7 +55,7 @@ impl<T: Clone> GroupCommit<T> {
 
     fn lock(&self) -> MutexGuard<'_, State<T>> {
         // A panicking leader resets `running` in its guard, so the state is consistent.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        crate::lock::lock(&self.state)
     }
 
     /// Returns the outcome of a run of `work` that started after this call began, running it on
@@ -100,7 +100,7 @@ struct Leader<'a, T> {
 
 impl<T> Drop for Leader<'_, T> {
     fn drop(&mut self) {
-        let mut state = self.group.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = crate::lock::lock(&self.group.state);
         state.running = false;
         drop(state);
         self.group.finished.notify_all();

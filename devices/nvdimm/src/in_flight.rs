@@ -43,7 +43,7 @@ impl InFlight {
     }
 
     fn slot(&self) -> std::sync::MutexGuard<'_, Option<(FlushSource, Instant)>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        crate::lock::lock(&self.0)
     }
 }
 

@@ -6,15 +6,19 @@
 //! file pages durable). [`device::Nvdimm`] ties them together and is all the VMM needs.
 
 pub mod backing;
+pub mod cachestat;
 pub mod config;
+pub mod counters;
 pub mod device;
 pub mod dirty;
 pub mod dirty_ring;
 pub mod fault;
+pub mod files;
 pub mod flush_log;
 pub mod group_commit;
 pub mod handler;
 pub mod in_flight;
+pub mod lock;
 pub mod metrics;
 pub mod mmap;
 pub mod page_set;
@@ -27,9 +31,13 @@ pub mod stats;
 pub mod writeback;
 
 pub use backing::BackingError;
-pub use config::{validate_set, ConfigError, PmemConfig};
+pub use config::PmemConfig;
 pub use config::{OnError, PersistMode};
 pub use device::{FlushError, FlushSource, HarvestBarrier, Nvdimm, NvdimmParams};
+
+/// A vCPU's index, 0 to the number of vCPUs minus one: pmvm's MADT gives each an 8-bit
+/// local APIC id.
+pub type VcpuId = u8;
 pub use dirty::enable_manual_protect;
 pub use dirty_ring::{DirtyRings, VcpuRingHandle};
 pub use fault::IoFault;
@@ -65,16 +73,6 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 /// Everything that can go wrong setting up or running an NVDIMM.
 #[derive(Debug, thiserror::Error)]
 pub enum NvdimmError {
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error("{count} --pmem devices given; at most {max} are supported")]
-    TooManyDevices { count: usize, max: usize },
-    #[error("--pmem devices #{first} and #{second} both have id {id:?}; ids must be unique")]
-    DuplicateId {
-        id: String,
-        first: usize,
-        second: usize,
-    },
     #[error(transparent)]
     Backing(#[from] BackingError),
     #[error("{id}: {hints} flush hints requested; between 1 and {max} are supported", max = MAX_HINTS)]

@@ -5,7 +5,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::stats::{LatencySummary, PmemStats};
+use crate::stats::LatencySummary;
 
 /// A monotonically increasing count. Relaxed: counts order nothing else.
 #[derive(Debug, Default)]
@@ -103,47 +103,7 @@ fn percentile(histogram: &[u64], max: u64, pct: u64) -> u64 {
     max
 }
 
-/// Everything counted for one device. Field meanings are those of [`PmemStats`].
-#[derive(Debug, Default)]
-pub struct NvdimmMetrics {
-    pub flushes: Counter,
-    pub pages_written: Counter,
-    pub bytes_written: Counter,
-    pub runs: Counter,
-    pub empty_flushes: Counter,
-    pub host_flushes: Counter,
-    pub bad_width_writes: Counter,
-    pub outside_writes: Counter,
-    pub writebacks: Counter,
-    pub errors: Counter,
-    pub background_flushes: Counter,
-    pub background_pages: Counter,
-    pub log_epochs: Counter,
-    pub last_harvest_pages: Gauge,
-    pub latency: LatencyHistogram,
-}
-
-impl NvdimmMetrics {
-    pub fn snapshot(&self) -> PmemStats {
-        PmemStats {
-            flushes: self.flushes.get(),
-            pages_written: self.pages_written.get(),
-            bytes_written: self.bytes_written.get(),
-            runs: self.runs.get(),
-            empty_flushes: self.empty_flushes.get(),
-            host_flushes: self.host_flushes.get(),
-            bad_width_writes: self.bad_width_writes.get(),
-            last_harvest_pages: self.last_harvest_pages.get(),
-            latency_us: self.latency.summary(),
-            outside_writes: self.outside_writes.get(),
-            writebacks: self.writebacks.get(),
-            errors: self.errors.get(),
-            background_flushes: self.background_flushes.get(),
-            background_pages: self.background_pages.get(),
-            log_epochs: self.log_epochs.get(),
-        }
-    }
-}
+pub use crate::counters::NvdimmMetrics;
 
 #[cfg(test)]
 mod tests {

@@ -77,7 +77,7 @@ impl Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         if let Some(i) = self.index {
-            let _guard = REGISTER.lock().unwrap_or_else(|e| e.into_inner());
+            let _guard = crate::lock::lock(&REGISTER);
             SLOTS_IN_USE[i].len.store(0, Ordering::Release);
             SLOTS_IN_USE[i].start.store(0, Ordering::Release);
         }
@@ -89,7 +89,7 @@ impl Drop for Registration {
 /// more than four times the device limit of live mappings.
 pub fn register(start: usize, len: usize) -> Registration {
     INSTALL.call_once(install);
-    let _guard = REGISTER.lock().unwrap_or_else(|e| e.into_inner());
+    let _guard = crate::lock::lock(&REGISTER);
     for (i, slot) in SLOTS_IN_USE.iter().enumerate() {
         if slot.len.load(Ordering::Acquire) == 0 {
             slot.faults.store(0, Ordering::Release);

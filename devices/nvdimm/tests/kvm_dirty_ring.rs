@@ -56,12 +56,9 @@ const FLOOD: Scenario = Scenario {
 };
 
 fn pmem_config(dir: &Path, size: u64) -> PmemConfig {
-    format!(
-        "path={},size={size},persist=flush",
-        dir.join("pmem.img").display()
-    )
-    .parse()
-    .unwrap()
+    PmemConfig::new(dir.join("pmem.img"))
+        .with_size(size)
+        .with_persist(nvdimm::config::PersistMode::Flush)
 }
 
 fn page_addr(page: u64) -> u64 {
@@ -99,7 +96,7 @@ fn run(sc: &Scenario) -> Option<bool> {
         Nvdimm::open(&pmem_config(dir.path(), sc.pmem_size), device_params(false)).unwrap(),
     );
     dev.attach_ring(&vm.vm, &rings).unwrap();
-    assert_eq!(dev.dirty_tracking(), "ring");
+    assert_eq!(dev.dirty_tracking(), nvdimm::stats::Tracking::Ring);
     // The VMM's fence holds the other vCPUs out of the guest. Here the only flush from a vCPU
     // comes after vCPUs 1-3 have halted, from vCPU 0's own exit, and the host flushes after
     // every vCPU halted: no vCPU is in the guest whenever the fence runs.
@@ -129,7 +126,7 @@ fn run(sc: &Scenario) -> Option<bool> {
         })
         .collect();
 
-    let spawn = |(fd, handle), id: u32| {
+    let spawn = |(fd, handle), id: nvdimm::VcpuId| {
         let dev = dev.clone();
         spawn_vcpu_with_ring(fd, Some((rings.clone(), handle)), move |exit| {
             if let Exit::MmioWrite(addr, data) = exit {
@@ -145,7 +142,7 @@ fn run(sc: &Scenario) -> Option<bool> {
     let vcpu0 = vcpus.next().unwrap();
     let writers: Vec<_> = vcpus
         .enumerate()
-        .map(|(i, v)| spawn(v, i as u32 + 1))
+        .map(|(i, v)| spawn(v, i as nvdimm::VcpuId + 1))
         .collect();
     for (i, rx) in writers.iter().enumerate() {
         let exits = rx
@@ -168,7 +165,7 @@ fn run(sc: &Scenario) -> Option<bool> {
     let overflowed = rings.overflows() > 0;
     // Re-armed by the flush, if it overflowed.
     assert!(!rings.has_overflowed());
-    assert_eq!(dev.dirty_tracking(), "ring");
+    assert_eq!(dev.dirty_tracking(), nvdimm::stats::Tracking::Ring);
 
     let before: Vec<(u64, u64, u64)> = sc.before_flush.iter().map(|w| (w.1, w.2, w.3)).collect();
     let want_pages: u64 = before.iter().map(|w| w.1).sum();

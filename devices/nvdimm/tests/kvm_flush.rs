@@ -11,8 +11,9 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use common::{cachestat, kvm_or_skip, Code, Exit, TinyVm, HINT_GPA, PMEM_GPA};
+use common::{kvm_or_skip, Code, Exit, TinyVm, HINT_GPA, PMEM_GPA};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use nvdimm::cachestat::cachestat;
 use nvdimm::mmap::Mapping;
 use nvdimm::{enable_manual_protect, Nvdimm, NvdimmParams, PmemConfig, PAGE_SIZE};
 
@@ -23,10 +24,16 @@ const PAGE_B: u64 = 5;
 const VALUE_A: u64 = 0x1122_3344_5566_7788;
 const VALUE_B: u64 = 0x99aa_bbcc_ddee_ff00;
 
-fn pmem_config(dir: &Path, extra: &str) -> PmemConfig {
-    format!("path={}{extra}", dir.join("pmem.img").display())
-        .parse()
-        .unwrap()
+fn pmem_config(dir: &Path, cfg: PmemConfig) -> PmemConfig {
+    PmemConfig {
+        path: dir.join("pmem.img"),
+        ..cfg
+    }
+}
+
+/// A device with the defaults; `pmem_config` puts it in its directory.
+fn dev() -> PmemConfig {
+    PmemConfig::new("")
 }
 
 fn params(manual_protect: bool) -> NvdimmParams {
@@ -58,7 +65,7 @@ fn setup(
     kvm: &kvm_ioctls::Kvm,
     dir: &Path,
     want_manual: bool,
-    extra: &str,
+    cfg: PmemConfig,
     code: &Code,
 ) -> Option<Setup> {
     let mut vm = TinyVm::new(kvm);
@@ -67,7 +74,7 @@ fn setup(
         println!("SKIP: KVM lacks MANUAL_DIRTY_LOG_PROTECT2");
         return None;
     }
-    let dev = Arc::new(Nvdimm::open(&pmem_config(dir, extra), params(manual)).unwrap());
+    let dev = Arc::new(Nvdimm::open(&pmem_config(dir, cfg), params(manual)).unwrap());
     dev.attach(&vm.vm).unwrap();
     vm.boot(code);
     let file = File::open(dir.join("pmem.img")).unwrap();
@@ -103,7 +110,13 @@ fn guest_flush_writes_back_exactly_the_dirty_pages(want_manual: bool) {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let Some(mut s) = setup(&kvm, dir.path(), want_manual, ",size=2M", &writer(true)) else {
+    let Some(mut s) = setup(
+        &kvm,
+        dir.path(),
+        want_manual,
+        dev().with_size(2 << 20),
+        &writer(true),
+    ) else {
         return;
     };
     let seen = Arc::new(Mutex::new(AtFlush::default()));
@@ -185,7 +198,13 @@ fn without_flush_pages_stay_dirty(want_manual: bool) {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let Some(mut s) = setup(&kvm, dir.path(), want_manual, ",size=2M", &writer(false)) else {
+    let Some(mut s) = setup(
+        &kvm,
+        dir.path(),
+        want_manual,
+        dev().with_size(2 << 20),
+        &writer(false),
+    ) else {
         return;
     };
     let exits = s.vm.run(|_| {});
@@ -241,7 +260,7 @@ fn readonly_device_traps_guest_writes_and_keeps_the_file() {
         .write_u64(PMEM_GPA + 8, VALUE_A)
         .flush_hint(HINT_GPA)
         .hlt();
-    let Some(mut s) = setup(&kvm, dir.path(), false, ",readonly=on", &code) else {
+    let Some(mut s) = setup(&kvm, dir.path(), false, dev().with_readonly(true), &code) else {
         return;
     };
     assert!(s.dev.readonly());
@@ -279,7 +298,11 @@ fn attaching_twice_is_refused() {
     };
     let dir = tempfile::tempdir().unwrap();
     let vm = TinyVm::new(&kvm);
-    let dev = Nvdimm::open(&pmem_config(dir.path(), ",size=2M"), params(false)).unwrap();
+    let dev = Nvdimm::open(
+        &pmem_config(dir.path(), dev().with_size(2 << 20)),
+        params(false),
+    )
+    .unwrap();
     dev.attach(&vm.vm).unwrap();
     let err = dev.attach(&vm.vm).unwrap_err();
     assert!(err.to_string().contains("already attached"), "{err}");
@@ -294,14 +317,22 @@ fn overlapping_memslot_is_refused_until_the_device_is_dropped() {
     };
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let vm = TinyVm::new(&kvm);
-    let a = Nvdimm::open(&pmem_config(dir_a.path(), ",size=2M"), params(false)).unwrap();
+    let a = Nvdimm::open(
+        &pmem_config(dir_a.path(), dev().with_size(2 << 20)),
+        params(false),
+    )
+    .unwrap();
     a.attach(&vm.vm).unwrap();
     let b_params = NvdimmParams {
         index: 1,
         slot: 2,
         ..params(false)
     };
-    let b = Nvdimm::open(&pmem_config(dir_b.path(), ",size=2M"), b_params).unwrap();
+    let b = Nvdimm::open(
+        &pmem_config(dir_b.path(), dev().with_size(2 << 20)),
+        b_params,
+    )
+    .unwrap();
     let err = b.attach(&vm.vm).unwrap_err();
     let msg = err.to_string();
     assert!(
@@ -323,7 +354,11 @@ fn failed_flush_is_counted_and_its_pages_retried() {
     let dir = tempfile::tempdir().unwrap();
     let vm = TinyVm::new(&kvm);
     let path = dir.path().join("pmem.img");
-    let dev = Nvdimm::open(&pmem_config(dir.path(), ",size=2M"), params(false)).unwrap();
+    let dev = Nvdimm::open(
+        &pmem_config(dir.path(), dev().with_size(2 << 20)),
+        params(false),
+    )
+    .unwrap();
     dev.attach(&vm.vm).unwrap();
     dev.write_bytes(7 * PAGE_SIZE, b"pending").unwrap();
     let file = File::open(&path).unwrap();
@@ -400,7 +435,13 @@ fn concurrent_host_and_guest_flushes() {
     let dir = tempfile::tempdir().unwrap();
     let mut vm = TinyVm::new(&kvm);
     let manual = enable_manual_protect(&vm.vm).unwrap();
-    let dev = Arc::new(Nvdimm::open(&pmem_config(dir.path(), ",size=2M"), params(manual)).unwrap());
+    let dev = Arc::new(
+        Nvdimm::open(
+            &pmem_config(dir.path(), dev().with_size(2 << 20)),
+            params(manual),
+        )
+        .unwrap(),
+    );
     dev.attach(&vm.vm).unwrap();
     vm.boot(&writer(false));
     let file = File::open(dir.path().join("pmem.img")).unwrap();

@@ -13,9 +13,9 @@ use std::process::Command;
 use std::time::Instant;
 
 use crate::cases::{pattern, Case, Fs};
-use crate::crc32c::crc32c;
 use crate::fiemap;
 use crate::mapping::{MapKind, Mapping};
+use crc32c::crc32c;
 
 /// `STATX_ATTR_DAX`: the file's data is accessed directly, bypassing the page cache.
 const STATX_ATTR_DAX: u64 = 0x0020_0000;
@@ -487,6 +487,13 @@ pub fn nvdimm_offset(w: &Written, place: &Place, data_offset: u64) -> Result<u64
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The reports' `crc32c=` is CRC-32C (Castagnoli), as the host's check computes it.
+    #[test]
+    fn checksum_is_crc32c() {
+        assert_eq!(crc32c(b"123456789"), 0xe306_9283);
+        assert_eq!(crc32c(&[0u8; 32]), 0x8a91_36aa);
+    }
 
     fn no_gate() -> impl FnMut() -> Result<(), String> {
         || Ok(())

@@ -211,7 +211,7 @@ pub fn plan() -> Vec<(Case, Fs)> {
 /// The bytes a case writes: deterministic, different for every (case, target), and never a
 /// run of zeros that a fresh NVDIMM would already hold.
 pub fn pattern(case: Case, fs: Fs, len: usize) -> Vec<u8> {
-    let mut seed = crate::crc32c::crc32c(format!("{case}/{fs}").as_bytes()) as u64;
+    let mut seed = crc32c::crc32c(format!("{case}/{fs}").as_bytes()) as u64;
     seed = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {

@@ -9,8 +9,8 @@
 pub mod actions;
 pub mod cases;
 pub mod console;
-pub mod crc32c;
 pub mod fiemap;
+#[cfg(feature = "host")]
 pub mod host;
 pub mod mapping;
 pub mod nd;

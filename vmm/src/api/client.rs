@@ -1,52 +1,22 @@
-//! The client side of the control socket: `pmvm stats|flush|pause|resume|shutdown|power-cut`.
+//! The client side of the control socket, one request per connection: the `pmvm` client
+//! subcommands, the integration tests and the guest suite's harness all talk to pmvm
+//! through [`Client`] and read the documents of [`super::types`].
 
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 
-use super::http::{parse_response, ClientResponse};
-use super::types::{ErrorBody, FlushReport, PmemList, VmInfo};
+use super::http::parse_response;
+pub use super::http::ClientResponse;
+use super::types::{FlushReport, PmemInfo, PmemList, VmInfo};
 
 /// Long enough for a pause (which waits for every vCPU) or a large host flush.
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Clears the terminal and homes the cursor, for `--watch`.
-const CLEAR_SCREEN: &str = "\x1b[2J\x1b[H";
-
-/// A client subcommand, as the CLI parsed it.
-#[derive(Clone, Debug, PartialEq)]
-pub enum ClientCommand {
-    /// Per-device table, or with `json` the raw `GET /v1/pmem` document; `watch` repeats
-    /// every so many seconds until interrupted.
-    Stats {
-        sock: PathBuf,
-        json: bool,
-        watch: Option<f64>,
-    },
-    /// Host-initiated writeback of one device, or of every device when `id` is `None`.
-    Flush {
-        sock: PathBuf,
-        id: Option<String>,
-    },
-    Pause {
-        sock: PathBuf,
-    },
-    Resume {
-        sock: PathBuf,
-    },
-    Shutdown {
-        sock: PathBuf,
-    },
-    /// Simulated power loss, through one device when `id` is given.
-    PowerCut {
-        sock: PathBuf,
-        id: Option<String>,
-    },
-}
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -76,224 +46,221 @@ pub enum ClientError {
         status: u16,
         message: String,
     },
-    #[error("--watch takes a number of seconds between 0.1 and 86400; got {0}")]
-    BadWatch(f64),
-    #[error("writing the output failed")]
-    Output(#[source] io::Error),
 }
 
-/// Runs one client subcommand, printing to stdout.
-pub fn run_client(cmd: ClientCommand) -> Result<(), ClientError> {
-    let stdout = io::stdout();
-    let mut out = stdout.lock();
-    run_to(&cmd, &mut out, None)
+/// A client of the control socket at one path.
+#[derive(Clone, Debug)]
+pub struct Client {
+    sock: PathBuf,
+    timeout: Duration,
 }
 
-/// `rounds` bounds `--watch` for tests; `None` repeats until the process is interrupted.
-fn run_to(
-    cmd: &ClientCommand,
-    out: &mut dyn Write,
-    rounds: Option<usize>,
-) -> Result<(), ClientError> {
-    match cmd {
-        ClientCommand::Stats {
-            sock,
-            json,
-            watch: None,
-        } => print_stats(sock, *json, out),
-        ClientCommand::Stats {
-            sock,
-            json,
-            watch: Some(secs),
-        } => {
-            let period = watch_period(*secs)?;
-            let mut round = 0;
-            while rounds.is_none_or(|r| round < r) {
-                if round > 0 {
-                    thread::sleep(period);
-                }
-                let mut screen = Vec::new();
-                print_stats(sock, *json, &mut screen)?;
-                write!(out, "{CLEAR_SCREEN}every {secs} s, Ctrl-C to stop\n\n")
-                    .and_then(|_| out.write_all(&screen))
-                    .and_then(|_| out.flush())
-                    .map_err(ClientError::Output)?;
-                round += 1;
-            }
-            Ok(())
-        }
-        ClientCommand::Flush { sock, id: Some(id) } => {
-            let report = flush(sock, id)?;
-            writeln!(out, "{}", flush_line(id, &report)).map_err(ClientError::Output)
-        }
-        ClientCommand::Flush { sock, id: None } => {
-            let list: PmemList = get_json(sock, "/v1/pmem")?;
-            if list.devices.is_empty() {
-                return writeln!(out, "no pmem devices").map_err(ClientError::Output);
-            }
-            // Flush every device even if one fails, then report the first failure.
-            let mut first_err = None;
-            for dev in &list.devices {
-                match flush(sock, &dev.id) {
-                    Ok(report) => writeln!(out, "{}", flush_line(&dev.id, &report))
-                        .map_err(ClientError::Output)?,
-                    Err(e) => first_err = first_err.or(Some(e)),
-                }
-            }
-            first_err.map_or(Ok(()), Err)
-        }
-        ClientCommand::Pause { sock } => action(sock, "pause", "paused", out),
-        ClientCommand::Resume { sock } => action(sock, "resume", "resumed", out),
-        ClientCommand::Shutdown { sock } => action(sock, "shutdown", "shutdown requested", out),
-        ClientCommand::PowerCut { sock, id: None } => action(sock, "power-cut", "power cut", out),
-        ClientCommand::PowerCut { sock, id: Some(id) } => {
-            request(
-                sock,
-                "PUT",
-                &format!("/v1/pmem/{}/crash", encode_segment(id)),
-            )?;
-            writeln!(out, "power cut (through {id})").map_err(ClientError::Output)
+impl Client {
+    pub fn new(sock: impl Into<PathBuf>) -> Client {
+        Client {
+            sock: sock.into(),
+            timeout: RESPONSE_TIMEOUT,
         }
     }
-}
 
-fn watch_period(secs: f64) -> Result<Duration, ClientError> {
-    if !(0.1..=86_400.0).contains(&secs) {
-        return Err(ClientError::BadWatch(secs));
+    /// How long a request may wait for its response.
+    pub fn with_timeout(mut self, timeout: Duration) -> Client {
+        self.timeout = timeout;
+        self
     }
-    Duration::try_from_secs_f64(secs).map_err(|_| ClientError::BadWatch(secs))
-}
 
-fn print_stats(sock: &Path, json: bool, out: &mut dyn Write) -> Result<(), ClientError> {
-    if json {
-        // Printed as the server sent it, fields this client does not know included.
-        let doc: serde_json::Value = get_json(sock, "/v1/pmem")?;
-        let text = serde_json::to_string_pretty(&doc).unwrap_or_else(|_| doc.to_string());
-        return writeln!(out, "{text}").map_err(ClientError::Output);
+    pub fn sock(&self) -> &Path {
+        &self.sock
     }
-    let vm: VmInfo = get_json(sock, "/v1/vm")?;
-    let list: PmemList = get_json(sock, "/v1/pmem")?;
-    out.write_all(stats_table(&vm, &list).as_bytes())
-        .map_err(ClientError::Output)
-}
 
-fn action(sock: &Path, verb: &str, done: &str, out: &mut dyn Write) -> Result<(), ClientError> {
-    request(sock, "PUT", &format!("/v1/vm/{verb}"))?;
-    writeln!(out, "{done}").map_err(ClientError::Output)
-}
-
-fn flush(sock: &Path, id: &str) -> Result<FlushReport, ClientError> {
-    let path = format!("/v1/pmem/{}/flush", encode_segment(id));
-    let resp = request(sock, "PUT", &path)?;
-    decode(sock, &path, &resp.body)
-}
-
-fn flush_line(id: &str, r: &FlushReport) -> String {
-    let runs = if r.runs == 1 { "run" } else { "runs" };
-    let pages = if r.pages == 1 { "page" } else { "pages" };
-    format!(
-        "{id}: wrote {} {pages} ({} KiB) in {} {runs}, {} us",
-        r.pages,
-        r.bytes / 1024,
-        r.runs,
-        r.latency_us
-    )
-}
-
-/// A writeback running this long is reported as blocked: a healthy one takes milliseconds.
-const BLOCKED_AFTER_MS: u64 = 1000;
-
-/// The `pmvm stats` table: a VM line, then one row per device.
-pub fn stats_table(vm: &VmInfo, list: &PmemList) -> String {
-    let mut text = format!(
-        "VM {}, up {}, {} vCPU{}, {} MiB RAM\n",
-        vm.state,
-        fmt_uptime(vm.uptime_ms),
-        vm.vcpus,
-        if vm.vcpus == 1 { "" } else { "s" },
-        vm.memory_bytes >> 20
-    );
-    if let Some(fault) = &vm.io_error {
-        text.push_str(&format!("{}\n", fault.line()));
+    /// `GET /v1/vm`.
+    pub fn vm(&self) -> Result<VmInfo, ClientError> {
+        self.get("/v1/vm")
     }
-    for w in vm
-        .writebacks_in_progress
-        .iter()
-        .filter(|w| w.running_ms >= BLOCKED_AFTER_MS)
-    {
-        text.push_str(&format!(
-            "{}: writeback for {} blocked for {:.1} s: the file system of its backing file is \
-             not answering (frozen, or a hung mount)\n",
-            w.device,
-            w.by,
-            w.running_ms as f64 / 1000.0
-        ));
+
+    /// `GET /v1/pmem`.
+    pub fn pmem_list(&self) -> Result<PmemList, ClientError> {
+        self.get("/v1/pmem")
     }
-    if list.devices.is_empty() {
-        text.push_str("no pmem devices\n");
-        return text;
+
+    /// `GET /v1/pmem/{id}`.
+    pub fn pmem(&self, id: &str) -> Result<PmemInfo, ClientError> {
+        self.get(&format!("/v1/pmem/{}", encode_segment(id)))
     }
-    let header = [
-        "ID",
-        "FLUSHES",
-        "PAGES",
-        "MiB WRITTEN",
-        "P50 us",
-        "P99 us",
-        "MAX us",
-        "PENDING",
-        "TRACKING",
-    ];
-    let rows: Vec<[String; 9]> = list
-        .devices
-        .iter()
-        .map(|d| {
-            let s = &d.stats;
-            [
-                d.id.clone(),
-                s.flushes.to_string(),
-                s.pages_written.to_string(),
-                format!("{:.2}", s.bytes_written as f64 / (1u64 << 20) as f64),
-                s.latency_us.p50.to_string(),
-                s.latency_us.p99.to_string(),
-                s.latency_us.max.to_string(),
-                d.pending_dirty_pages
-                    .map_or_else(|| "-".to_string(), |p| p.to_string()),
-                d.dirty_tracking.clone(),
-            ]
-        })
-        .collect();
-    let mut widths = header.map(str::len);
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
+
+    /// `GET /metrics`: the Prometheus text.
+    pub fn metrics(&self) -> Result<String, ClientError> {
+        Ok(self.call("GET", "/metrics")?.text())
+    }
+
+    /// `PUT /v1/pmem/{id}/flush`: a host flush of one device.
+    pub fn flush(&self, id: &str) -> Result<FlushReport, ClientError> {
+        let path = format!("/v1/pmem/{}/flush", encode_segment(id));
+        let resp = self.call("PUT", &path)?;
+        self.decode(&path, &resp.body)
+    }
+
+    /// `PUT /v1/vm/{verb}`: `pause`, `resume`, `shutdown` or `power-cut`.
+    pub fn vm_action(&self, verb: &str) -> Result<(), ClientError> {
+        self.call("PUT", &format!("/v1/vm/{verb}")).map(drop)
+    }
+
+    /// `PUT /v1/pmem/{id}/crash`: the machine's power cut, asked for through one device.
+    pub fn pmem_crash(&self, id: &str) -> Result<(), ClientError> {
+        self.call("PUT", &format!("/v1/pmem/{}/crash", encode_segment(id)))
+            .map(drop)
+    }
+
+    /// `GET path`, decoded as `T`.
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let resp = self.call("GET", path)?;
+        self.decode(path, &resp.body)
+    }
+
+    /// One request whose answer must be 2xx; any other status becomes
+    /// [`ClientError::Server`] with the server's message.
+    pub fn call(&self, method: &str, path: &str) -> Result<ClientResponse, ClientError> {
+        let resp = self.send(method, path, b"")?;
+        if (200..300).contains(&resp.status) {
+            return Ok(resp);
         }
-    }
-    let mut line = |cells: &[&str]| {
-        let mut l = String::new();
-        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
-            if i == 0 {
-                l.push_str(&format!("{cell:<w$}"));
+        let message = resp.error_message().unwrap_or_else(|| {
+            let text = resp.text();
+            let text = text.trim();
+            if text.is_empty() {
+                "(no message)".to_string()
             } else {
-                l.push_str(&format!("  {cell:>w$}"));
+                text.chars().take(200).collect()
+            }
+        });
+        Err(ClientError::Server {
+            request: format!("{method} {path}"),
+            status: resp.status,
+            message,
+        })
+    }
+
+    /// One request with `body`, answered with any status.
+    pub fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> Result<ClientResponse, ClientError> {
+        let length = if method == "GET" && body.is_empty() {
+            String::new()
+        } else {
+            format!("Content-Length: {}\r\n", body.len())
+        };
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n{length}Connection: close\r\n\r\n"
+        )
+        .into_bytes();
+        req.extend_from_slice(body);
+        self.exchange(&req)
+    }
+
+    /// Sends `raw` bytes, whatever they are, on a fresh connection and reads the response.
+    pub fn exchange(&self, raw: &[u8]) -> Result<ClientResponse, ClientError> {
+        let mut stream = self.connect()?;
+        stream
+            .set_write_timeout(Some(self.timeout))
+            .map_err(|e| self.io_error(e))?;
+        // A server refusing a request (413) answers without reading the rest of it: a failed
+        // write still gets its response.
+        let written = stream.write_all(raw);
+        match self.read_response(&mut stream) {
+            Err(_) if written.is_err() => Err(self.io_error(written.unwrap_err())),
+            other => other,
+        }
+    }
+
+    /// Connects to the socket, again if a signal interrupts the call.
+    pub fn connect(&self) -> Result<UnixStream, ClientError> {
+        let sock = &self.sock;
+        loop {
+            return match UnixStream::connect(sock) {
+                Ok(s) => Ok(s),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(source) => Err(match source.kind() {
+                    io::ErrorKind::NotFound => ClientError::NoSocket { path: sock.into() },
+                    io::ErrorKind::ConnectionRefused
+                        if std::fs::symlink_metadata(sock)
+                            .is_ok_and(|m| m.file_type().is_socket()) =>
+                    {
+                        ClientError::Refused { path: sock.into() }
+                    }
+                    _ => ClientError::Connect {
+                        path: sock.into(),
+                        source,
+                    },
+                }),
+            };
+        }
+    }
+
+    /// Reads one whole response from `stream`: the server closes the connection after it.
+    pub fn read_response(&self, stream: &mut UnixStream) -> Result<ClientResponse, ClientError> {
+        stream
+            .set_read_timeout(Some(self.timeout))
+            .map_err(|e| self.io_error(e))?;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            match stream.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // The server closes once it has answered, possibly before reading all we sent.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset && !buf.is_empty() => break,
+                Err(e) => return Err(self.io_error(e)),
             }
         }
-        text.push_str(l.trim_end());
-        text.push('\n');
-    };
-    line(&header);
-    for row in &rows {
-        line(&row.each_ref().map(String::as_str));
+        match parse_response(&buf, true) {
+            Ok(Some(resp)) => Ok(resp),
+            Ok(None) => Err(self.malformed("the response is incomplete".into())),
+            Err(reason) => Err(self.malformed(reason)),
+        }
     }
-    text
-}
 
-fn fmt_uptime(ms: u64) -> String {
-    let s = ms / 1000;
-    match s {
-        0..60 => format!("{s}s"),
-        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
-        _ => format!("{}h{:02}m{:02}s", s / 3600, s / 60 % 60, s % 60),
+    /// Waits until the socket answers `GET /v1/vm` with 200, for up to `timeout`.
+    pub fn wait_ready(&self, timeout: Duration) -> Result<(), ClientError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let err = match self.call("GET", "/v1/vm") {
+                Ok(_) => return Ok(()),
+                Err(e) => e,
+            };
+            if Instant::now() >= deadline {
+                return Err(err);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn decode<T: DeserializeOwned>(&self, path: &str, body: &[u8]) -> Result<T, ClientError> {
+        serde_json::from_slice(body)
+            .map_err(|e| self.malformed(format!("the {path} document does not parse: {e}")))
+    }
+
+    fn malformed(&self, reason: String) -> ClientError {
+        ClientError::Malformed {
+            path: self.sock.clone(),
+            reason,
+        }
+    }
+
+    fn io_error(&self, source: io::Error) -> ClientError {
+        match source.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ClientError::Timeout {
+                path: self.sock.clone(),
+                secs: self.timeout.as_secs(),
+            },
+            _ => ClientError::Io {
+                path: self.sock.clone(),
+                source,
+            },
+        }
     }
 }
 
@@ -310,111 +277,6 @@ fn encode_segment(id: &str) -> String {
     out
 }
 
-fn get_json<T: DeserializeOwned>(sock: &Path, path: &str) -> Result<T, ClientError> {
-    let resp = request(sock, "GET", path)?;
-    decode(sock, path, &resp.body)
-}
-
-fn decode<T: DeserializeOwned>(sock: &Path, path: &str, body: &[u8]) -> Result<T, ClientError> {
-    serde_json::from_slice(body).map_err(|e| ClientError::Malformed {
-        path: sock.into(),
-        reason: format!("the {path} document does not parse: {e}"),
-    })
-}
-
-/// One request on a fresh connection; a non-2xx status becomes [`ClientError::Server`].
-fn request(sock: &Path, method: &str, path: &str) -> Result<ClientResponse, ClientError> {
-    let mut stream = connect(sock)?;
-    let io_err = |source: io::Error| match source.kind() {
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ClientError::Timeout {
-            path: sock.into(),
-            secs: RESPONSE_TIMEOUT.as_secs(),
-        },
-        _ => ClientError::Io {
-            path: sock.into(),
-            source,
-        },
-    };
-    let body_header = if method == "GET" {
-        ""
-    } else {
-        "Content-Length: 0\r\n"
-    };
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n{body_header}Connection: close\r\n\r\n"
-    );
-    stream
-        .set_read_timeout(Some(RESPONSE_TIMEOUT))
-        .map_err(io_err)?;
-    stream
-        .set_write_timeout(Some(RESPONSE_TIMEOUT))
-        .map_err(io_err)?;
-    stream.write_all(req.as_bytes()).map_err(io_err)?;
-    let resp = read_response(&mut stream).map_err(|e| match e {
-        Ok(reason) => ClientError::Malformed {
-            path: sock.into(),
-            reason,
-        },
-        Err(io) => io_err(io),
-    })?;
-    if (200..300).contains(&resp.status) {
-        return Ok(resp);
-    }
-    let message = match serde_json::from_slice::<ErrorBody>(&resp.body) {
-        Ok(b) => b.error,
-        Err(_) => {
-            let text = String::from_utf8_lossy(&resp.body);
-            let text = text.trim();
-            if text.is_empty() {
-                "(no message)".to_string()
-            } else {
-                text.chars().take(200).collect()
-            }
-        }
-    };
-    Err(ClientError::Server {
-        request: format!("{method} {path}"),
-        status: resp.status,
-        message,
-    })
-}
-
-fn connect(sock: &Path) -> Result<UnixStream, ClientError> {
-    UnixStream::connect(sock).map_err(|source| match source.kind() {
-        io::ErrorKind::NotFound => ClientError::NoSocket { path: sock.into() },
-        io::ErrorKind::ConnectionRefused
-            if std::fs::symlink_metadata(sock).is_ok_and(|m| m.file_type().is_socket()) =>
-        {
-            ClientError::Refused { path: sock.into() }
-        }
-        _ => ClientError::Connect {
-            path: sock.into(),
-            source,
-        },
-    })
-}
-
-/// Reads until a whole response has arrived. `Err(Ok(reason))` is a malformed response,
-/// `Err(Err(io))` a failed read.
-fn read_response(stream: &mut UnixStream) -> Result<ClientResponse, Result<String, io::Error>> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    loop {
-        let (n, eof) = match stream.read(&mut chunk) {
-            Ok(0) => (0, true),
-            Ok(n) => (n, false),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            // The server closes once it has answered, possibly before reading all we sent.
-            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => (0, true),
-            Err(e) => return Err(Err(e)),
-        };
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(resp) = parse_response(&buf, eof).map_err(Ok)? {
-            return Ok(resp);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::os::unix::net::UnixListener;
@@ -422,48 +284,7 @@ mod tests {
 
     use super::super::fake::{sample_devices, FakeVmm};
     use super::super::server::ApiServer;
-    use super::super::VmmControl;
     use super::*;
-
-    #[test]
-    fn stats_table_from_a_sample_document() {
-        let fake = FakeVmm::new();
-        let list = PmemList {
-            devices: sample_devices(),
-        };
-        let text = stats_table(&fake.vm_info(), &list);
-        let expected = "\
-VM running, up 1m01s, 2 vCPUs, 512 MiB RAM
-ID     FLUSHES  PAGES  MiB WRITTEN  P50 us  P99 us  MAX us  PENDING  TRACKING
-pmem0        3    300         1.17      40     130     130        7      ring
-pmem1        0      0         0.00       0       0       0        -      none
-";
-        assert_eq!(text, expected);
-    }
-
-    #[test]
-    fn stats_table_without_devices_says_so() {
-        let fake = FakeVmm::new();
-        let text = stats_table(&fake.vm_info(), &PmemList::default());
-        assert!(text.ends_with("\nno pmem devices\n"), "{text}");
-    }
-
-    #[test]
-    fn uptime_and_flush_lines_read_naturally() {
-        assert_eq!(fmt_uptime(999), "0s");
-        assert_eq!(fmt_uptime(3_599_000), "59m59s");
-        assert_eq!(fmt_uptime(3_600_000 * 26 + 61_000), "26h01m01s");
-        let r = FlushReport {
-            pages: 1,
-            bytes: 4096,
-            runs: 1,
-            latency_us: 9,
-        };
-        assert_eq!(
-            flush_line("pmem0", &r),
-            "pmem0: wrote 1 page (4 KiB) in 1 run, 9 us"
-        );
-    }
 
     #[test]
     fn ids_are_sent_as_one_path_segment() {
@@ -475,7 +296,7 @@ pmem1        0      0         0.00       0       0       0        -      none
     fn missing_socket_gives_one_clear_line() {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("pmvm.sock");
-        let err = run_client(ClientCommand::Pause { sock: sock.clone() }).unwrap_err();
+        let err = Client::new(&sock).vm_action("pause").unwrap_err();
         let p = sock.display();
         assert_eq!(
             err.to_string(),
@@ -488,12 +309,7 @@ pmem1        0      0         0.00       0       0       0        -      none
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("pmvm.sock");
         drop(UnixListener::bind(&sock).unwrap());
-        let cmd = ClientCommand::Stats {
-            sock: sock.clone(),
-            json: false,
-            watch: None,
-        };
-        let err = run_client(cmd).unwrap_err();
+        let err = Client::new(&sock).vm().unwrap_err();
         assert_eq!(
             err.to_string(),
             format!(
@@ -504,7 +320,7 @@ pmem1        0      0         0.00       0       0       0        -      none
     }
 
     /// A server that answers every connection with `reply`.
-    fn canned_server(reply: &'static [u8]) -> (tempfile::TempDir, PathBuf) {
+    pub(crate) fn canned_server(reply: &'static [u8]) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("pmvm.sock");
         let listener = UnixListener::bind(&sock).unwrap();
@@ -530,8 +346,7 @@ pmem1        0      0         0.00       0       0       0        -      none
         ];
         for reply in replies {
             let (_dir, sock) = canned_server(reply);
-            let cmd = ClientCommand::Flush { sock, id: None };
-            match run_to(&cmd, &mut Vec::new(), None) {
+            match Client::new(sock).pmem_list() {
                 Err(ClientError::Malformed { reason, .. }) => assert!(!reason.is_empty()),
                 other => panic!("{:?}: {other:?}", String::from_utf8_lossy(reply)),
             }
@@ -542,143 +357,28 @@ pmem1        0      0         0.00       0       0       0        -      none
     fn non_json_error_bodies_still_give_a_message() {
         let (_dir, sock) =
             canned_server(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 5\r\n\r\noops\n");
-        let err = run_to(&ClientCommand::Resume { sock }, &mut Vec::new(), None).unwrap_err();
+        let err = Client::new(sock).vm_action("resume").unwrap_err();
         assert_eq!(err.to_string(), "PUT /v1/vm/resume failed with 502: oops");
     }
 
-    fn with_server(f: impl FnOnce(&Path)) {
+    #[test]
+    fn typed_calls_against_a_real_server() {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("pmvm.sock");
         let server = ApiServer::start(&sock, Arc::new(FakeVmm::new())).unwrap();
-        f(&sock);
+        let c = Client::new(&sock);
+        c.wait_ready(Duration::from_secs(10)).unwrap();
+        assert_eq!(c.pmem_list().unwrap().devices, sample_devices());
+        assert_eq!(c.pmem("pmem1").unwrap(), sample_devices()[1]);
+        assert_eq!(c.flush("pmem0").unwrap().pages, 4);
+        let err = c.pmem("x y").unwrap_err();
+        assert!(
+            matches!(&err, ClientError::Server { status: 404, request, .. } if request == "GET /v1/pmem/x%20y"),
+            "{err}"
+        );
+        let resp = c.send("DELETE", "/v1/vm", b"").unwrap();
+        assert_eq!((resp.status, resp.header("allow")), (405, Some("GET")));
+        assert!(resp.error_message().is_some_and(|m| !m.is_empty()));
         server.stop();
-    }
-
-    fn output(cmd: ClientCommand, rounds: Option<usize>) -> Result<String, ClientError> {
-        let mut out = Vec::new();
-        run_to(&cmd, &mut out, rounds)?;
-        Ok(String::from_utf8(out).unwrap())
-    }
-
-    #[test]
-    fn subcommands_against_a_real_server() {
-        with_server(|sock| {
-            let sock = sock.to_path_buf();
-            let table = output(
-                ClientCommand::Stats {
-                    sock: sock.clone(),
-                    json: false,
-                    watch: None,
-                },
-                None,
-            )
-            .unwrap();
-            assert!(table.contains("\npmem0        3    300"), "{table}");
-
-            let json = output(
-                ClientCommand::Stats {
-                    sock: sock.clone(),
-                    json: true,
-                    watch: None,
-                },
-                None,
-            )
-            .unwrap();
-            let doc: PmemList = serde_json::from_str(&json).unwrap();
-            assert_eq!(doc.devices, sample_devices());
-            assert!(json.contains("\n  \"devices\": ["), "not pretty: {json}");
-
-            let flushed = output(
-                ClientCommand::Flush {
-                    sock: sock.clone(),
-                    id: None,
-                },
-                None,
-            )
-            .unwrap();
-            assert_eq!(
-                flushed,
-                "pmem0: wrote 4 pages (16 KiB) in 1 run, 25 us\npmem1: wrote 4 pages (16 KiB) in 1 run, 25 us\n"
-            );
-            let err = output(
-                ClientCommand::Flush {
-                    sock: sock.clone(),
-                    id: Some("x y".into()),
-                },
-                None,
-            )
-            .unwrap_err();
-            assert_eq!(
-                err.to_string(),
-                "PUT /v1/pmem/x%20y/flush failed with 404: no pmem device with id \"x y\" (GET /v1/pmem lists them)"
-            );
-
-            assert_eq!(
-                output(ClientCommand::Pause { sock: sock.clone() }, None).unwrap(),
-                "paused\n"
-            );
-            let err = output(ClientCommand::Pause { sock: sock.clone() }, None).unwrap_err();
-            assert_eq!(
-                err.to_string(),
-                "PUT /v1/vm/pause failed with 409: cannot pause the VM while it is paused"
-            );
-            assert_eq!(
-                output(ClientCommand::Resume { sock: sock.clone() }, None).unwrap(),
-                "resumed\n"
-            );
-            let err = output(
-                ClientCommand::PowerCut {
-                    sock: sock.clone(),
-                    id: Some("x y".into()),
-                },
-                None,
-            )
-            .unwrap_err();
-            assert_eq!(
-                err.to_string(),
-                "PUT /v1/pmem/x%20y/crash failed with 404: no pmem device with id \"x y\" (GET /v1/pmem lists them)"
-            );
-            assert_eq!(
-                output(ClientCommand::Shutdown { sock: sock.clone() }, None).unwrap(),
-                "shutdown requested\n"
-            );
-            let err = output(
-                ClientCommand::PowerCut {
-                    sock: sock.clone(),
-                    id: None,
-                },
-                None,
-            )
-            .unwrap_err();
-            assert_eq!(
-                err.to_string(),
-                "PUT /v1/vm/power-cut failed with 409: cannot cut the power of the VM while it is shutting_down"
-            );
-        });
-    }
-
-    #[test]
-    fn watch_clears_and_reprints() {
-        with_server(|sock| {
-            let cmd = ClientCommand::Stats {
-                sock: sock.into(),
-                json: false,
-                watch: Some(0.1),
-            };
-            let text = output(cmd, Some(2)).unwrap();
-            assert_eq!(text.matches(CLEAR_SCREEN).count(), 2);
-            assert_eq!(text.matches("\npmem1 ").count(), 2, "{text}");
-        });
-        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 1e9] {
-            let cmd = ClientCommand::Stats {
-                sock: "/nonexistent".into(),
-                json: false,
-                watch: Some(bad),
-            };
-            assert!(
-                matches!(output(cmd, Some(1)), Err(ClientError::BadWatch(_))),
-                "{bad}"
-            );
-        }
     }
 }

@@ -5,7 +5,7 @@ use std::sync::Mutex;
 
 use nvdimm::stats::LatencySummary;
 
-use super::types::{PmemInfo, PmemStats, VmInfo, VmState};
+use super::types::{PersistMode, PmemInfo, PmemStats, Tracking, VmInfo, VmState};
 use super::{ApiError, FlushReport, VmmControl};
 
 pub struct FakeVmm {
@@ -20,7 +20,7 @@ impl FakeVmm {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, (VmState, Vec<PmemInfo>)> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        nvdimm::lock::lock(&self.state)
     }
 
     fn transition(&self, action: &'static str, from: VmState, to: VmState) -> Result<(), ApiError> {
@@ -62,10 +62,10 @@ pub fn sample_devices() -> Vec<PmemInfo> {
                 },
                 ..Default::default()
             },
-            persist: "adr".into(),
+            persist: PersistMode::Adr,
             writeback_interval_ms: Some(1000),
             flush_log: Some("/var/lib/pmvm/pmem0.log".into()),
-            dirty_tracking: "ring".into(),
+            dirty_tracking: Tracking::Ring,
             io_error: None,
         },
         PmemInfo {
@@ -78,10 +78,10 @@ pub fn sample_devices() -> Vec<PmemInfo> {
             readonly: true,
             pending_dirty_pages: None,
             stats: PmemStats::default(),
-            persist: "adr".into(),
+            persist: PersistMode::Adr,
             writeback_interval_ms: None,
             flush_log: None,
-            dirty_tracking: "none".into(),
+            dirty_tracking: Tracking::None,
             io_error: None,
         },
     ]

@@ -298,7 +298,36 @@ pub fn reason(status: u16) -> &'static str {
 #[derive(Debug, PartialEq, Eq)]
 pub struct ClientResponse {
     pub status: u16,
+    /// Header names and values, in the order received.
+    pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+}
+
+impl ClientResponse {
+    /// The value of header `name` (case-insensitive), if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as text, for messages.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The body as the JSON document `T`.
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_slice(&self.body)
+    }
+
+    /// The message of an error response's JSON body ([`ErrorBody`]), if it has one.
+    pub fn error_message(&self) -> Option<String> {
+        serde_json::from_slice::<ErrorBody>(&self.body)
+            .ok()
+            .map(|b| b.error)
+    }
 }
 
 /// Parses a response from the bytes received so far. `Ok(None)` means more bytes are needed;
@@ -326,7 +355,12 @@ pub fn parse_response(buf: &[u8], eof: bool) -> Result<Option<ClientResponse>, S
     };
     let status = resp.code.unwrap_or_default();
     let mut body_len = None;
+    let mut headers = Vec::with_capacity(resp.headers.len());
     for h in resp.headers.iter() {
+        headers.push((
+            h.name.to_string(),
+            String::from_utf8_lossy(h.value).trim().to_string(),
+        ));
         if h.name.eq_ignore_ascii_case("content-length") {
             let len = parse_content_length(h.value)
                 .ok_or_else(|| "malformed response: bad Content-Length".to_string())?;
@@ -351,13 +385,23 @@ pub fn parse_response(buf: &[u8], eof: bool) -> Result<Option<ClientResponse>, S
             }
             return Ok(None);
         }
+        if eof && rest.len() > len {
+            return Err(format!(
+                "{} bytes follow the {len}-byte body the response announced",
+                rest.len() - len
+            ));
+        }
         rest[..len].to_vec()
     } else if eof {
         rest.to_vec()
     } else {
         return Ok(None);
     };
-    Ok(Some(ClientResponse { status, body }))
+    Ok(Some(ClientResponse {
+        status,
+        headers,
+        body,
+    }))
 }
 
 #[cfg(test)]
@@ -526,6 +570,7 @@ mod tests {
             parsed,
             Some(ClientResponse {
                 status: 204,
+                headers: vec![("Connection".into(), "close".into())],
                 body: vec![]
             })
         );
@@ -537,6 +582,7 @@ mod tests {
             (b"", true),
             (b"HTTP/1.1 200 OK\r\nContent-Le", true),
             (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", true),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nabc", true),
             (b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", false),
             (b"SMTP ready\r\n\r\n", false),
             (b"HTTP/1.1 2000 OK\r\n\r\n", false),

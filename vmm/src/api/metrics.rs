@@ -3,6 +3,8 @@
 
 use std::fmt::Write;
 
+use nvdimm::counters::COUNTERS;
+
 use super::types::{PmemInfo, PmemStats, VmInfo, VmState};
 
 /// A metric name, its help text, and the stats field it reports.
@@ -82,76 +84,9 @@ pub fn render_metrics(vm: &VmInfo, devices: &[PmemInfo]) -> String {
         "1 if the guest cannot write the device.",
         |d| Some(u64::from(d.readonly).to_string()),
     );
-    let counters: [StatField; 13] = [
-        (
-            "pmvm_pmem_flushes_total",
-            "Guest flushes: 8-byte writes to a flush hint.",
-            |s| s.flushes,
-        ),
-        (
-            "pmvm_pmem_pages_written_total",
-            "Pages written back to the backing file.",
-            |s| s.pages_written,
-        ),
-        (
-            "pmvm_pmem_bytes_written_total",
-            "Bytes written back to the backing file.",
-            |s| s.bytes_written,
-        ),
-        (
-            "pmvm_pmem_writeback_runs_total",
-            "Contiguous runs of pages written back.",
-            |s| s.runs,
-        ),
-        (
-            "pmvm_pmem_empty_flushes_total",
-            "Guest flushes that found no dirty page.",
-            |s| s.empty_flushes,
-        ),
-        (
-            "pmvm_pmem_host_flushes_total",
-            "Writebacks requested through the API.",
-            |s| s.host_flushes,
-        ),
-        (
-            "pmvm_pmem_bad_width_writes_total",
-            "Flush-hint writes not 8 bytes wide, ignored.",
-            |s| s.bad_width_writes,
-        ),
-        (
-            "pmvm_pmem_outside_writes_total",
-            "Writes to the flush-hint page that hit no hint, ignored.",
-            |s| s.outside_writes,
-        ),
-        (
-            "pmvm_pmem_writebacks_total",
-            "Harvest-and-writeback rounds, empty ones included; flushes that meet share one.",
-            |s| s.writebacks,
-        ),
-        (
-            "pmvm_pmem_writeback_errors_total",
-            "Writebacks that failed; their pages stay pending for the next flush.",
-            |s| s.errors,
-        ),
-        (
-            "pmvm_pmem_background_writebacks_total",
-            "Rounds of the writeback-interval thread, empty ones included; not flushes.",
-            |s| s.background_flushes,
-        ),
-        (
-            "pmvm_pmem_background_pages_total",
-            "Pages the writeback-interval thread wrote back.",
-            |s| s.background_pages,
-        ),
-        (
-            "pmvm_pmem_flush_log_epochs_total",
-            "Epochs appended to the flush-epoch log.",
-            |s| s.log_epochs,
-        ),
-    ];
-    for (name, help, get) in counters {
-        per_device(&mut out, devices, name, "counter", help, |d| {
-            Some(get(&d.stats).to_string())
+    for c in COUNTERS {
+        per_device(&mut out, devices, c.metric, "counter", c.help, |d| {
+            Some((c.get)(&d.stats).to_string())
         });
     }
     per_device(

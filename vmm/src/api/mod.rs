@@ -1,5 +1,6 @@
 //! The control socket: a small HTTP/1.1 JSON API on a Unix socket (`--api-sock PATH`), and
-//! the client the `pmvm stats|flush|pause|resume|shutdown` subcommands use.
+//! the one client of it ([`client::Client`]) that the `pmvm stats|flush|...` subcommands, the
+//! integration tests and the guest suite's harness use.
 //!
 //! The server never touches the VM itself. Each request is parsed on a connection thread and
 //! turned into one call on [`VmmControl`], which the VMM implements; only calls whose action
@@ -11,14 +12,16 @@
 //! - `PUT /v1/vm/power-cut`, `PUT /v1/pmem/{id}/crash` (simulated power loss)
 
 pub mod client;
-mod http;
+/// The HTTP framing, public for the fuzz targets.
+#[doc(hidden)]
+pub mod http;
 mod metrics;
 mod router;
 pub mod server;
 pub mod types;
 
 #[cfg(test)]
-mod fake;
+pub(crate) mod fake;
 
 use types::{FlushReport, PmemInfo, VmInfo, VmState};
 

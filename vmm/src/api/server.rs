@@ -430,10 +430,10 @@ fn serve_connection(
 
 #[cfg(test)]
 mod tests {
-    use std::io::{Read, Write};
+    use std::io::Write;
 
+    use super::super::client::{Client, ClientResponse};
     use super::super::fake::FakeVmm;
-    use super::super::http::{parse_response, ClientResponse};
     use super::super::types::{PmemInfo, PmemList, VmInfo};
     use super::super::{ApiError, FlushReport};
     use super::*;
@@ -451,38 +451,23 @@ mod tests {
         }
     }
 
-    /// Reads until the response is complete; the server may reset the connection after it
-    /// if the request was not read whole.
-    fn read_response(stream: &mut UnixStream) -> (ClientResponse, String) {
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        loop {
-            let (n, eof) = match stream.read(&mut chunk) {
-                Ok(0) => (0, true),
-                Ok(n) => (n, false),
-                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => (0, true),
-                Err(e) => panic!("read: {e}"),
-            };
-            buf.extend_from_slice(&chunk[..n]);
-            if let Some(r) = parse_response(&buf, eof).unwrap() {
-                return (r, String::from_utf8_lossy(&buf).into_owned());
-            }
-        }
+    fn client(path: &Path) -> Client {
+        Client::new(path).with_timeout(Duration::from_secs(10))
     }
 
-    fn exchange(path: &Path, raw: &[u8]) -> (ClientResponse, String) {
-        let mut stream = UnixStream::connect(path).unwrap();
-        // The server may answer and close before taking all of an oversized request.
-        let _ = stream.write_all(raw);
-        read_response(&mut stream)
+    /// Reads the response to whatever was sent on `stream`.
+    fn read_response(stream: &mut UnixStream) -> ClientResponse {
+        client(Path::new("test")).read_response(stream).unwrap()
+    }
+
+    /// Sends `raw` on a fresh connection; the server may answer and close before taking all
+    /// of an oversized request.
+    fn exchange(path: &Path, raw: &[u8]) -> ClientResponse {
+        client(path).exchange(raw).unwrap()
     }
 
     fn error_of(r: &ClientResponse) -> String {
-        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
-        v["error"].as_str().unwrap().to_string()
+        r.error_message().unwrap()
     }
 
     #[test]
@@ -491,7 +476,7 @@ mod tests {
         let path = dir.path().join("api.sock");
         let _server = start(&path, quick());
 
-        let (r, _) = exchange(&path, b"NONSENSE\r\n\r\n");
+        let r = exchange(&path, b"NONSENSE\r\n\r\n");
         assert_eq!(r.status, 400);
         assert!(
             error_of(&r).starts_with("malformed request"),
@@ -499,18 +484,18 @@ mod tests {
             error_of(&r)
         );
 
-        let (r, _) = exchange(&path, b"GET /v1/nothing HTTP/1.1\r\n\r\n");
+        let r = exchange(&path, b"GET /v1/nothing HTTP/1.1\r\n\r\n");
         assert_eq!(r.status, 404);
 
-        let (r, raw) = exchange(&path, b"DELETE /v1/pmem HTTP/1.1\r\n\r\n");
+        let r = exchange(&path, b"DELETE /v1/pmem HTTP/1.1\r\n\r\n");
         assert_eq!(r.status, 405);
-        assert!(raw.contains("\r\nAllow: GET\r\n"), "{raw}");
+        assert_eq!(r.header("Allow"), Some("GET"), "{r:?}");
 
         let big = 70_000;
         let mut req =
             format!("PUT /v1/vm/pause HTTP/1.1\r\nContent-Length: {big}\r\n\r\n").into_bytes();
         req.extend(std::iter::repeat_n(b'{', big));
-        let (r, _) = exchange(&path, &req);
+        let r = exchange(&path, &req);
         assert_eq!(r.status, 413);
         assert!(
             error_of(&r).contains("70000 bytes exceeds the limit of 65536"),
@@ -518,7 +503,7 @@ mod tests {
             error_of(&r)
         );
 
-        let (r, _) = exchange(
+        let r = exchange(
             &path,
             b"PUT /v1/vm/pause HTTP/1.1\r\nContent-Length: 3\r\n\r\n{x}",
         );
@@ -529,16 +514,16 @@ mod tests {
             error_of(&r)
         );
 
-        let (r, _) = exchange(
+        let r = exchange(
             &path,
             b"PUT /v1/vm/pause HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         );
         assert_eq!(r.status, 411);
 
-        let (r, raw) = exchange(&path, b"GET /v1/vm HTTP/1.1\r\nHost: localhost\r\n\r\n");
-        assert_eq!(r.status, 200, "{raw}");
-        assert!(raw.contains("\r\nConnection: close\r\n"));
-        assert!(raw.contains("\r\nContent-Type: application/json\r\n"));
+        let r = exchange(&path, b"GET /v1/vm HTTP/1.1\r\nHost: localhost\r\n\r\n");
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.header("Connection"), Some("close"));
+        assert_eq!(r.header("Content-Type"), Some("application/json"));
     }
 
     #[test]
@@ -553,9 +538,9 @@ mod tests {
         let _server = start(&path, options);
         let started = Instant::now();
         let mut idle = UnixStream::connect(&path).unwrap();
-        let (r, _) = exchange(&path, b"GET /v1/pmem HTTP/1.1\r\n\r\n");
+        let r = exchange(&path, b"GET /v1/pmem HTTP/1.1\r\n\r\n");
         assert_eq!(r.status, 200);
-        let (r, _) = read_response(&mut idle);
+        let r = read_response(&mut idle);
         assert_eq!(r.status, 408);
         assert!(
             error_of(&r).contains("no complete request within 0.3 s"),
@@ -566,8 +551,8 @@ mod tests {
         // A client that trickles an incomplete request is cut off at the same deadline.
         let mut slow = UnixStream::connect(&path).unwrap();
         slow.write_all(b"GET /v1/vm HTTP/1.1\r\n").unwrap();
-        assert_eq!(read_response(&mut slow).0.status, 408);
-        let (r, _) = exchange(&path, b"GET /v1/vm HTTP/1.1\r\n\r\n");
+        assert_eq!(read_response(&mut slow).status, 408);
+        let r = exchange(&path, b"GET /v1/vm HTTP/1.1\r\n\r\n");
         assert_eq!(r.status, 200);
     }
 
@@ -589,7 +574,7 @@ mod tests {
             s.write_all(b"GET /v1/vm HTTP/1.1\r\n\r\n").unwrap();
         }
         for s in &mut streams {
-            assert_eq!(read_response(s).0.status, 200);
+            assert_eq!(read_response(s).status, 200);
         }
     }
 
@@ -605,14 +590,14 @@ mod tests {
         let _server = start(&path, options);
         let a = UnixStream::connect(&path).unwrap();
         let b = UnixStream::connect(&path).unwrap();
-        let (r, _) = exchange(&path, b"GET /v1/vm HTTP/1.1\r\n\r\n");
+        let r = exchange(&path, b"GET /v1/vm HTTP/1.1\r\n\r\n");
         assert_eq!(r.status, 503);
         assert!(error_of(&r).contains("2 connections"), "{}", error_of(&r));
         drop(a);
         drop(b);
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let (r, _) = exchange(&path, b"GET /v1/vm HTTP/1.1\r\n\r\n");
+            let r = exchange(&path, b"GET /v1/vm HTTP/1.1\r\n\r\n");
             if r.status == 200 {
                 break;
             }
@@ -627,7 +612,7 @@ mod tests {
         let path = dir.path().join("api.sock");
         let _server = start(&path, quick());
         for i in 0..10_000 {
-            let (r, _) = exchange(&path, b"GET /v1/pmem HTTP/1.1\r\n\r\n");
+            let r = exchange(&path, b"GET /v1/pmem HTTP/1.1\r\n\r\n");
             assert_eq!(r.status, 200, "request {i}");
             if i % 2500 == 0 {
                 let list: PmemList = serde_json::from_slice(&r.body).unwrap();
@@ -686,7 +671,7 @@ mod tests {
         let server = ApiServer::start_with(&path, vmm.clone(), quick()).unwrap();
         let client = {
             let path = path.clone();
-            thread::spawn(move || exchange(&path, b"PUT /v1/vm/pause HTTP/1.1\r\n\r\n").0)
+            thread::spawn(move || exchange(&path, b"PUT /v1/vm/pause HTTP/1.1\r\n\r\n"))
         };
         rx.recv_timeout(Duration::from_secs(10)).unwrap();
         // Like the VMM after a shutdown request: stop, then the process would exit.
@@ -711,10 +696,7 @@ mod tests {
         let mut partial = UnixStream::connect(&path).unwrap();
         partial.write_all(b"GET /v1/vm HTTP/1.1\r\n").unwrap();
         // Let the server accept both.
-        assert_eq!(
-            exchange(&path, b"GET /v1/vm HTTP/1.1\r\n\r\n").0.status,
-            200
-        );
+        assert_eq!(exchange(&path, b"GET /v1/vm HTTP/1.1\r\n\r\n").status, 200);
         let started = Instant::now();
         server.stop();
         assert!(
@@ -747,10 +729,7 @@ mod tests {
         let server = start(&path, quick());
         let meta = fs::symlink_metadata(&path).unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
-        assert_eq!(
-            exchange(&path, b"GET /v1/vm HTTP/1.1\r\n\r\n").0.status,
-            200
-        );
+        assert_eq!(exchange(&path, b"GET /v1/vm HTTP/1.1\r\n\r\n").status, 200);
         server.stop();
         assert!(!path.exists());
         let longer = dir.path().join("s".repeat(SOCKET_PATH_MAX + 1 - base));
@@ -770,10 +749,7 @@ mod tests {
         drop(UnixListener::bind(&path).unwrap());
         assert!(path.exists());
         let _server = start(&path, quick());
-        assert_eq!(
-            exchange(&path, b"GET /v1/vm HTTP/1.1\r\n\r\n").0.status,
-            200
-        );
+        assert_eq!(exchange(&path, b"GET /v1/vm HTTP/1.1\r\n\r\n").status, 200);
     }
 
     #[test]
@@ -785,10 +761,7 @@ mod tests {
             .err()
             .unwrap();
         assert_eq!(err.to_string(), format!("another pmvm is serving {path:?}"));
-        assert_eq!(
-            exchange(&path, b"GET /v1/vm HTTP/1.1\r\n\r\n").0.status,
-            200
-        );
+        assert_eq!(exchange(&path, b"GET /v1/vm HTTP/1.1\r\n\r\n").status, 200);
     }
 
     #[test]

@@ -5,7 +5,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-pub use nvdimm::stats::{FlushReport, PmemStats};
+pub use nvdimm::config::PersistMode;
+pub use nvdimm::stats::{FlushReport, PmemStats, Tracking};
 pub use nvdimm::{IoFault, WritebackInProgress};
 
 /// Where the VM is in its life.
@@ -73,30 +74,20 @@ pub struct PmemInfo {
     pub pending_dirty_pages: Option<u64>,
     pub stats: PmemStats,
     /// The persistence model, `adr` or `flush` (docs/persistence.md).
-    #[serde(default = "default_persist")]
-    pub persist: String,
+    #[serde(default)]
+    pub persist: PersistMode,
     /// The background writeback period, for `writeback-interval=` devices.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub writeback_interval_ms: Option<u64>,
     /// The flush-epoch log, for `flush-log=` devices.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flush_log: Option<String>,
-    /// How pmvm learns which pages the guest wrote: `ring` (KVM dirty ring), `bitmap` (the
-    /// memslot's dirty bitmap), `ring-overflowed` (the rings overflowed; every writeback
-    /// covers the whole device) or `none` (read-only).
-    #[serde(default = "default_tracking")]
-    pub dirty_tracking: String,
+    /// How pmvm learns which pages the guest wrote.
+    #[serde(default)]
+    pub dirty_tracking: Tracking,
     /// The failure that keeps the device from acknowledging flushes, until a retry succeeds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub io_error: Option<IoFault>,
-}
-
-fn default_tracking() -> String {
-    "bitmap".into()
-}
-
-fn default_persist() -> String {
-    "adr".into()
 }
 
 /// `GET /v1/pmem`.
@@ -143,10 +134,10 @@ mod tests {
             readonly: false,
             pending_dirty_pages: None,
             stats: PmemStats::default(),
-            persist: "adr".into(),
+            persist: PersistMode::Adr,
             writeback_interval_ms: None,
             flush_log: None,
-            dirty_tracking: "bitmap".into(),
+            dirty_tracking: Tracking::Bitmap,
             io_error: None,
         };
         let json = serde_json::to_value(&info).unwrap();

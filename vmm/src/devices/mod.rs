@@ -9,6 +9,7 @@ use crate::exit::{ExitReason, ExitSignal, PowerCutCause};
 use crate::layout;
 pub use crate::pmem::FlushFailure;
 use crate::pmem::{PmemBus, PmemWrite};
+use crate::power_cut::PowerSwitch;
 
 use power::{PowerDevice, I8042};
 use serial::SerialDevice;
@@ -20,25 +21,24 @@ pub struct Bus {
     power: PowerDevice,
     pmem: PmemBus,
     exit: Arc<ExitSignal>,
+    switch: PowerSwitch,
 }
 
 impl Bus {
-    pub fn new(serial: Arc<Mutex<SerialDevice>>, exit: Arc<ExitSignal>, pmem: PmemBus) -> Self {
+    pub fn new(
+        serial: Arc<Mutex<SerialDevice>>,
+        exit: Arc<ExitSignal>,
+        pmem: PmemBus,
+        switch: PowerSwitch,
+    ) -> Self {
         Bus {
             serial,
             i8042: Mutex::new(power::i8042(exit.clone())),
             power: PowerDevice::new(exit.clone()),
             pmem,
             exit,
+            switch,
         }
-    }
-
-    /// Cuts the power: no NVDIMM writes anything back from now on, and the VM stops. What the
-    /// guest did not flush is lost (for `persist=flush` devices; see docs/persistence.md).
-    /// The stop comes first, so a vCPU whose flush the cut ends never re-enters the guest.
-    pub fn power_cut(&self, cause: PowerCutCause) {
-        self.exit.request(ExitReason::PowerCut(cause));
-        self.pmem.power_cut();
     }
 
     /// A guest `in`. Ports nobody decodes read as all ones, like an empty ISA bus.
@@ -77,7 +77,7 @@ impl Bus {
                 // The reset trigger cannot fail: it only records the exit reason.
                 let _ = lock(&self.i8042).write((port - layout::I8042_DATA_PORT) as u8, value);
             }
-            layout::TEST_CRASH_PORT => self.power_cut(PowerCutCause::Guest),
+            layout::TEST_CRASH_PORT => self.switch.cut(PowerCutCause::Guest),
             p => self.power.write(p, value),
         }
     }
@@ -94,7 +94,7 @@ impl Bus {
     /// A guest MMIO write by vCPU `vcpu` outside every memslot, or into pmem KVM could not
     /// back. `Some` when it is a flush (or a store) that did not become durable: the vCPU must
     /// not complete it.
-    pub fn mmio_write(&self, vcpu: u8, addr: u64, data: &[u8]) -> Option<FlushFailure> {
+    pub fn mmio_write(&self, vcpu: nvdimm::VcpuId, addr: u64, data: &[u8]) -> Option<FlushFailure> {
         match self.pmem.write(vcpu, addr, data) {
             PmemWrite::Claimed => None,
             PmemWrite::Unclaimed => {
@@ -117,7 +117,4 @@ impl Bus {
     }
 }
 
-/// Locks a device mutex; a vCPU that panicked while holding it leaves the device usable.
-pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+pub use nvdimm::lock::lock;

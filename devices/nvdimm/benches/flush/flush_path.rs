@@ -5,12 +5,13 @@
 //! rotates from round to round so that none always runs first.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use kvm_ioctls::Kvm;
 use nvdimm::dirty_ring::DEFAULT_RING_ENTRIES;
-use nvdimm::{enable_manual_protect, DirtyRings, Nvdimm, NvdimmError, NvdimmParams, PmemConfig};
+use nvdimm::lock::lock;
+use nvdimm::{enable_manual_protect, DirtyRings, Nvdimm, NvdimmParams, PersistMode, PmemConfig};
 
 use crate::common::{Exit, TinyVm};
 use crate::error::BenchError;
@@ -31,10 +32,6 @@ pub struct Round {
     pub msync: f64,
     /// Host: fsync of the file.
     pub fsync: f64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn timed(f: impl FnOnce() -> Result<(), BenchError>) -> Result<f64, BenchError> {
@@ -150,14 +147,15 @@ pub fn measure(
     };
     let manual_protect = rings.is_none() && enable_manual_protect(&vm.vm)?;
     let image = dir.join(format!("pmem-{}M-{pages}.img", size >> 20));
-    let persist = if setup.strict { "flush" } else { "adr" };
-    let cfg: PmemConfig = format!(
-        "path={},size={}M,sparse=on,persist={persist}",
-        image.display(),
-        size >> 20
-    )
-    .parse()
-    .map_err(NvdimmError::from)?;
+    let persist = if setup.strict {
+        PersistMode::Flush
+    } else {
+        PersistMode::Adr
+    };
+    let cfg = PmemConfig::new(image)
+        .with_size(size >> 20 << 20)
+        .with_sparse(true)
+        .with_persist(persist);
     let params = NvdimmParams {
         index: 0,
         slot: 1,
@@ -209,7 +207,7 @@ pub fn measure(
             exits.last()
         )));
     }
-    if dev.dirty_tracking() != tracking.name() {
+    if dev.dirty_tracking().as_str() != tracking.name() {
         return Err(BenchError::Check(format!(
             "the device's dirty tracking ended as {} (want {})",
             dev.dirty_tracking(),

@@ -6,11 +6,12 @@
 
 use std::fs::File;
 use std::os::fd::FromRawFd;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{Kvm, VmFd};
+use nvdimm::lock::lock;
 use nvdimm::mmap::Mapping;
 
 use crate::common::{Exit, TinyVm};
@@ -64,10 +65,6 @@ struct Marks {
     times: Vec<f64>,
     logged_pages: Vec<u64>,
     error: Option<String>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Microseconds each measured round of stores to `pages` pages took, logged or not; one

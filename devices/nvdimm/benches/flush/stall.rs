@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use nvdimm::{Nvdimm, NvdimmError, NvdimmParams, PmemConfig};
+use nvdimm::{Nvdimm, NvdimmParams, PmemConfig};
 
 use crate::error::BenchError;
 use crate::stats::{median, micros};
@@ -35,7 +35,7 @@ impl Stall {
     }
 }
 
-fn flush(dev: &Nvdimm, vcpu: u32) -> f64 {
+fn flush(dev: &Nvdimm, vcpu: nvdimm::VcpuId) -> f64 {
     let start = Instant::now();
     dev.mmio_write(vcpu, 0, &1u64.to_le_bytes())
         .expect("the flush failed");
@@ -52,9 +52,9 @@ fn dirty(dev: &Nvdimm, first: u64, pages: u64, stamp: u64) -> Result<(), BenchEr
 
 /// `rounds` rounds of each, on a sparse 1 GiB device in `dir`.
 pub fn measure(dir: &Path, rounds: usize) -> Result<Stall, BenchError> {
-    let cfg: PmemConfig = format!("path={},size=1G,sparse=on", dir.join("stall.img").display())
-        .parse()
-        .map_err(NvdimmError::from)?;
+    let cfg = PmemConfig::new(dir.join("stall.img"))
+        .with_size(1 << 30)
+        .with_sparse(true);
     let params = NvdimmParams {
         index: 0,
         slot: 1,

@@ -7,8 +7,6 @@
 #![allow(dead_code)]
 
 use std::fs::File;
-use std::io;
-use std::os::unix::io::AsRawFd;
 use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::Duration;
@@ -333,46 +331,4 @@ pub fn spawn_vcpu_with_ring(
         let _ = tx.send(exits);
     });
     rx
-}
-
-/// `struct cachestat_range` of cachestat(2).
-#[repr(C)]
-struct CachestatRange {
-    off: u64,
-    len: u64,
-}
-
-/// `struct cachestat` of cachestat(2): page-cache state of a file range, in pages.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Cachestat {
-    pub nr_cache: u64,
-    pub nr_dirty: u64,
-    pub nr_writeback: u64,
-    pub nr_evicted: u64,
-    pub nr_recently_evicted: u64,
-}
-
-const SYS_CACHESTAT: libc::c_long = 451;
-
-/// The host page cache's view of `len` bytes at `off` of `file` (Linux 6.5+).
-pub fn cachestat(file: &File, off: u64, len: u64) -> io::Result<Cachestat> {
-    let range = CachestatRange { off, len };
-    let mut stat = Cachestat::default();
-    // SAFETY: cachestat reads `range` and writes one `struct cachestat` into `stat`; both are
-    // repr(C) with the kernel's layout and live across the call; the fd is owned by `file`.
-    let rc = unsafe {
-        libc::syscall(
-            SYS_CACHESTAT,
-            file.as_raw_fd(),
-            &range as *const CachestatRange,
-            &mut stat as *mut Cachestat,
-            0u32,
-        )
-    };
-    if rc == 0 {
-        Ok(stat)
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }

@@ -1,21 +1,10 @@
-//! Reading pmvm's NVDIMM counters through its control socket (`GET /v1/pmem`).
+//! Reading pmvm's NVDIMM counters through its control socket (`GET /v1/pmem`), with pmvm's
+//! own client.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::PathBuf;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    #[error("cannot reach pmvm's control socket {path}: {err}")]
-    Connect { path: PathBuf, err: std::io::Error },
-    #[error("GET /v1/pmem on {path}: {err}")]
-    Io { path: PathBuf, err: std::io::Error },
-    #[error("GET /v1/pmem answered {status}: {body}")]
-    Status { status: String, body: String },
-    #[error("GET /v1/pmem returned a document this harness cannot read ({why}): {body}")]
-    Document { why: String, body: String },
-}
+use pmvm::api::client::Client;
+use pmvm::api::types::{PmemInfo, PmemList};
 
 /// One NVDIMM as the harness needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,6 +16,19 @@ pub struct Device {
     pub size: u64,
     pub flushes: u64,
     pub pages_written: u64,
+}
+
+impl From<&PmemInfo> for Device {
+    fn from(d: &PmemInfo) -> Device {
+        Device {
+            id: d.id.clone(),
+            path: PathBuf::from(&d.path),
+            guest_base: d.guest_base,
+            size: d.size_bytes,
+            flushes: d.stats.flushes,
+            pages_written: d.stats.pages_written,
+        }
+    }
 }
 
 /// Counters of every device, in guest-physical order (the guest's `dev=<n>`).
@@ -41,75 +43,18 @@ pub struct ApiCounters {
 
 impl CounterSource for ApiCounters {
     fn sample(&mut self) -> Result<Vec<Device>, String> {
-        get_pmem(&self.sock).map_err(|e| e.to_string())
+        let list = Client::new(&self.sock)
+            .pmem_list()
+            .map_err(|e| pmvm::api::error_chain(&e))?;
+        Ok(devices(&list))
     }
 }
 
-/// `GET /v1/pmem`, devices sorted by guest base address.
-pub fn get_pmem(sock: &Path) -> Result<Vec<Device>, ApiError> {
-    let io = |err| ApiError::Io {
-        path: sock.to_path_buf(),
-        err,
-    };
-    let mut s = UnixStream::connect(sock).map_err(|err| ApiError::Connect {
-        path: sock.to_path_buf(),
-        err,
-    })?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(io)?;
-    s.write_all(b"GET /v1/pmem HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .map_err(io)?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).map_err(io)?;
-    parse_response(&String::from_utf8_lossy(&raw))
-}
-
-/// Parses an HTTP response carrying a `PmemList` document.
-pub fn parse_response(raw: &str) -> Result<Vec<Device>, ApiError> {
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((raw, ""));
-    let status = head.lines().next().unwrap_or_default().to_string();
-    if status.split_whitespace().nth(1) != Some("200") {
-        return Err(ApiError::Status {
-            status,
-            body: body.trim().to_string(),
-        });
-    }
-    parse_pmem_list(body)
-}
-
-/// Reads the fields the harness uses from a `GET /v1/pmem` document.
-pub fn parse_pmem_list(body: &str) -> Result<Vec<Device>, ApiError> {
-    let doc_err = |why: String| ApiError::Document {
-        why,
-        body: body.chars().take(300).collect(),
-    };
-    let v: serde_json::Value =
-        serde_json::from_str(body.trim()).map_err(|e| doc_err(e.to_string()))?;
-    let list = v["devices"]
-        .as_array()
-        .ok_or_else(|| doc_err("no \"devices\" array".into()))?;
-    let mut out = Vec::new();
-    for d in list {
-        let num = |v: &serde_json::Value, name: &str| {
-            v.as_u64()
-                .ok_or_else(|| doc_err(format!("{name} is not an unsigned number")))
-        };
-        let text = |v: &serde_json::Value, name: &str| {
-            v.as_str()
-                .map(str::to_string)
-                .ok_or_else(|| doc_err(format!("{name} is not a string")))
-        };
-        out.push(Device {
-            id: text(&d["id"], "id")?,
-            path: PathBuf::from(text(&d["path"], "path")?),
-            guest_base: num(&d["guest_base"], "guest_base")?,
-            size: num(&d["size_bytes"], "size_bytes")?,
-            flushes: num(&d["stats"]["flushes"], "stats.flushes")?,
-            pages_written: num(&d["stats"]["pages_written"], "stats.pages_written")?,
-        });
-    }
+/// The devices of a `GET /v1/pmem` document, sorted by guest base address.
+pub fn devices(list: &PmemList) -> Vec<Device> {
+    let mut out: Vec<Device> = list.devices.iter().map(Device::from).collect();
     out.sort_by_key(|d| d.guest_base);
-    Ok(out)
+    out
 }
 
 #[cfg(test)]
@@ -131,8 +76,8 @@ mod tests {
 
     #[test]
     fn devices_come_back_in_guest_address_order() {
-        let raw = format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{DOC}");
-        let devs = parse_response(&raw).unwrap();
+        let list: PmemList = serde_json::from_str(DOC).unwrap();
+        let devs = devices(&list);
         assert_eq!(devs.len(), 2);
         assert_eq!(devs[0].id, "ext4");
         assert_eq!(devs[0].path, PathBuf::from("/tmp/a.img"));
@@ -142,30 +87,18 @@ mod tests {
     }
 
     #[test]
-    fn errors_quote_the_status_or_the_problem() {
-        let err = parse_response("HTTP/1.1 404 Not Found\r\n\r\n{\"error\":\"no such path\"}")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("404") && err.contains("no such path"), "{err}");
-        let err = parse_pmem_list(r#"{"devices":[{"id":"p"}]}"#)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("path is not a string"), "{err}");
-        let err = parse_pmem_list("nonsense").unwrap_err().to_string();
-        assert!(err.contains("cannot read"), "{err}");
-    }
-
-    #[test]
     fn a_missing_socket_names_its_path() {
-        let err = get_pmem(Path::new("/nonexistent/pmvm.sock"))
-            .unwrap_err()
-            .to_string();
+        let mut api = ApiCounters {
+            sock: PathBuf::from("/nonexistent/pmvm.sock"),
+        };
+        let err = api.sample().unwrap_err();
         assert!(err.contains("/nonexistent/pmvm.sock"), "{err}");
     }
 
     /// A real server on a real socket: one request, one answer.
     #[test]
-    fn get_pmem_speaks_http_over_the_socket() {
+    fn sampling_speaks_http_over_the_socket() {
+        use std::io::{Read, Write};
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("api.sock");
         let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
@@ -182,7 +115,7 @@ mod tests {
             .unwrap();
             req
         });
-        let devs = get_pmem(&sock).unwrap();
+        let devs = ApiCounters { sock }.sample().unwrap();
         assert_eq!(devs.len(), 2);
         let req = server.join().unwrap();
         assert!(req.starts_with("GET /v1/pmem HTTP/1.1\r\n"), "{req}");

@@ -247,7 +247,7 @@ impl<C: CounterSource> Session<C> {
 mod tests {
     use super::*;
     use crate::cases::pattern;
-    use crate::crc32c::crc32c;
+    use crc32c::crc32c;
     use std::os::unix::fs::FileExt;
     use std::path::{Path, PathBuf};
 

@@ -2,63 +2,14 @@
 //! file holds the reported bytes, and the host page cache holds them clean.
 
 use std::fs::File;
-use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::cases::Expect;
-use crate::crc32c::crc32c;
 use crate::protocol::Report;
+use crc32c::crc32c;
 
-/// `cachestat(2)`'s syscall number on x86-64 (Linux 6.5+).
-const SYS_CACHESTAT: libc::c_long = 451;
-
-/// Page-cache state of a file range, as `cachestat(2)` reports it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[repr(C)]
-pub struct CacheStat {
-    pub nr_cache: u64,
-    pub nr_dirty: u64,
-    pub nr_writeback: u64,
-    pub nr_evicted: u64,
-    pub nr_recently_evicted: u64,
-}
-
-#[repr(C)]
-struct CacheStatRange {
-    off: u64,
-    len: u64,
-}
-
-/// `cachestat(2)` of `off..off+len` of `file`.
-pub fn cachestat(file: &File, off: u64, len: u64) -> io::Result<CacheStat> {
-    let range = CacheStatRange { off, len };
-    let mut out = CacheStat::default();
-    // SAFETY: cachestat reads one cachestat_range and writes one struct cachestat; both are
-    // #[repr(C)] structs of five and two u64s that live across the call.
-    let rc = unsafe {
-        libc::syscall(
-            SYS_CACHESTAT,
-            file.as_raw_fd(),
-            &range as *const CacheStatRange,
-            &mut out as *mut CacheStat,
-            0u32,
-        )
-    };
-    if rc == 0 {
-        Ok(out)
-    } else {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ENOSYS) {
-            return Err(io::Error::new(
-                e.kind(),
-                "cachestat(2) is not available: the host kernel must be Linux 6.5 or newer",
-            ));
-        }
-        Err(e)
-    }
-}
+pub use pmvm::nvdimm::cachestat::{cachestat, CacheStat};
 
 /// Reads `len` bytes at `off` of `path` and compares their CRC-32C with `want`.
 pub fn check_data(path: &Path, off: u64, len: u64, want: u32) -> Result<(), String> {

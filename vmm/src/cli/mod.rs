@@ -1,8 +1,101 @@
-//! Command-line interface: the machine options and the client subcommands.
+//! Command-line interface: the machine options and the subcommands, and [`main`], which runs
+//! what the command line asks for.
+
+pub mod client;
+mod config;
+pub mod pmem_option;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
+
+use crate::machine::DirtyTracking;
+use crate::seccomp::SeccompMode;
+use crate::{crash_test, log_cmd, logger, platform, pmem, pmem_format, vm};
+use client::ClientCommand;
+
+/// The `pmvm` command.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logger::init();
+    match cli.command {
+        None => run_machine(&cli.machine),
+        Some(cmd) => run_subcommand(cmd),
+    }
+}
+
+fn run_subcommand(cmd: Command) -> ExitCode {
+    let cmd = match cmd {
+        Command::Stats { sock, json, watch } => ClientCommand::Stats {
+            sock: sock.api_sock,
+            json,
+            watch,
+        },
+        Command::Flush { sock, id } => ClientCommand::Flush {
+            sock: sock.api_sock,
+            id,
+        },
+        Command::Pause { sock } => ClientCommand::Pause {
+            sock: sock.api_sock,
+        },
+        Command::Resume { sock } => ClientCommand::Resume {
+            sock: sock.api_sock,
+        },
+        Command::Shutdown { sock } => ClientCommand::Shutdown {
+            sock: sock.api_sock,
+        },
+        Command::PowerCut { sock, id } => ClientCommand::PowerCut {
+            sock: sock.api_sock,
+            id,
+        },
+        Command::Pmem(args) => return pmem_format::run(args),
+        Command::Log(args) => return log_cmd::run(&args),
+        Command::CrashTest(args) => return crash_test::run(*args),
+    };
+    match client::run_client(cmd) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+fn run_machine(args: &MachineArgs) -> ExitCode {
+    let config = match config::machine_config(args) {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    if let Some(dir) = &args.dump_acpi {
+        // The devices' sizes shape the tables; files created to learn them do not outlive this.
+        let devices = match pmem::open_transient(&config.pmem, config.memory, config.cpus, false) {
+            Ok(d) => d,
+            Err(e) => return fail(&e),
+        };
+        let desc = platform::describe(&config, pmem::nfit_descs(&devices));
+        return match platform::dump_acpi(&desc, dir) {
+            Ok(files) => {
+                for f in files {
+                    println!("{}", f.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        };
+    }
+    let opts = vm::RunOptions {
+        kvm_device: args.kvm_device.clone(),
+        api_sock: args.api_sock.clone(),
+    };
+    match vm::run(&config, &opts) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => fail(&e),
+    }
+}
+
+/// Prints an error and its causes on one line, the way users read it: "what: why: why".
+fn fail(err: &dyn std::error::Error) -> ExitCode {
+    eprintln!("pmvm: {}", crate::api::error_chain(err));
+    ExitCode::FAILURE
+}
 
 /// pmvm boots a Linux guest (or the in-tree probe guest) on KVM with emulated NVDIMMs whose
 /// flushes are exact: every guest flush writes back exactly the pages the guest dirtied to the
@@ -102,8 +195,8 @@ pub struct MachineArgs {
     #[arg(long, hide = true)]
     pub seccomp_selftest: bool,
 
-    /// Write every ACPI table the guest would get to DIR/<SIGNATURE>.dat and exit without
-    /// running a guest. Decode them with `iasl -d DIR/*.dat`.
+    /// Write every ACPI table the guest would get to DIR/<SIGNATURE>.dat (DIR is created if
+    /// missing) and exit without running a guest. Decode them with `iasl -d DIR/*.dat`.
     #[arg(long, value_name = "DIR")]
     pub dump_acpi: Option<PathBuf>,
 
@@ -120,22 +213,6 @@ pub struct MachineArgs {
         hide_short_help = true
     )]
     pub kvm_device: PathBuf,
-}
-
-/// `--seccomp`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum SeccompMode {
-    Kill,
-    Log,
-    Off,
-}
-
-/// `--dirty-tracking`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum DirtyTracking {
-    Auto,
-    Ring,
-    Bitmap,
 }
 
 /// The default command line of a Linux guest on pmvm's platform.

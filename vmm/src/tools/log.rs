@@ -1,9 +1,9 @@
 //! `pmvm log list|replay|crash-states`: read a flush-epoch log (`--pmem ...,flush-log=PATH`)
 //! offline. The format and its reader are `nvdimm::flush_log`; this is the file handling.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -315,24 +315,18 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 }
 
 fn create_new(path: &Path) -> Result<File, LogCmdError> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|source| {
-            if source.kind() == io::ErrorKind::AlreadyExists {
-                LogCmdError::OutExists {
-                    path: path.to_path_buf(),
-                }
-            } else {
-                LogCmdError::Write {
-                    path: path.to_path_buf(),
-                    source,
-                }
+    nvdimm::files::create_private(path).map_err(|source| {
+        if source.kind() == io::ErrorKind::AlreadyExists {
+            LogCmdError::OutExists {
+                path: path.to_path_buf(),
             }
-        })
+        } else {
+            LogCmdError::Write {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    })
 }
 
 /// Copies `base` into a new file at `out`, leaving holes where `base` reads as zeros.
@@ -455,6 +449,8 @@ fn crash_states(
 
 #[cfg(test)]
 mod tests {
+    use std::fs::OpenOptions;
+
     use super::*;
     use nvdimm::flush_log::FlushLogWriter;
 
