@@ -170,6 +170,7 @@ mod tests {
                 size: 64 << 20,
                 flushes: 0,
                 pages_written: 0,
+                pending: None,
             }]));
             let reader = BufReader::new(std::fs::File::from(line_r));
             let mut transcript = Vec::new();

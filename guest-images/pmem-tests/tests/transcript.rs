@@ -90,6 +90,7 @@ fn replayed_against_rebuilt_backing_files_the_verdicts_follow_the_bytes() {
             size: 0,
             flushes: 0,
             pages_written: 0,
+            pending: None,
         })
         .collect();
     let mut session = Session::new(Writeback(devices));

@@ -16,6 +16,9 @@ pub struct Device {
     pub size: u64,
     pub flushes: u64,
     pub pages_written: u64,
+    /// Pages in pmvm's dirty log now: stored to since its last flush (None where the log
+    /// cannot be read without consuming it).
+    pub pending: Option<u64>,
 }
 
 impl From<&PmemInfo> for Device {
@@ -27,6 +30,7 @@ impl From<&PmemInfo> for Device {
             size: d.size_bytes,
             flushes: d.stats.flushes,
             pages_written: d.stats.pages_written,
+            pending: d.pending_dirty_pages,
         }
     }
 }

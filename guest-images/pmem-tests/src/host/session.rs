@@ -169,7 +169,7 @@ impl<C: CounterSource> Session<C> {
                 };
                 let flushes = a.flushes.saturating_sub(b.flushes);
                 let pages = a.pages_written.saturating_sub(b.pages_written);
-                let evidence = gather(&report, &a.path, flushes, pages);
+                let evidence = gather(&report, &a.path, flushes, pages, a.pending);
                 let verdict = judge(report.case.expect(), &evidence);
                 let ack = if verdict.is_failure() {
                     Ack::Fail(verdict.detail().chars().take(200).collect())
@@ -278,6 +278,7 @@ mod tests {
             size: 64 << 20,
             flushes: 10,
             pages_written: 100,
+            pending: None,
         }
     }
 

@@ -85,10 +85,18 @@ pub struct Evidence {
     pub data: Result<(), String>,
     /// Taken before the data was read.
     pub cache: Result<CacheStat, String>,
+    /// Pages of the device in pmvm's dirty log when the case reported.
+    pub pending: Option<u64>,
 }
 
 /// Gathers the evidence for `report` from its device's backing file.
-pub fn gather(report: &Report, backing: &Path, flushes: u64, pages: u64) -> Evidence {
+pub fn gather(
+    report: &Report,
+    backing: &Path,
+    flushes: u64,
+    pages: u64,
+    pending: Option<u64>,
+) -> Evidence {
     let cache = File::open(backing)
         .and_then(|f| cachestat(&f, report.off, report.len))
         .map_err(|e| format!("cachestat of {}: {e}", backing.display()));
@@ -98,6 +106,7 @@ pub fn gather(report: &Report, backing: &Path, flushes: u64, pages: u64) -> Evid
         pages,
         data,
         cache,
+        pending,
     }
 }
 
@@ -114,8 +123,16 @@ pub fn judge(expect: Expect, ev: &Evidence) -> Verdict {
             }
             match &ev.cache {
                 Ok(c) if c.nr_dirty + c.nr_writeback > 0 => problems.push(format!(
-                    "{} dirty and {} writeback pages of the range in the host page cache",
-                    c.nr_dirty, c.nr_writeback
+                    "{} dirty and {} writeback pages of the range in the host page cache{}",
+                    c.nr_dirty,
+                    c.nr_writeback,
+                    match ev.pending {
+                        Some(0) => " and none in pmvm's dirty log: a flush left them unwritten",
+                        Some(_) =>
+                            " (pmvm's dirty log holds pages the guest stored to after \
+                                    its last flush)",
+                        None => "",
+                    }
                 )),
                 Ok(_) => {}
                 Err(e) => problems.push(e.clone()),
@@ -169,6 +186,7 @@ mod tests {
             pages: 2,
             data,
             cache,
+            pending: None,
         }
     }
 
@@ -185,8 +203,22 @@ mod tests {
             nr_dirty: 2,
             ..CacheStat::default()
         });
-        let v = judge(Expect::Flush, &ev(3, Ok(()), dirty));
+        let v = judge(Expect::Flush, &ev(3, Ok(()), dirty.clone()));
         assert!(v.detail().contains("2 dirty"), "{v:?}");
+        // pmvm's dirty log tells a flush that missed pages from stores made after it.
+        for (pending, says) in [
+            (Some(0), "a flush left them unwritten"),
+            (Some(11), "stored to after its last flush"),
+        ] {
+            let v = judge(
+                Expect::Flush,
+                &Evidence {
+                    pending,
+                    ..ev(3, Ok(()), dirty.clone())
+                },
+            );
+            assert!(v.is_failure() && v.detail().contains(says), "{v:?}");
+        }
         let v = judge(Expect::Flush, &ev(3, Err("crc differs".into()), clean()));
         assert_eq!(v, Verdict::Fail("crc differs".into()));
         let v = judge(
@@ -259,7 +291,7 @@ mod tests {
         assert!(check_data(&dir.path().join("gone"), 0, 1, 0)
             .unwrap_err()
             .contains("cannot open"));
-        let ev = gather(&report(0x1_0000, 8192, crc), &path, 1, 2);
+        let ev = gather(&report(0x1_0000, 8192, crc), &path, 1, 2, None);
         assert_eq!(ev.data, Ok(()));
     }
 
@@ -285,7 +317,7 @@ mod tests {
             (after.nr_cache, after.nr_dirty, after.nr_writeback),
             (2, 0, 0)
         );
-        let ev = gather(&report(0, 8192, crc32c(&[0xa5u8; 8192])), &path, 1, 2);
+        let ev = gather(&report(0, 8192, crc32c(&[0xa5u8; 8192])), &path, 1, 2, None);
         assert_eq!(judge(Expect::Flush, &ev), Verdict::Pass);
     }
 }
