@@ -314,8 +314,8 @@ fn run_suite(boot: &Boot, image: &Image) -> SuiteRun {
     let boot_timeout = Duration::from_secs(300);
     let quiet_timeout = Duration::from_secs(180);
     let started = Instant::now();
-    // Progress: a console line, or pmvm's counters moving (a loaded host can slow a guest's mkfs
-    // past the limit without it printing; a hung guest neither prints nor flushes).
+    // Progress: a console line, or pmvm's counters or dirty log moving (a loaded host can slow a
+    // guest's mkfs past the limit without it printing; a hung guest neither prints nor stores).
     let mut last_line = Instant::now();
     let mut activity = ApiCounters { sock: sock.clone() };
     let mut last_counts = None;
@@ -365,7 +365,7 @@ fn run_suite(boot: &Boot, image: &Image) -> SuiteRun {
                 };
                 let counts = activity.sample().ok().map(|d| {
                     d.iter()
-                        .map(|d| (d.flushes, d.pages_written))
+                        .map(|d| (d.flushes, d.pages_written, d.pending))
                         .collect::<Vec<_>>()
                 });
                 if counts.is_some() && counts != last_counts {
@@ -374,7 +374,7 @@ fn run_suite(boot: &Boot, image: &Image) -> SuiteRun {
                 }
                 if last_line.elapsed() > limit && started.elapsed() > limit {
                     problems.push(format!(
-                        "no console line and no flush for {limit:?} while the guest was {} \
+                        "no console line and no store to pmem for {limit:?} while the guest was {} \
                          (stage: {})\n\
                          last console lines:\n{}",
                         session.position(),
