@@ -487,14 +487,27 @@ fn lock_path(path: &Path, readonly: bool) -> Result<Option<PathLock>, BackingErr
     }
 }
 
-/// Takes the whole-file advisory lock without waiting: exclusive to write, shared to read.
+/// How long a held lock is retried: a child that another thread of this process forked holds
+/// a copy of every descriptor, and so the lock of a just-closed file, until it execs.
+const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Takes the whole-file advisory lock: exclusive to write, shared to read. A lock another
+/// process keeps longer than `LOCK_RETRY` is an error, not a wait.
 fn lock(file: &File, path: &Path, readonly: bool) -> Result<(), BackingError> {
     let op = if readonly {
         libc::LOCK_SH
     } else {
         libc::LOCK_EX
     };
-    match try_flock(file, op) {
+    let deadline = std::time::Instant::now() + LOCK_RETRY;
+    let mut held = try_flock(file, op);
+    while matches!(&held, Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK))
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        held = try_flock(file, op);
+    }
+    match held {
         Ok(()) => Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Err(BackingError::Locked {
             path: path.to_path_buf(),
