@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 . scripts/lib/apt.sh
 
 docs=()
-bench_args=(--reps 12 --max-pages 4096)
+bench_args=(--reps 8 --max-pages 4096)
 for a in "$@"; do
   case $a in
     --write-docs) docs=(--write-docs "$PWD/docs") ;;

@@ -10,6 +10,9 @@
 
 mod lines;
 mod report;
+// The flush benchmark's plot drawer: both benchmarks' SVGs look alike.
+#[path = "../../devices/nvdimm/benches/flush/svg.rs"]
+mod svg;
 mod vm;
 
 use std::path::{Path, PathBuf};
@@ -17,7 +20,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use lines::Event;
-use pmvm_tests::cachestat;
+use pmvm_tests::{cachestat, Pmvm};
 use vm::{Boot, Machine};
 
 /// Boot to the first line, and then each series, may take this long on an emulating host.
@@ -61,7 +64,7 @@ struct Args {
 fn parse_args() -> Result<Args, String> {
     let mut a = std::env::args().skip(1);
     let (mut pmvm, mut qemu, mut kernel, mut init, mut docs) = (None, None, None, None, None);
-    let (mut reps, mut max_pages) = (12, 4096);
+    let (mut reps, mut max_pages) = (8, 4096);
     while let Some(flag) = a.next() {
         let mut val = || a.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
@@ -109,6 +112,36 @@ fn make_image(pmvm: &Path, init: &Path, dir: &Path) -> Result<PathBuf, String> {
     Ok(img)
 }
 
+/// The next benchmark line from index `from` on; fails when the machine exits or stays
+/// silent for STEP_TIMEOUT, with the end of its console.
+fn next_line(vm: &mut Pmvm, from: usize, machine: Machine) -> Result<(usize, String), String> {
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    let tail = |vm: &Pmvm| {
+        let t = vm.transcript();
+        let lines: Vec<&str> = t.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    };
+    loop {
+        if let Ok(found) = vm.wait_for_from(from, "guest-bench: ", Duration::from_secs(2)) {
+            return Ok(found);
+        }
+        if let Ok((status, _)) = vm.wait_exit(Duration::ZERO) {
+            return Err(format!(
+                "{} exited ({status}) before the guest benchmark finished; last output:\n{}",
+                machine.name(),
+                tail(vm)
+            ));
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "{}: no line from the guest benchmark within {STEP_TIMEOUT:?}; last output:\n{}",
+                machine.name(),
+                tail(vm)
+            ));
+        }
+    }
+}
+
 /// Runs the benchmark on one machine, answering the guest at each of its pauses.
 fn run_one(machine: Machine, boot: &Boot, accel: &str) -> Result<Run, String> {
     let start = Instant::now();
@@ -117,17 +150,7 @@ fn run_one(machine: Machine, boot: &Boot, accel: &str) -> Result<Run, String> {
     let mut next = 0;
     let mut before = None;
     loop {
-        let (i, line) = vm
-            .wait_for_from(next, "guest-bench: ", STEP_TIMEOUT)
-            .map_err(|e| {
-                let tail: Vec<&str> = e.lines().rev().take(12).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                format!(
-                    "{}: no line from the guest benchmark within {STEP_TIMEOUT:?}; last output:\n{}",
-                    machine.name(),
-                    tail.join("\n")
-                )
-            })?;
+        let (i, line) = next_line(&mut vm, next, machine)?;
         next = i + 1;
         let Some(event) = lines::parse(&line) else {
             continue;

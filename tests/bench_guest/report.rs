@@ -3,9 +3,10 @@
 use std::fmt::Write;
 use std::path::Path;
 
-use plotters::prelude::*;
+use plotters::prelude::RGBColor;
 
 use crate::lines::median_p99;
+use crate::svg;
 use crate::vm::Machine;
 use crate::{Row, Run};
 
@@ -281,88 +282,47 @@ pub fn splice(doc: &str, section: &str) -> String {
 
 /// Guest msync latency against k on log-log axes: each machine, and pmvm's estimated part.
 fn plot(runs: &[Run], path: &Path) -> Result<(), String> {
-    let fail = |e: &dyn std::fmt::Display| format!("plot {}: {e}", path.display());
     let colors = [
         RGBColor(200, 30, 30),
         RGBColor(20, 90, 200),
         RGBColor(20, 150, 60),
         RGBColor(230, 130, 20),
     ];
-    let mut series: Vec<(String, Vec<(f64, f64)>)> = runs
+    let msync = |run: &Run, f: &dyn Fn(&Row) -> Option<f64>| -> Vec<(f64, f64)> {
+        run.rows
+            .iter()
+            .filter(|r| r.series == "msync")
+            .filter_map(|r| f(r).map(|y| (f64::from(r.k), y.max(1.0))))
+            .collect()
+    };
+    let mut lines: Vec<(String, Vec<(f64, f64)>)> = runs
         .iter()
         .map(|run| {
-            let pts = run
-                .rows
-                .iter()
-                .filter(|r| r.series == "msync")
-                .map(|r| (f64::from(r.k), med(r)))
-                .collect();
-            (format!("{} (guest-observed)", run.machine.name()), pts)
+            let name = format!("{} (guest-observed)", run.machine.name());
+            (name, msync(run, &|r| Some(med(r))))
         })
         .collect();
     if let Some(p) = find(runs, Machine::Pmvm) {
-        let pts = p
-            .rows
-            .iter()
-            .filter(|r| r.series == "msync")
-            .filter_map(|r| host_us(r).map(|h| (f64::from(r.k), h.max(1.0))))
-            .collect();
-        series.push(("pmvm's part (flush writeback, estimate)".into(), pts));
+        let name = "pmvm's part (flush writeback, estimate)".to_string();
+        lines.push((name, msync(p, &host_us)));
     }
-    let ys = series.iter().flat_map(|s| s.1.iter().map(|p| p.1));
-    let (lo, hi) = ys.fold((f64::INFINITY, 0f64), |(l, h), y| (l.min(y), h.max(y)));
-    let (y0, y1) = (
-        10f64.powf(lo.max(1.0).log10().floor()),
-        10f64.powf(hi.max(10.0).log10().ceil()),
-    );
+    let series: Vec<svg::Series> = lines
+        .into_iter()
+        .zip(colors.iter().cycle())
+        .map(|((name, pts), &c)| (name, c, pts))
+        .collect();
     let xmax = series
         .iter()
-        .flat_map(|s| s.1.iter().map(|p| p.0))
+        .flat_map(|s| s.2.iter().map(|p| p.0))
         .fold(4.0, f64::max);
-    let root = SVGBackend::new(path, (860, 520)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| fail(&e))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "Guest store to k pages + msync(MS_SYNC), DAX ext4",
-            ("sans-serif", 20),
-        )
-        .margin(15)
-        .x_label_area_size(45)
-        .y_label_area_size(70)
-        .build_cartesian_2d((1.0..xmax).log_scale(), (y0..y1).log_scale())
-        .map_err(|e| fail(&e))?;
-    chart
-        .configure_mesh()
-        .max_light_lines(4)
-        .x_desc("dirty pages k (4 KiB)")
-        .y_desc("median latency (µs)")
-        .x_label_formatter(&|x| format!("{x:.0}"))
-        .y_label_formatter(&|y| format!("{y:.0}"))
-        .draw()
-        .map_err(|e| fail(&e))?;
-    for ((name, points), &color) in series.iter().zip(colors.iter().cycle()) {
-        chart
-            .draw_series(LineSeries::new(
-                points.iter().copied(),
-                color.stroke_width(2),
-            ))
-            .map_err(|e| fail(&e))?
-            .label(name.as_str())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
-        chart
-            .draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))
-            .map_err(|e| fail(&e))?;
-    }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| fail(&e))?;
-    root.present().map_err(|e| fail(&e))
+    svg::draw(
+        path,
+        "Guest store to k pages + msync(MS_SYNC), DAX ext4",
+        "dirty pages k (4 KiB)",
+        (1.0, xmax),
+        &series,
+    )
+    .map_err(|e| format!("plot {}: {e}", path.display()))
 }
 
 #[cfg(test)]

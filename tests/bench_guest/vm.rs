@@ -43,7 +43,7 @@ fn cmdline(b: &Boot, pci: bool) -> String {
     };
     let pci = if pci { "" } else { "pci=off" };
     format!(
-        "console=ttyS0 {profile} reboot=k {pci} quiet root=/dev/pmem0 rootflags=dax rw \
+        "console=ttyS0 {profile} reboot=k {pci} root=/dev/pmem0 rootflags=dax rw \
          init=/init {}",
         b.bench_env
     )
