@@ -5,23 +5,30 @@
 # what each left dirty in the host page cache (tests/bench_guest/). scripts/bench.sh runs it
 # last. A few minutes on hardware KVM; on an emulating host (nested PVM) about half an hour.
 #
-#   scripts/bench-guest.sh [--write-docs] [--quick]
+#   scripts/bench-guest.sh [--write-docs] [--quick] [--reps N] [--max-pages K]
 #     --write-docs  replace its section of docs/benchmarks.md and docs/bench/guest-msync.svg
 #     --quick       3 repetitions up to 64 pages: a smoke run
+#     --reps N, --max-pages K  repetitions per series (default 8) and the largest msync set
+#                   (default 4096 pages; each of its repetitions stores to every page)
 # Any failing step ends the script with one line: "bench-guest: <step> failed: <why>".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/apt.sh
 
 docs=()
-bench_args=(--reps 8 --max-pages 4096)
-for a in "$@"; do
-  case $a in
+reps=8
+max_pages=4096
+while (($#)); do
+  case $1 in
     --write-docs) docs=(--write-docs "$PWD/docs") ;;
-    --quick) bench_args=(--reps 3 --max-pages 64) ;;
-    *) echo "bench-guest: unknown argument $a (--write-docs, --quick)" >&2; exit 2 ;;
+    --quick) reps=3 max_pages=64 ;;
+    --reps) reps=${2:?--reps needs a number}; shift ;;
+    --max-pages) max_pages=${2:?--max-pages needs a number}; shift ;;
+    *) echo "bench-guest: unknown argument $1 (--write-docs, --quick, --reps N, --max-pages K)" >&2; exit 2 ;;
   esac
+  shift
 done
+bench_args=(--reps "$reps" --max-pages "$max_pages")
 
 logdir=$(mktemp -d /tmp/bench-guest.XXXXXX)
 # Runs one step, its stdout in $logdir/NAME.out and its stderr in $logdir/NAME.log; on failure
