@@ -210,7 +210,7 @@ fn meaning(runs: &[Run]) -> String {
 }
 
 /// The section, from BEGIN to END.
-pub fn markdown(runs: &[Run], seconds: f64, plot: &str) -> String {
+pub fn markdown(runs: &[Run], missing: &[(Machine, String)], seconds: f64, plot: &str) -> String {
     let date = std::process::Command::new("date")
         .args(["-u", "+%Y-%m-%d %H:%M UTC"])
         .output()
@@ -239,6 +239,14 @@ pub fn markdown(runs: &[Run], seconds: f64, plot: &str) -> String {
         accel.join(", ")
     )
     .unwrap();
+    for (m, why) in missing {
+        writeln!(
+            w,
+            "**Partial run: {} did not complete** ({why}); its columns are missing.\n",
+            m.name()
+        )
+        .unwrap();
+    }
     if let Some(p) = find(runs, Machine::Pmvm) {
         writeln!(w, "### pmvm: the guest's time and pmvm's part of it\n").unwrap();
         w.push_str(&pmvm_table(p));
@@ -253,7 +261,12 @@ pub fn markdown(runs: &[Run], seconds: f64, plot: &str) -> String {
 }
 
 /// Replaces (or appends) the section in `docs/benchmarks.md` and draws its plot.
-pub fn write_docs(runs: &[Run], seconds: f64, docs: &Path) -> Result<(), String> {
+pub fn write_docs(
+    runs: &[Run],
+    missing: &[(Machine, String)],
+    seconds: f64,
+    docs: &Path,
+) -> Result<(), String> {
     let svg = docs.join(PLOT);
     if let Some(parent) = svg.parent() {
         std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
@@ -261,7 +274,7 @@ pub fn write_docs(runs: &[Run], seconds: f64, docs: &Path) -> Result<(), String>
     plot(runs, &svg)?;
     let path = docs.join("benchmarks.md");
     let old = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let section = markdown(runs, seconds, PLOT);
+    let section = markdown(runs, missing, seconds, PLOT);
     std::fs::write(&path, splice(&old, &section))
         .map_err(|e| format!("writing {}: {e}", path.display()))
 }
