@@ -45,6 +45,21 @@ pub struct HostPart {
     pub bucket: Option<(u64, u64)>,
 }
 
+/// The whole run, beside the machines' rows.
+pub struct Summary {
+    /// Machines that did not finish, with the first line of why.
+    pub missing: Vec<(Machine, String)>,
+    pub seconds: f64,
+    /// The host's 1-minute load average before and after each machine.
+    pub load: Vec<f64>,
+}
+
+/// The host's 1-minute load average, from /proc/loadavg.
+fn load1() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
+
 pub struct Run {
     pub machine: Machine,
     /// How QEMU ran the guest (`kvm` or `tcg`); pmvm always uses KVM.
@@ -272,6 +287,7 @@ fn main_inner() -> Result<(), String> {
     let started = Instant::now();
     let mut runs = Vec::new();
     let mut missing = Vec::new();
+    let mut load = Vec::new();
     for machine in [Machine::Pmvm, Machine::QemuNvdimm, Machine::QemuVirtioPmem] {
         let image = vm::copy_image(&base, dir.path(), machine)?;
         let sock = dir.path().join("api.sock");
@@ -284,18 +300,21 @@ fn main_inner() -> Result<(), String> {
             bench_env: &bench_env,
         };
         println!("bench-guest: running on {}", machine.name());
+        load.extend(load1());
         let run = match machine {
             Machine::Pmvm => run_one(machine, &boot, "kvm").map_err(|f| f.why)?,
             _ => match run_qemu(machine, &boot) {
                 Ok(run) => run,
                 // pmvm's figures stand without it; the report says which machine is missing.
                 Err(why) => {
+                    load.extend(load1());
                     println!("bench-guest: {why}");
                     missing.push((machine, why.lines().next().unwrap_or("").to_string()));
                     continue;
                 }
             },
         };
+        load.extend(load1());
         println!(
             "bench-guest: {} done in {:.0} s",
             machine.name(),
@@ -304,13 +323,17 @@ fn main_inner() -> Result<(), String> {
         runs.push(run);
         let _ = std::fs::remove_file(&image);
     }
-    let seconds = started.elapsed().as_secs_f64();
+    let summary = Summary {
+        missing,
+        seconds: started.elapsed().as_secs_f64(),
+        load,
+    };
     print!(
         "{}",
-        report::markdown(&runs, &missing, seconds, "bench/guest-msync.svg")
+        report::markdown(&runs, &summary, "bench/guest-msync.svg")
     );
     if let Some(docs) = &args.docs {
-        report::write_docs(&runs, &missing, seconds, docs)?;
+        report::write_docs(&runs, &summary, docs)?;
     }
     Ok(())
 }
