@@ -245,7 +245,9 @@ pub fn markdown(runs: &[Run], summary: &Summary, plot: &str) -> String {
          minimal kernel (`guest-images/build-kernel.sh`) boots from a 64 MiB fsdax NVDIMM holding \
          a DAX ext4 root, and `guest-images/linux-init/guest-bench.c` times each operation with \
          the guest's clock. Each machine gets a fresh copy of the same image, the same kernel \
-         and command line, on this host, one after the other. *pmvm's part* is pmvm's \
+         and command line (`pci=off` but on virtio-pmem), 128 MiB of RAM and one vCPU, on this \
+         host, one after the other; QEMU runs a q35 machine with the image as a \
+         `memory-backend-file,share=on`. *pmvm's part* is pmvm's \
          flushes per operation times the middle of the histogram bucket of its median flush \
          (from `GET /v1/pmem` before and after each series; a bucket spans 2×, so it is an \
          estimate to within a third). *host-dirty pages* is `cachestat(2)` of the backing \

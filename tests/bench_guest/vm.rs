@@ -81,9 +81,13 @@ pub fn start(machine: Machine, b: &Boot, accel: &str) -> Result<Pmvm, String> {
         ("kvm", false) => "host",
         _ => "max",
     };
+    // q35 for both: virtio-pmem-pci has no MSI-X, so its interrupt is the INTx line that the
+    // ACPI _PRT method routes. pc's _PRT builds its table in an AML loop, which on an emulating
+    // host runs past ACPI's 30 s loop limit ("can't derive routing for PCI INT A"), and the
+    // guest then waits forever for its first flush; q35's _PRT returns a fixed table.
     let (machine_opt, device, pci) = match machine {
-        Machine::QemuNvdimm => ("pc,nvdimm=on", "nvdimm,id=nv0,memdev=pm0", false),
-        _ => ("pc", "virtio-pmem-pci,id=vp0,memdev=pm0", true),
+        Machine::QemuNvdimm => ("q35,nvdimm=on", "nvdimm,id=nv0,memdev=pm0", false),
+        _ => ("q35", "virtio-pmem-pci,id=vp0,memdev=pm0", true),
     };
     let args: Vec<String> = [
         "-accel",
