@@ -24,7 +24,6 @@
 #include <sys/mman.h>
 #include <sys/reboot.h>
 #include <sys/stat.h>
-#include <termios.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -51,15 +50,6 @@ static void fail(const char *what) {
 static void wait_host(void) {
   char c;
   if (read(0, &c, 1) != 1) fail("reading the host's answer");
-}
-
-static void raw_console(void) {
-  struct termios t;
-  if (tcgetattr(0, &t)) return;
-  t.c_lflag &= ~(ECHO | ICANON);
-  t.c_cc[VMIN] = 1;
-  t.c_cc[VTIME] = 0;
-  tcsetattr(0, TCSANOW, &t);
 }
 
 static uint64_t now_ns(void) {
