@@ -159,17 +159,22 @@ fn meaning(runs: &[Run]) -> String {
         } else {
             ""
         };
+        let durability = if dirty > 0 {
+            format!(
+                "right after the guest's sync, up to {dirty} pages of its backing file were still \
+                 dirty in the host page cache, so what the guest was told is durable would be \
+                 lost with the host"
+            )
+        } else {
+            "right after each guest sync, no page of its backing file was dirty in the host \
+             page cache"
+                .into()
+        };
         writeln!(
             w,
             "- {}: pmvm's median is {lo:.2}–{hi:.2}× its median across the operations{tcg}; \
-             right after the guest's sync, up to {dirty} pages of its backing file were still \
-             dirty in the host page cache{}",
+             {durability}.",
             other.name(),
-            if dirty > 0 {
-                ", so what the guest was told is durable would be lost with the host."
-            } else {
-                "."
-            }
         )
         .unwrap();
     }
@@ -185,28 +190,66 @@ fn meaning(runs: &[Run]) -> String {
     )
     .unwrap();
     if let Some(v) = find(runs, Machine::QemuVirtioPmem) {
-        let cross = msync
+        let pairs: Vec<(u32, f64, f64)> = msync
             .iter()
-            .find(|r| row(v, "msync", r.k).is_some_and(|o| med(r) > med(o)));
+            .filter_map(|r| row(v, "msync", r.k).map(|o| (r.k, med(r), med(o))))
+            .collect();
         writeln!(
             w,
-            "- Per-page flushing against flushing everything: {}",
-            match cross {
-                Some(r) => format!(
-                    "from {} dirty pages on, pmvm's msync is slower than virtio-pmem's, which \
-                     fsyncs the whole file each time.",
-                    r.k
-                ),
-                None => format!(
-                    "pmvm's msync stays faster than virtio-pmem's whole-file fsync up to {} \
-                     pages, the largest set measured.",
-                    msync.last().map_or(0, |r| r.k)
-                ),
-            }
+            "- Per-page flushing (pmvm) against flushing the whole file (virtio-pmem): {}",
+            per_page_against_whole(&pairs)
         )
         .unwrap();
     }
     w
+}
+
+/// Where pmvm's msync of k pages is faster than virtio-pmem's, whose flush fsyncs the whole
+/// file, and from which k on it stays slower, from (k, pmvm median, virtio-pmem median).
+fn per_page_against_whole(pairs: &[(u32, f64, f64)]) -> String {
+    let ks = |faster: bool| -> Vec<String> {
+        pairs
+            .iter()
+            .filter(|p| (p.1 < p.2) == faster)
+            .map(|p| p.0.to_string())
+            .collect()
+    };
+    let (faster, slower) = (ks(true), ks(false));
+    let Some(largest) = pairs.last().map(|p| p.0) else {
+        return "not measured.".into();
+    };
+    // The first k of the trailing run of k where pmvm is slower.
+    let stays_slower = pairs
+        .iter()
+        .rev()
+        .take_while(|p| p.1 >= p.2)
+        .last()
+        .map(|p| p.0);
+    let mut s = format!(
+        "pmvm's median is lower at k = {}, higher at k = {}",
+        if faster.is_empty() {
+            "none".into()
+        } else {
+            faster.join(", ")
+        },
+        if slower.is_empty() {
+            "none".into()
+        } else {
+            slower.join(", ")
+        },
+    );
+    match stays_slower {
+        Some(k) => write!(
+            s,
+            "; from {k} dirty pages on, up to {largest}, flushing the whole file is faster."
+        ),
+        None => write!(
+            s,
+            "; per-page flushing still pays off at {largest} pages, the largest set measured."
+        ),
+    }
+    .unwrap();
+    s
 }
 
 /// How busy the host was: the figures are only comparable within one run.
@@ -356,6 +399,26 @@ fn plot(runs: &[Run], path: &Path) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn per_page_against_whole_finds_where_pmvm_stays_slower() {
+        let mixed = [
+            (1, 10.0, 12.0),
+            (4, 13.0, 12.0),
+            (16, 11.0, 12.0),
+            (64, 20.0, 15.0),
+        ];
+        let s = per_page_against_whole(&mixed);
+        assert!(s.contains("lower at k = 1, 16, higher at k = 4, 64"), "{s}");
+        assert!(s.contains("from 64 dirty pages on, up to 64"), "{s}");
+        let tail = [(1, 10.0, 12.0), (4, 13.0, 12.0), (16, 14.0, 12.0)];
+        assert!(per_page_against_whole(&tail).contains("from 4 dirty pages on, up to 16"));
+        let never = [(1, 10.0, 12.0), (4, 13.0, 12.0), (16, 11.0, 12.0)];
+        let s = per_page_against_whole(&never);
+        assert!(s.contains("still pays off at 16 pages"), "{s}");
+        assert!(s.contains("higher at k = 4;"), "{s}");
+        assert_eq!(per_page_against_whole(&[]), "not measured.");
+    }
 
     #[test]
     fn load_note_gives_the_range_or_nothing() {
