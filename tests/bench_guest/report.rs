@@ -153,23 +153,12 @@ fn meaning(runs: &[Run]) -> String {
         let (lo, hi) = ratios
             .iter()
             .fold((f64::INFINITY, 0f64), |(l, h), &x| (l.min(x), h.max(x)));
-        let dirty: u64 = q.rows.iter().map(|r| r.dirty).max().unwrap_or(0);
         let tcg = if q.accel == "tcg" {
             " (QEMU ran under TCG here: its latencies are not comparable, its durability is)"
         } else {
             ""
         };
-        let durability = if dirty > 0 {
-            format!(
-                "right after the guest's sync, up to {dirty} pages of its backing file were still \
-                 dirty in the host page cache, so what the guest was told is durable would be \
-                 lost with the host"
-            )
-        } else {
-            "right after each guest sync, no page of its backing file was dirty in the host \
-             page cache"
-                .into()
-        };
+        let durability = durability(&q.rows);
         writeln!(
             w,
             "- {}: pmvm's median is {lo:.2}–{hi:.2}× its median across the operations{tcg}; \
@@ -202,6 +191,35 @@ fn meaning(runs: &[Run]) -> String {
         .unwrap();
     }
     w
+}
+
+/// What the host page cache held of a machine's backing file right after the guest's syncs.
+/// Only when every msync of k pages left at least k pages dirty are they taken to be the
+/// synced data; fewer may as well be what the guest kernel wrote after its flush.
+fn durability(rows: &[Row]) -> String {
+    let Some(worst) = rows.iter().filter(|r| r.dirty > 0).max_by_key(|r| r.dirty) else {
+        return "right after each guest sync, no page of its backing file was dirty in the host \
+                page cache"
+            .into();
+    };
+    let mut msync = rows.iter().filter(|r| r.series == "msync").peekable();
+    if msync.peek().is_some() && msync.all(|r| r.dirty >= u64::from(r.k)) {
+        return format!(
+            "after every msync of k pages, at least k pages of its backing file (up to {}) were \
+             still dirty in the host page cache: what the guest was told is durable was only in \
+             the host's memory, and a host crash would lose it",
+            worst.dirty
+        );
+    }
+    let n = rows.iter().filter(|r| r.dirty > 0).count();
+    format!(
+        "{n} of its {} series left pages of its backing file dirty in the host page cache right \
+         after the guest's sync, at most {} ({}); as not every msync left its k pages dirty, this \
+         run does not tell whether they were synced data or later writes of the guest",
+        rows.len(),
+        worst.dirty,
+        label(worst)
+    )
 }
 
 /// Where pmvm's msync of k pages is faster than virtio-pmem's, whose flush fsyncs the whole
@@ -399,6 +417,36 @@ fn plot(runs: &[Run], path: &Path) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn dirty_row(series: &str, k: u32, dirty: u64) -> Row {
+        Row {
+            series: series.into(),
+            k,
+            us: vec![1],
+            dirty,
+            host: None,
+        }
+    }
+
+    #[test]
+    fn durability_calls_pages_lost_only_when_each_msync_left_its_pages_dirty() {
+        let clean = [dirty_row("msync", 4, 0), dirty_row("fdatasync", 0, 0)];
+        assert!(durability(&clean).starts_with("right after each guest sync, no page"));
+        let lost = [dirty_row("write-fsync", 1, 52), dirty_row("msync", 4, 16)];
+        let s = durability(&lost);
+        assert!(
+            s.contains("at least k pages of its backing file (up to 52)"),
+            "{s}"
+        );
+        let some = [dirty_row("msync", 4, 0), dirty_row("msync", 4096, 32)];
+        let s = durability(&some);
+        assert!(s.starts_with("1 of its 2 series"), "{s}");
+        assert!(
+            s.contains("at most 32 (store to 4096 pages + msync)"),
+            "{s}"
+        );
+        assert!(!s.contains("would lose"), "{s}");
+    }
 
     #[test]
     fn per_page_against_whole_finds_where_pmvm_stays_slower() {
