@@ -148,6 +148,9 @@ fn choose_tracking(vm: &Arc<VmFd>, config: &MachineConfig) -> Result<Tracking, V
     if want_ring {
         match DirtyRings::enable(vm.clone(), DEFAULT_RING_ENTRIES).map_err(VmError::DirtyRing)? {
             Some(rings) => {
+                let rings = rings.on_overflow(|overflow| {
+                    log::warn!("{overflow}; --dirty-tracking bitmap avoids this on this host")
+                });
                 log::info!(
                     "pmem dirty tracking: KVM dirty ring, {} entries per vCPU",
                     rings.entries()

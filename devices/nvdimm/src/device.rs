@@ -412,7 +412,7 @@ impl Nvdimm {
     }
 
     /// Creates the `flush-log=` file, if the device has one and it is not created yet. Attach
-    /// does this, so only a VM that runs creates a log (not `--dump-acpi`).
+    /// does this, so only a VM that runs creates a log (not one built only for its ACPI tables).
     pub fn open_flush_log(&self) -> Result<(), NvdimmError> {
         let Some(path) = &self.flush_log_path else {
             return Ok(());
