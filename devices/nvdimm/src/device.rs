@@ -1064,22 +1064,7 @@ impl Nvdimm {
 
     /// One line for stderr at exit.
     pub fn summary_line(&self) -> String {
-        let s = self.stats();
-        format!(
-            "{}: {} flushes ({} empty) + {} host flushes, {} pages in {} runs ({:.1} MiB) written, \
-             latency p50 {}us p99 {}us max {}us, {} errors",
-            self.id,
-            s.flushes,
-            s.empty_flushes,
-            s.host_flushes,
-            s.pages_written,
-            s.runs,
-            s.bytes_written as f64 / (1u64 << 20) as f64,
-            s.latency_us.p50,
-            s.latency_us.p99,
-            s.latency_us.max,
-            s.errors,
-        )
+        format!("{}: {}", self.id, self.stats().summary())
     }
 
     /// Copies bytes out of the device (host view, for tests and the API).
