@@ -148,20 +148,17 @@ impl PmemBus {
 
     /// Why the VM must stop for a device whose backing file is now shorter than the device,
     /// looking at every file's length now.
-    pub fn check_fatal_now(&self) -> Option<String> {
-        self.devices.iter().find_map(|d| d.check_fatal_now())
+    pub fn check_lengths(&self) -> Option<String> {
+        self.devices
+            .iter()
+            .find_map(|d| d.check_length().err().and_then(|e| stop_line(d, &e)))
     }
 
     /// Handles a write by vCPU `vcpu`. A guest flush runs to completion here, on the vCPU
-    /// thread, before the vCPU re-enters the guest; if it found the device's file truncated,
-    /// the VM must stop.
+    /// thread, before the vCPU re-enters the guest; its outcome says whether the vCPU may.
     pub fn write(&self, vcpu: VcpuId, addr: u64, data: &[u8]) -> PmemWrite {
         if let Some((dev, off)) = self.hint_target(addr) {
-            let flushed = dev.mmio_write(vcpu, off, data);
-            if let Some(msg) = dev.fatal_error() {
-                return PmemWrite::Fatal(msg);
-            }
-            return match flushed {
+            return match dev.mmio_write(vcpu, off, data) {
                 Ok(()) => PmemWrite::Claimed,
                 Err(e) => PmemWrite::Failed(FlushFailure::of(dev, &e)),
             };
@@ -181,8 +178,8 @@ impl PmemBus {
             }
             // A writable device's range is all memslot: KVM exits here only when it could
             // not back the page. A truncated file cannot be fixed by a retry: stop.
-            if let Some(msg) = dev.check_fatal_now() {
-                return PmemWrite::Fatal(msg);
+            if let Err(e) = dev.check_length() {
+                return PmemWrite::Failed(FlushFailure::of(dev, &e));
             }
             // Otherwise (a full file system, say) the store is not lost: the device keeps
             // it for the retry, and the vCPU waits.
@@ -193,30 +190,35 @@ impl PmemBus {
     }
 }
 
-/// A guest write that did not become durable, and what the VM does about it.
+/// The line pmvm stops with when `e`, from a flush of `dev`, means no flush of it can
+/// succeed again (its backing file shrank); None for a failure a retry may clear.
+pub fn stop_line(dev: &Nvdimm, e: &FlushError) -> Option<String> {
+    e.is_fatal().then(|| format!("{}: {e}; stopping", dev.id()))
+}
+
+/// A guest write that did not become durable, and what the VM does about it. In every case
+/// the vCPU does not complete the write.
 #[derive(Debug, PartialEq, Eq)]
-pub struct FlushFailure {
-    /// None when the VM is stopping (a power cut, a fatal error): nothing to retry.
-    pub fault: Option<IoFault>,
-    pub on_error: OnError,
+pub enum FlushFailure {
+    /// No flush of the device can succeed again: the VM stops with this line.
+    Fatal(String),
+    /// The VM is stopping (a power cut): nothing to retry.
+    Stopping,
+    /// The device is in fault until a retry succeeds; `on_error` says whether the VM waits.
+    Fault { fault: IoFault, on_error: OnError },
 }
 
 impl FlushFailure {
-    /// The VM is stopping under this write.
-    pub fn stopping() -> Self {
-        FlushFailure {
-            fault: None,
-            on_error: OnError::Exit,
-        }
-    }
-
     fn of(dev: &Nvdimm, e: &FlushError) -> Self {
-        FlushFailure {
-            fault: match e {
-                FlushError::PoweredOff => None,
-                _ => dev.io_fault(),
+        if let Some(line) = stop_line(dev, e) {
+            return FlushFailure::Fatal(line);
+        }
+        match (e, dev.io_fault()) {
+            (FlushError::PoweredOff, _) | (_, None) => FlushFailure::Stopping,
+            (_, Some(fault)) => FlushFailure::Fault {
+                fault,
+                on_error: dev.on_error(),
             },
-            on_error: dev.on_error(),
         }
     }
 }
@@ -227,8 +229,6 @@ pub enum PmemWrite {
     /// No NVDIMM's hint page or range holds the address.
     Unclaimed,
     Claimed,
-    /// A flush found the device's backing file truncated: why the VM must stop.
-    Fatal(String),
     /// A flush or store that is not durable: the vCPU must not complete it.
     Failed(FlushFailure),
 }
@@ -261,6 +261,37 @@ mod tests {
         assert_eq!(devices[0].guest_base(), 1 << 32);
         drop(devices);
         assert!(created.exists(), "a device set that opened lost its file");
+    }
+
+    #[test]
+    fn a_flush_that_finds_the_file_shrunk_stops_the_vm_with_one_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.img");
+        let devices = open_all(
+            &[PmemConfig::new(&path).with_size(2 << 20)],
+            512 << 20,
+            1,
+            false,
+        )
+        .unwrap();
+        let bus = PmemBus::new(devices);
+        let hint = layout::FLUSH_HINT_START;
+        assert_eq!(bus.write(0, hint, &[1; 8]), PmemWrite::Claimed);
+        assert_eq!(bus.check_lengths(), None);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_len(0))
+            .unwrap();
+        let PmemWrite::Failed(FlushFailure::Fatal(line)) = bus.write(0, hint, &[1; 8]) else {
+            panic!("a shrunk file must stop the VM");
+        };
+        let says = format!("pmem0: backing file {} shrank to 0 bytes", path.display());
+        assert!(
+            line.starts_with(&says) && line.ends_with("; stopping"),
+            "{line}"
+        );
+        assert_eq!(bus.check_lengths(), Some(line));
     }
 
     #[test]

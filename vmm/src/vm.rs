@@ -593,7 +593,13 @@ fn start_background_writeback(
         let spawned = std::thread::Builder::new()
             .name(format!("wb-{}", d.id()))
             .spawn(move || match filter.apply() {
-                Ok(()) => dev.run_background_writeback(),
+                Ok(()) => {
+                    if let Err(e) = dev.run_background_writeback() {
+                        // No vCPU or API call may come to stop the VM: say it here.
+                        let line = crate::pmem::stop_line(&dev, &e);
+                        log::error!("{}", line.unwrap_or_else(|| nvdimm::error_chain(&e)));
+                    }
+                }
                 Err(e) => log::error!("{}: {e}; no background writeback", dev.id()),
             });
         match spawned {

@@ -5,7 +5,7 @@ pub mod serial;
 
 use std::sync::{Arc, Mutex};
 
-use crate::exit::{ExitReason, ExitSignal, PowerCutCause};
+use crate::exit::{ExitSignal, PowerCutCause};
 use crate::layout;
 pub use crate::pmem::FlushFailure;
 use crate::pmem::{PmemBus, PmemWrite};
@@ -20,7 +20,6 @@ pub struct Bus {
     i8042: Mutex<I8042>,
     power: PowerDevice,
     pmem: PmemBus,
-    exit: Arc<ExitSignal>,
     switch: PowerSwitch,
 }
 
@@ -34,9 +33,8 @@ impl Bus {
         Bus {
             serial,
             i8042: Mutex::new(power::i8042(exit.clone())),
-            power: PowerDevice::new(exit.clone()),
+            power: PowerDevice::new(exit),
             pmem,
-            exit,
             switch,
         }
     }
@@ -101,11 +99,6 @@ impl Bus {
                 log::debug!("unclaimed MMIO write of {} bytes at {addr:#x}", data.len());
                 None
             }
-            // Nothing more can be made durable: the VM stops, and this write never completes.
-            PmemWrite::Fatal(msg) => {
-                self.exit.request(ExitReason::Fatal(msg));
-                Some(FlushFailure::stopping())
-            }
             PmemWrite::Failed(failure) => Some(failure),
         }
     }
@@ -113,7 +106,7 @@ impl Bus {
     /// Explains a failure of KVM to reach guest memory, if a truncated pmem backing file
     /// explains it.
     pub fn explain_memory_fault(&self) -> Option<String> {
-        self.pmem.check_fatal_now()
+        self.pmem.check_lengths()
     }
 }
 

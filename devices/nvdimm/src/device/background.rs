@@ -5,15 +5,17 @@ use std::time::Instant;
 
 use super::{FlushError, FlushSource, Nvdimm};
 use crate::lock::lock;
+use crate::writeback::Written;
 
 impl Nvdimm {
     /// The `writeback-interval=` loop: every interval, a writeback of whatever the guest
     /// dirtied, through the same group commit as flushes. Returns at once without an interval;
     /// otherwise blocks until [`Nvdimm::stop_background_writeback`] or a power cut. Run it on
-    /// a thread of its own.
-    pub fn run_background_writeback(&self) {
+    /// a thread of its own. Fails when a round meets a fatal error ([`FlushError::is_fatal`]),
+    /// after which no round can succeed.
+    pub fn run_background_writeback(&self) -> Result<(), FlushError> {
         let Some(interval) = self.writeback_interval else {
-            return;
+            return Ok(());
         };
         let mut stop = lock(&self.background_stop);
         loop {
@@ -30,14 +32,12 @@ impl Nvdimm {
                     .0;
             }
             if *stop {
-                return;
+                return Ok(());
             }
             drop(stop);
-            self.background_flush();
-            if let Some(msg) = self.fatal_error() {
-                // No vCPU or API call may come to stop the VM: say it here.
-                log::error!("{msg}");
-                return;
+            match self.background_flush() {
+                Err(e) if e.is_fatal() => return Err(e),
+                _ => {}
             }
             stop = lock(&self.background_stop);
         }
@@ -50,7 +50,7 @@ impl Nvdimm {
     }
 
     /// One background round, counted apart from flushes.
-    fn background_flush(&self) {
+    fn background_flush(&self) -> Result<Written, FlushError> {
         let committed = self
             .commit
             .commit(|| self.write_back_dirty(FlushSource::Background));
@@ -58,5 +58,6 @@ impl Nvdimm {
         if let Err(FlushError::PoweredOff) = committed.outcome {
             self.stop_background_writeback();
         }
+        committed.outcome
     }
 }

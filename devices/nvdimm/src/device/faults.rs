@@ -1,6 +1,7 @@
 //! What keeps a device from acknowledging flushes: the backing file checked before each
 //! writeback, the `io-error` fault a failed writeback records, guest stores KVM could not back,
-//! and the fatal case of a truncated file.
+//! and the fatal case of a truncated file ([`FlushError::Shrunk`], returned by every flush
+//! once found).
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
@@ -9,6 +10,7 @@ use super::{pages_spanned, FlushError, Nvdimm};
 use crate::config::PersistMode;
 use crate::error_chain as chain;
 use crate::fault::{errno_name, IoFault};
+use crate::flush_log::AppendError;
 use crate::lock::lock;
 
 impl Nvdimm {
@@ -53,11 +55,14 @@ impl Nvdimm {
         });
     }
 
-    /// Fails if the backing file is now shorter than the device (guest stores past its end
-    /// cannot be made durable, and host reads there would fault), or if the path no longer
-    /// names it (a flush would reach an orphaned inode).
+    /// Fails if the backing file is now shorter than the device or ever was (guest stores past
+    /// its end cannot be made durable, and host reads there would fault), or if the path no
+    /// longer names it (a flush would reach an orphaned inode).
     pub(super) fn check_backing(&self) -> Result<(), FlushError> {
         use std::os::unix::fs::MetadataExt;
+        if let Some(shrunk) = self.shrunk.get() {
+            return Err(shrunk.clone());
+        }
         let open = self
             .backing
             .file()
@@ -78,10 +83,7 @@ impl Nvdimm {
         }
         // From the same fstat: two syscalls per flush, not three.
         if open.len() < self.size() {
-            return Err(FlushError::Shrunk {
-                len: open.len(),
-                size: self.size(),
-            });
+            return Err(self.shrunk_error(Some(open.len())));
         }
         Ok(())
     }
@@ -97,33 +99,49 @@ impl Nvdimm {
         }
     }
 
-    pub(super) fn shrink_message(&self) -> String {
-        let len = match self.backing_shrunk() {
-            Some(Ok(len)) => format!("{len} bytes"),
-            _ => "less than the device".into(),
-        };
-        format!(
-            "{}: backing file {} shrank to {len} while the guest ran (the device needs {} \
-             bytes); stopping",
-            self.id,
-            self.path().display(),
-            self.size()
-        )
-    }
-
-    /// Why the VM must stop because of this device, if a writeback found it must: its backing
-    /// file was truncated under it.
-    pub fn fatal_error(&self) -> Option<String> {
-        self.fatal.get().cloned()
-    }
-
-    /// Like [`Nvdimm::fatal_error`], but checks the file's length now: for a fault the VMM
-    /// cannot otherwise explain (KVM failing to map guest memory).
-    pub fn check_fatal_now(&self) -> Option<String> {
-        if let Some(Ok(_)) = self.backing_shrunk() {
-            let _ = self.fatal.set(self.shrink_message());
+    /// The error `e` stands for if it means the backing file shrank: a page the flush log
+    /// could not read counts when the file is shorter than the device now.
+    fn shrunk_by(&self, e: &FlushError) -> Option<FlushError> {
+        match e {
+            FlushError::Shrunk { .. } => Some(e.clone()),
+            FlushError::Log(AppendError::ReadPage { .. }) => {
+                self.backing_shrunk().map(|len| self.shrunk_error(len.ok()))
+            }
+            _ => None,
         }
-        self.fatal_error()
+    }
+
+    fn shrunk_error(&self, len: Option<u64>) -> FlushError {
+        FlushError::Shrunk {
+            path: self.path().display().to_string(),
+            len,
+            size: self.size(),
+        }
+    }
+
+    /// Counts a failed writeback and returns what the flushes it covered fail with: the first
+    /// shrink found, for good (no later flush can succeed); otherwise `e`, recorded as the
+    /// device's fault until a writeback succeeds.
+    pub(super) fn failed_writeback(&self, e: FlushError) -> FlushError {
+        self.metrics.errors.inc();
+        if let Some(shrunk) = self.shrunk_by(&e) {
+            return self.shrunk.get_or_init(|| shrunk).clone();
+        }
+        if e != FlushError::PoweredOff {
+            self.record_fault(&e);
+            log::debug!("{}: writeback failed: {}", self.id, chain(&e));
+        }
+        e
+    }
+
+    /// Fails with [`FlushError::Shrunk`] if a writeback found the backing file shorter than the
+    /// device, or it is now: for a fault the VMM cannot otherwise explain (KVM failing to map
+    /// guest memory, or to back a store).
+    pub fn check_length(&self) -> Result<(), FlushError> {
+        if let Some(Ok(len)) = self.backing_shrunk() {
+            let _ = self.shrunk.set(self.shrunk_error(Some(len)));
+        }
+        self.shrunk.get().map_or(Ok(()), |e| Err(e.clone()))
     }
 
     /// Applies the guest stores KVM could not back, through the file (which the `adr` mapping

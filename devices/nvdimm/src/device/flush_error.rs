@@ -19,11 +19,18 @@ pub enum FlushError {
     Log(#[source] AppendError),
     #[error("the device has lost power (power cut); nothing is written back any more")]
     PoweredOff,
+    /// Fatal ([`FlushError::is_fatal`]): once found, every later flush of the device fails so.
     #[error(
-        "its backing file shrank to {len} bytes, below the device's {size}: it was truncated \
-         while pmvm ran, and what the guest stored past the new end is lost"
+        "backing file {path} shrank to {} while the guest ran (the device needs {size} \
+         bytes): what the guest stored past the new end is lost",
+        shrunk_len(*.len)
     )]
-    Shrunk { len: u64, size: u64 },
+    Shrunk {
+        path: String,
+        /// None when the file's length could not be read.
+        len: Option<u64>,
+        size: u64,
+    },
     #[error("cannot make every vCPU leave the guest before the harvest: {0}")]
     Barrier(String),
     #[error("cannot check the backing file's length")]
@@ -51,6 +58,12 @@ pub enum FlushError {
 }
 
 impl FlushError {
+    /// Whether no later flush of the device can succeed: the VM must stop rather than wait
+    /// for a retry.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, FlushError::Shrunk { .. })
+    }
+
     /// The host errno behind the failure, for the `io-error` report (EIO when none is known).
     pub fn errno(&self) -> i32 {
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(self);
@@ -65,5 +78,12 @@ impl FlushError {
             FlushError::UnbackedStore { .. } => libc::EFAULT,
             _ => libc::EIO,
         }
+    }
+}
+
+fn shrunk_len(len: Option<u64>) -> String {
+    match len {
+        Some(len) => format!("{len} bytes"),
+        None => "less than the device".into(),
     }
 }

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use crate::backing::{Backing, OpenedFile};
 use crate::config::{OnError, PersistMode, PmemConfig};
 use crate::fault::IoFault;
-use crate::flush_log::{self, AppendError, FlushLogWriter};
+use crate::flush_log::{self, FlushLogWriter};
 use crate::group_commit::GroupCommit;
 use crate::handler::{self, FlushHintAccess, HINT_WIDTH};
 use crate::in_flight::InFlight;
@@ -35,7 +35,7 @@ use crate::page_set::{run_pages, PageSet};
 use crate::reclaim::VcpuFence;
 use crate::stats::{FlushReport, PmemStats};
 use crate::writeback::{self, Written};
-use crate::{error_chain as chain, NvdimmError, VcpuId, MAX_HINTS, PAGE_SIZE};
+use crate::{NvdimmError, VcpuId, MAX_HINTS, PAGE_SIZE};
 
 mod attach;
 mod background;
@@ -113,9 +113,9 @@ pub struct Nvdimm {
     flush_log_path: Option<std::path::PathBuf>,
     /// Set by [`Nvdimm::power_cut`]: no writeback starts after it.
     power_lost: AtomicBool,
-    /// Why the device can no longer make the guest's stores durable (its file shrank); the VMM
-    /// stops the VM when it sees this.
-    fatal: OnceLock<String>,
+    /// Set when a writeback found the backing file shorter than the device: the stores past
+    /// its new end are lost, so every later flush fails with this (and the VMM stops the VM).
+    shrunk: OnceLock<FlushError>,
     /// The last writeback's failure, until a writeback succeeds: the VM stays in `io-error`.
     fault: Mutex<Option<IoFault>>,
     /// The writeback running now, for whoever asks while it is blocked in the file system.
@@ -218,7 +218,7 @@ impl Nvdimm {
             flush_log: Mutex::new(None),
             flush_log_path: cfg.flush_log.clone(),
             power_lost: AtomicBool::new(false),
-            fatal: OnceLock::new(),
+            shrunk: OnceLock::new(),
             fault: Mutex::new(None),
             in_flight: InFlight::default(),
             distrust_page_cache: AtomicBool::new(false),
@@ -411,7 +411,7 @@ impl Nvdimm {
                 written.map_err(FlushError::Writeback).map_err(keep_pending)
             });
         self.metrics.writebacks.inc();
-        match &result {
+        match result {
             Ok(written) => {
                 self.distrust_page_cache.store(false, Ordering::Release);
                 if lock(&self.fault).take().is_some() {
@@ -423,23 +423,10 @@ impl Nvdimm {
                 if source == FlushSource::Background {
                     self.metrics.background_pages.add(written.pages);
                 }
+                Ok(written)
             }
-            Err(e) => {
-                self.metrics.errors.inc();
-                let shrunk = matches!(
-                    e,
-                    FlushError::Shrunk { .. } | FlushError::Log(AppendError::ReadPage { .. })
-                ) && self.backing_shrunk().is_some();
-                if shrunk {
-                    // Fatal: the VMM stops the VM and prints this once.
-                    let _ = self.fatal.set(self.shrink_message());
-                } else if *e != FlushError::PoweredOff {
-                    self.record_fault(e);
-                    log::debug!("{}: writeback failed: {}", self.id, chain(e));
-                }
-            }
+            Err(e) => Err(self.failed_writeback(e)),
         }
-        result
     }
 
     /// Simulates losing power: no writeback starts from now on, and one already running has

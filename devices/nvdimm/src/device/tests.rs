@@ -379,7 +379,7 @@ fn background_writeback_writes_without_flushes_and_stops_cleanly() {
     // Several empty rounds pass; they log nothing.
     thread::sleep(Duration::from_millis(100));
     d.stop_background_writeback();
-    runner.join().unwrap();
+    assert_eq!(runner.join().unwrap(), Ok(()));
     let s = d.stats();
     assert!(s.background_flushes >= 2, "{s:?}");
     assert_eq!((s.background_pages, s.pages_written, s.flushes), (1, 1, 0));
@@ -396,7 +396,7 @@ fn background_writeback_writes_without_flushes_and_stops_cleanly() {
     assert!(plain.is_err());
     let other = tempfile::tempdir().unwrap();
     let quick = open(other.path(), dev().with_size(2 << 20), 0).unwrap();
-    quick.run_background_writeback();
+    assert_eq!(quick.run_background_writeback(), Ok(()));
 }
 
 #[test]
@@ -417,8 +417,31 @@ fn a_power_cut_ends_the_background_loop() {
         thread::spawn(move || d.run_background_writeback())
     };
     d.power_cut();
-    runner.join().unwrap();
+    assert_eq!(runner.join().unwrap(), Ok(()));
     assert_eq!(d.stats().background_flushes, 0);
+}
+
+#[test]
+fn a_shrunk_backing_file_ends_the_background_loop_with_the_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pmem.img");
+    let d = open(
+        dir.path(),
+        dev()
+            .with_size(2 << 20)
+            .with_writeback_interval(Duration::from_millis(5)),
+        0,
+    )
+    .unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .and_then(|f| f.set_len(0))
+        .unwrap();
+    let err = d.run_background_writeback().unwrap_err();
+    assert!(err.is_fatal(), "{err}");
+    assert!(err.to_string().contains("shrank to 0 bytes"), "{err}");
+    assert_eq!(d.stats().background_flushes, 1);
 }
 
 #[test]
@@ -500,6 +523,38 @@ fn a_replaced_or_deleted_backing_file_is_a_fault_until_it_is_back() {
     );
     assert!(d.host_flush().is_err());
     assert_eq!(&std::fs::read(&fd_path).unwrap()[..4], b"lost");
+}
+
+#[test]
+fn a_shrunk_backing_file_fails_every_later_flush_even_once_regrown() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pmem.img");
+    let d = open(dir.path(), dev().with_size(2 << 20), 0).unwrap();
+    assert_eq!(d.check_length(), Ok(()));
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.set_len(4096).unwrap();
+    let shrunk = FlushError::Shrunk {
+        path: path.display().to_string(),
+        len: Some(4096),
+        size: 2 << 20,
+    };
+    assert_eq!(d.mmio_write(0, 0, &[1; 8]), Err(shrunk.clone()));
+    assert!(shrunk.is_fatal() && !FlushError::Replaced.is_fatal());
+    let says = format!("backing file {} shrank to 4096 bytes", path.display());
+    assert!(shrunk.to_string().starts_with(&says), "{shrunk}");
+    assert_eq!(
+        d.io_fault(),
+        None,
+        "fatal, not an io-error a retry could clear"
+    );
+    // Grown back: what the guest stored past 4 KiB is gone all the same.
+    file.set_len(2 << 20).unwrap();
+    assert_eq!(d.mmio_write(0, 0, &[1; 8]), Err(shrunk.clone()));
+    assert!(
+        matches!(d.host_flush(), Err(NvdimmError::Flush { ref source, .. }) if *source == shrunk)
+    );
+    assert_eq!(d.check_length(), Err(shrunk));
+    assert_eq!(d.stats().errors, 3);
 }
 
 #[test]
