@@ -6,6 +6,7 @@ use std::sync::Arc;
 use nvdimm::config::{PersistMode, PmemConfig};
 use nvdimm::{FlushError, IoFault, Nvdimm, NvdimmError, NvdimmParams, OnError, VcpuId};
 
+use crate::devices::mmio::{MmioDevice, MmioOverlap, MmioRanges};
 use crate::layout;
 use crate::memory;
 
@@ -116,77 +117,65 @@ pub fn persistence_domain(configs: &[PmemConfig]) -> acpi::PersistenceDomain {
     }
 }
 
-/// Routes MMIO exits to the NVDIMMs' flush-hint pages, and notices refused writes to
-/// read-only pmem.
-pub struct PmemBus {
-    devices: Vec<Arc<Nvdimm>>,
+/// Places each device's flush-hint page and pmem range on the MMIO bus.
+pub fn add_mmio(ranges: &mut MmioRanges, devices: &[Arc<Nvdimm>]) -> Result<(), MmioOverlap> {
+    for d in devices {
+        let hints = Arc::new(HintPage(d.clone()));
+        ranges.insert(d.hint_page(), layout::FLUSH_HINT_PAGE_SIZE, hints)?;
+        ranges.insert(d.guest_base(), d.size(), Arc::new(PmemRange(d.clone())))?;
+    }
+    Ok(())
 }
 
-impl PmemBus {
-    pub fn new(devices: Vec<Arc<Nvdimm>>) -> Self {
-        PmemBus { devices }
+/// Why the VM must stop for a device whose backing file is now shorter than the device,
+/// looking at every file's length now.
+pub fn check_lengths(devices: &[Arc<Nvdimm>]) -> Option<String> {
+    devices
+        .iter()
+        .find_map(|d| d.check_length().err().and_then(|e| stop_line(d, &e)))
+}
+
+/// A device's flush-hint page (in no memslot, so every access exits): a write is a flush,
+/// which runs to completion here, on the vCPU thread, before the vCPU re-enters the guest.
+struct HintPage(Arc<Nvdimm>);
+
+impl MmioDevice for HintPage {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        self.0.mmio_read(offset, data);
     }
 
-    /// The device whose hint page holds `addr`, and the offset in that page.
-    fn hint_target(&self, addr: u64) -> Option<(&Nvdimm, u64)> {
-        let rel = addr.checked_sub(layout::FLUSH_HINT_START)?;
-        let index = usize::try_from(rel / layout::FLUSH_HINT_PAGE_SIZE).ok()?;
-        let dev = self.devices.get(index)?;
-        Some((dev, rel % layout::FLUSH_HINT_PAGE_SIZE))
+    fn write(&self, vcpu: VcpuId, offset: u64, data: &[u8]) -> Result<(), FlushFailure> {
+        let dev = &self.0;
+        dev.mmio_write(vcpu, offset, data)
+            .map_err(|e| FlushFailure::of(dev, &e))
+    }
+}
+
+/// A device's pmem range, all memslot: it exits here only for stores KVM refused, to a
+/// read-only device (dropped) or to a page KVM could not back. Reads read as all ones, as
+/// unclaimed addresses do.
+struct PmemRange(Arc<Nvdimm>);
+
+impl MmioDevice for PmemRange {
+    fn read(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
     }
 
-    /// Handles a read; false if no NVDIMM claims `addr`.
-    pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
-        match self.hint_target(addr) {
-            Some((dev, off)) => {
-                dev.mmio_read(off, data);
-                true
-            }
-            None => false,
+    fn write(&self, _vcpu: VcpuId, offset: u64, data: &[u8]) -> Result<(), FlushFailure> {
+        let dev = &self.0;
+        if dev.readonly() {
+            log::debug!(
+                "dropped a guest write to read-only {} at offset {offset:#x}",
+                dev.id()
+            );
+            return Ok(());
         }
-    }
-
-    /// Why the VM must stop for a device whose backing file is now shorter than the device,
-    /// looking at every file's length now.
-    pub fn check_lengths(&self) -> Option<String> {
-        self.devices
-            .iter()
-            .find_map(|d| d.check_length().err().and_then(|e| stop_line(d, &e)))
-    }
-
-    /// Handles a write by vCPU `vcpu`. A guest flush runs to completion here, on the vCPU
-    /// thread, before the vCPU re-enters the guest; its outcome says whether the vCPU may.
-    pub fn write(&self, vcpu: VcpuId, addr: u64, data: &[u8]) -> PmemWrite {
-        if let Some((dev, off)) = self.hint_target(addr) {
-            return match dev.mmio_write(vcpu, off, data) {
-                Ok(()) => PmemWrite::Claimed,
-                Err(e) => PmemWrite::Failed(FlushFailure::of(dev, &e)),
-            };
-        }
-        if let Some(dev) = self
-            .devices
-            .iter()
-            .find(|d| (d.guest_base()..d.guest_base() + d.size()).contains(&addr))
-        {
-            let offset = addr - dev.guest_base();
-            if dev.readonly() {
-                log::debug!(
-                    "dropped a guest write to read-only {} at offset {offset:#x}",
-                    dev.id()
-                );
-                return PmemWrite::Claimed;
-            }
-            // A writable device's range is all memslot: KVM exits here only when it could
-            // not back the page. A truncated file cannot be fixed by a retry: stop.
-            if let Err(e) = dev.check_length() {
-                return PmemWrite::Failed(FlushFailure::of(dev, &e));
-            }
-            // Otherwise (a full file system, say) the store is not lost: the device keeps
-            // it for the retry, and the vCPU waits.
-            let e = dev.unbacked_store(offset, data);
-            return PmemWrite::Failed(FlushFailure::of(dev, &e));
-        }
-        PmemWrite::Unclaimed
+        // A truncated file cannot be fixed by a retry: stop.
+        dev.check_length().map_err(|e| FlushFailure::of(dev, &e))?;
+        // Otherwise (a full file system, say) the store is not lost: the device keeps it for
+        // the retry, and the vCPU waits.
+        let e = dev.unbacked_store(offset, data);
+        Err(FlushFailure::of(dev, &e))
     }
 }
 
@@ -221,16 +210,6 @@ impl FlushFailure {
             },
         }
     }
-}
-
-/// What became of a guest MMIO write offered to the NVDIMMs.
-#[derive(Debug, PartialEq, Eq)]
-pub enum PmemWrite {
-    /// No NVDIMM's hint page or range holds the address.
-    Unclaimed,
-    Claimed,
-    /// A flush or store that is not durable: the vCPU must not complete it.
-    Failed(FlushFailure),
 }
 
 #[cfg(test)]
@@ -274,16 +253,17 @@ mod tests {
             false,
         )
         .unwrap();
-        let bus = PmemBus::new(devices);
+        let mut bus = MmioRanges::default();
+        add_mmio(&mut bus, &devices).unwrap();
         let hint = layout::FLUSH_HINT_START;
-        assert_eq!(bus.write(0, hint, &[1; 8]), PmemWrite::Claimed);
-        assert_eq!(bus.check_lengths(), None);
+        assert_eq!(bus.write(0, hint, &[1; 8]), Some(Ok(())));
+        assert_eq!(check_lengths(&devices), None);
         std::fs::OpenOptions::new()
             .write(true)
             .open(&path)
             .and_then(|f| f.set_len(0))
             .unwrap();
-        let PmemWrite::Failed(FlushFailure::Fatal(line)) = bus.write(0, hint, &[1; 8]) else {
+        let Some(Err(FlushFailure::Fatal(line))) = bus.write(0, hint, &[1; 8]) else {
             panic!("a shrunk file must stop the VM");
         };
         let says = format!("pmem0: backing file {} shrank to 0 bytes", path.display());
@@ -291,7 +271,49 @@ mod tests {
             line.starts_with(&says) && line.ends_with("; stopping"),
             "{line}"
         );
-        assert_eq!(bus.check_lengths(), Some(line));
+        assert_eq!(check_lengths(&devices), Some(line.clone()));
+        // A store KVM could not back finds it too.
+        let store = devices[0].guest_base() + 0x1000;
+        assert_eq!(
+            bus.write(0, store, &[1; 8]),
+            Some(Err(FlushFailure::Fatal(line)))
+        );
+    }
+
+    #[test]
+    fn hint_pages_and_pmem_ranges_are_bus_ranges_of_their_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = |name: &str| PmemConfig::new(dir.path().join(name)).with_size(2 << 20);
+        std::fs::write(dir.path().join("b.img"), vec![0u8; 2 << 20]).unwrap();
+        let devices = open_all(
+            &[cfg("a.img"), cfg("b.img").with_readonly(true)],
+            512 << 20,
+            1,
+            false,
+        )
+        .unwrap();
+        let mut bus = MmioRanges::default();
+        add_mmio(&mut bus, &devices).unwrap();
+        let second_hint = layout::FLUSH_HINT_START + layout::FLUSH_HINT_PAGE_SIZE;
+        assert_eq!(bus.write(0, second_hint, &[1; 8]), Some(Ok(())));
+        assert_eq!(
+            (devices[0].stats().flushes, devices[1].stats().flushes),
+            (0, 1)
+        );
+        let mut word = [0x5a; 8];
+        assert!(bus.read(second_hint, &mut word));
+        assert_eq!(word, [0; 8], "hint pages read as zeros");
+        // A store into the read-only range is dropped; its reads are all ones.
+        let ro = devices[1].guest_base();
+        assert_eq!(bus.write(0, ro + 8, &[1; 8]), Some(Ok(())));
+        assert!(bus.read(ro, &mut word));
+        assert_eq!(word, [0xff; 8]);
+        assert_eq!(
+            bus.write(0, second_hint + layout::FLUSH_HINT_PAGE_SIZE, &[1]),
+            None
+        );
+        // Placing the same devices twice overlaps.
+        assert!(add_mmio(&mut bus, &devices).is_err());
     }
 
     #[test]

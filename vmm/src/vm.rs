@@ -21,13 +21,14 @@ use std::time::Instant;
 use crate::api::server::{ApiServer, ServerError, ServerOptions};
 use crate::boot::{self, BootError};
 use crate::control::MachineControl;
+use crate::devices::mmio::{MmioOverlap, MmioRanges};
 use crate::devices::{serial, Bus};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::layout;
 use crate::machine::{DirtyTracking, MachineConfig, SerialTarget};
 use crate::memory;
 use crate::platform::{self, PlatformError};
-use crate::pmem::{self, PmemBus};
+use crate::pmem;
 use crate::power_cut::PowerSwitch;
 use crate::seccomp::{Filters, SeccompError, ThreadFilter};
 use crate::signals::{self, StopSignals};
@@ -65,6 +66,8 @@ pub enum VmError {
         #[source]
         source: vm_memory::mmap::FromRangesError,
     },
+    #[error("cannot place the NVDIMMs on the MMIO bus")]
+    Mmio(#[source] MmioOverlap),
     #[error("cannot write the ACPI tables into guest memory")]
     AcpiWrite(#[source] vm_memory::GuestMemoryError),
     #[error(transparent)]
@@ -389,10 +392,13 @@ pub fn build(config: &MachineConfig, opts: &RunOptions) -> Result<Machine, VmErr
         .map_err(host_err("the serial port"))?;
     let serial_dev = Arc::new(Mutex::new(serial_dev));
     let power = PowerSwitch::new(exit.clone(), pmem_devices.clone());
+    let mut mmio = MmioRanges::default();
+    pmem::add_mmio(&mut mmio, &pmem_devices).map_err(VmError::Mmio)?;
     let bus = Arc::new(Bus::new(
         serial_dev.clone(),
         exit.clone(),
-        PmemBus::new(pmem_devices.clone()),
+        mmio,
+        pmem_devices.clone(),
         power.clone(),
     ));
 
