@@ -5,14 +5,18 @@
 #   guest-images/out/pmvm-init.cpio   newc cpio: /init, /dev, dev/console
 #   guest-images/out/pmvm-crash-workload  the guest side of `pmvm crash-test`
 #                                     (guest-images/linux-init/crash-workloads.c)
+#   guest-images/out/pmvm-guest-bench  the guest side of scripts/bench-guest.sh
+#                                     (guest-images/linux-init/guest-bench.c)
 # Rebuilds only when the source, this script or the compiler changed. Progress goes to stderr;
 # the last line of stdout is the absolute path of pmvm-init.cpio. Works from any cwd.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 src="$here/linux-init/pmvm-init.c"
 wl_src="$here/linux-init/crash-workloads.c"
+gb_src="$here/linux-init/guest-bench.c"
 out="$here/out"
 wl_elf="$out/pmvm-crash-workload"
+gb_elf="$out/pmvm-guest-bench"
 elf="$out/pmvm-init"
 cpio="$out/pmvm-init.cpio"
 stamp="$out/pmvm-init.stamp"
@@ -33,9 +37,9 @@ CFLAGS=(-std=gnu11 -O2 -g -Wall -Wextra -Werror -static -pthread)
 hash=$( {
   gcc --version | head -1
   printf '%s\n' "${CFLAGS[@]}"
-  cat "$0" "$src" "$wl_src" "$here/linux-init/console.h" "$here/initramfs/mkcpio.py"
+  cat "$0" "$src" "$wl_src" "$gb_src" "$here/linux-init/console.h" "$here/initramfs/mkcpio.py"
 } | sha256sum | cut -d' ' -f1)
-if [ -s "$elf" ] && [ -s "$cpio" ] && [ -s "$wl_elf" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$hash" ]; then
+if [ -s "$elf" ] && [ -s "$cpio" ] && [ -s "$wl_elf" ] && [ -s "$gb_elf" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$hash" ]; then
   step "up to date"
   echo "$cpio"
   exit 0
@@ -47,12 +51,15 @@ step "cc pmvm-init.c"
 gcc "${CFLAGS[@]}" -o "$work/pmvm-init" "$src"
 step "cc crash-workloads.c"
 gcc "${CFLAGS[@]}" -o "$work/pmvm-crash-workload" "$wl_src"
+step "cc guest-bench.c"
+gcc "${CFLAGS[@]}" -o "$work/pmvm-guest-bench" "$gb_src"
 mkdir -p "$work/root/dev"
 cp "$work/pmvm-init" "$work/root/init"
 python3 "$here/initramfs/mkcpio.py" "$work/root" "$work/pmvm-init.cpio" dev/console:c:5:1:600
 mv -f "$work/pmvm-init" "$elf"
 mv -f "$work/pmvm-crash-workload" "$wl_elf"
+mv -f "$work/pmvm-guest-bench" "$gb_elf"
 mv -f "$work/pmvm-init.cpio" "$cpio"
 echo "$hash" >"$stamp"
-step "built $elf, $wl_elf and $cpio"
+step "built $elf, $wl_elf, $gb_elf and $cpio"
 echo "$cpio"

@@ -16,3 +16,6 @@ target=${CARGO_TARGET_DIR:-target}
 case $target in /*) ;; *) target=$PWD/$target ;; esac
 cargo bench --locked -p pmvm-nvdimm --bench flush -- \
   --pmvm "$target/release/pmvm" --probe "$probe" $write_docs "$@"
+# Last, the guest-side benchmark, which writes its own section of docs/benchmarks.md (with
+# --quick, a smoke run that writes nothing).
+bash scripts/bench-guest.sh "${write_docs:---quick}"

@@ -1,10 +1,11 @@
-// What the static guest programs (pmvm-init.c, crash-workloads.c) share: console lines and
-// the checksum the host verifies.
+// What the static guest programs (pmvm-init.c, crash-workloads.c, guest-bench.c) share:
+// console lines, the console's raw mode and the checksum the host verifies.
 #ifndef PMVM_GUEST_CONSOLE_H
 #define PMVM_GUEST_CONSOLE_H
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <termios.h>
 #include <unistd.h>
 
 __attribute__((format(printf, 1, 2))) static inline void say(const char *fmt, ...) {
@@ -18,6 +19,17 @@ __attribute__((format(printf, 1, 2))) static inline void say(const char *fmt, ..
   buf[n++] = '\n';
   // One write per line, so lines of different processes never interleave.
   (void)!write(1, buf, n);
+}
+
+// Console input byte by byte, unechoed: the host answers a line with one byte, and its
+// answers must not show up in the output the host parses.
+static inline void raw_console(void) {
+  struct termios t;
+  if (tcgetattr(0, &t)) return;
+  t.c_lflag &= ~(ECHO | ICANON);
+  t.c_cc[VMIN] = 1;
+  t.c_cc[VTIME] = 0;
+  tcsetattr(0, TCSANOW, &t);
 }
 
 // CRC-32C, bitwise: small and enough for a few pages.

@@ -29,7 +29,6 @@
 #include <sys/mount.h>
 #include <sys/reboot.h>
 #include <sys/stat.h>
-#include <termios.h>
 #include <unistd.h>
 
 #include "console.h"
@@ -328,19 +327,10 @@ static const struct {
     {"nosync", wl_nosync}, {"nomapsync", wl_nomapsync},
 };
 
-static void quiet_console(void) {
-  struct termios t;
-  if (tcgetattr(0, &t)) return;
-  t.c_lflag &= ~(ECHO | ICANON);
-  t.c_cc[VMIN] = 1;
-  t.c_cc[VTIME] = 0;
-  tcsetattr(0, TCSANOW, &t);
-}
-
 int main(void) {
   const char *list = getenv("PMVM_WORKLOADS");
   int failed = 0;
-  quiet_console();
+  raw_console();
   if (!list) {
     say("crash-workload: FAIL: no PMVM_WORKLOADS= on the kernel command line");
     failed = 1;

@@ -19,6 +19,7 @@ mod report;
 mod stall;
 mod stats;
 mod strict_memory;
+mod svg;
 mod tracking;
 mod vmm_start;
 

@@ -2,16 +2,14 @@
 
 use std::path::Path;
 
-use plotters::prelude::*;
+use plotters::prelude::RGBColor;
 
 use crate::error::BenchError;
 use crate::report::{FlushCell, Results};
 use crate::stats::fmt_size;
+use crate::svg::{self, Series};
 use crate::GIB;
 
-type Series = (String, RGBColor, Vec<(f64, f64)>);
-
-const SIZE: (u32, u32) = (860, 520);
 const PMVM_COLORS: [RGBColor; 3] = [
     RGBColor(200, 30, 30),
     RGBColor(230, 130, 20),
@@ -21,14 +19,6 @@ const SUBMIT: RGBColor = RGBColor(20, 90, 200);
 const MSYNC: RGBColor = RGBColor(20, 150, 60);
 const FSYNC: RGBColor = RGBColor(90, 90, 90);
 
-/// Powers of ten around `lo..hi`, so both ends sit on a decade.
-fn decades(lo: f64, hi: f64) -> (f64, f64) {
-    (
-        10f64.powf(lo.max(1e-3).log10().floor()),
-        10f64.powf(hi.max(1e-3).log10().ceil()),
-    )
-}
-
 fn draw(
     path: &Path,
     caption: &str,
@@ -36,55 +26,10 @@ fn draw(
     x_range: (f64, f64),
     series: &[Series],
 ) -> Result<(), BenchError> {
-    let fail = |e: &dyn std::fmt::Display| BenchError::Plot {
+    svg::draw(path, caption, x_desc, x_range, series).map_err(|detail| BenchError::Plot {
         path: path.to_path_buf(),
-        detail: e.to_string(),
-    };
-    let ys = series.iter().flat_map(|s| s.2.iter().map(|p| p.1));
-    let (lo, hi) = ys.fold((f64::INFINITY, 0f64), |(lo, hi), y| (lo.min(y), hi.max(y)));
-    let (y0, y1) = decades(lo, hi);
-    let root = SVGBackend::new(path, SIZE).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| fail(&e))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(caption, ("sans-serif", 20))
-        .margin(15)
-        .x_label_area_size(45)
-        .y_label_area_size(70)
-        .build_cartesian_2d((x_range.0..x_range.1).log_scale(), (y0..y1).log_scale())
-        .map_err(|e| fail(&e))?;
-    chart
-        .configure_mesh()
-        .max_light_lines(4)
-        .x_desc(x_desc)
-        .y_desc("median latency (µs)")
-        .x_label_formatter(&|x| format!("{x:.0}"))
-        .y_label_formatter(&|y| format!("{y:.0}"))
-        .draw()
-        .map_err(|e| fail(&e))?;
-    for (name, color, points) in series {
-        let color = *color;
-        chart
-            .draw_series(LineSeries::new(
-                points.iter().copied(),
-                color.stroke_width(2),
-            ))
-            .map_err(|e| fail(&e))?
-            .label(name.as_str())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
-        chart
-            .draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))
-            .map_err(|e| fail(&e))?;
-    }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| fail(&e))?;
-    root.present().map_err(|e| fail(&e))
+        detail,
+    })
 }
 
 fn by_pages(r: &Results, size: u64, f: fn(&FlushCell) -> f64) -> Vec<(f64, f64)> {
