@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use nvdimm::Nvdimm;
+use nvdimm::{Nvdimm, NvdimmError};
 
 use crate::api::types::{FlushReport, PmemInfo, VmInfo, VmState};
 use crate::api::{ApiError, VmmControl};
@@ -113,14 +113,16 @@ impl VmmControl for MachineControl {
 
     fn pmem_flush(&self, id: &str) -> Result<FlushReport, ApiError> {
         let dev = self.device(id)?;
-        let report = dev.host_flush().map_err(|e| ApiError::Failed {
+        let report = dev.host_flush();
+        if let Err(NvdimmError::Flush { source, .. }) = &report {
+            if let Some(line) = crate::pmem::stop_line(dev, source) {
+                self.exit.request(ExitReason::Fatal(line));
+            }
+        }
+        report.map_err(|e| ApiError::Failed {
             action: format!("flushing {id}"),
             source: Box::new(e),
-        });
-        if let Some(msg) = dev.fatal_error() {
-            self.exit.request(ExitReason::Fatal(msg));
-        }
-        report
+        })
     }
 
     fn pause(&self) -> Result<(), ApiError> {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use nvdimm::config::{PersistMode, PmemConfig};
 use nvdimm::{FlushError, IoFault, Nvdimm, NvdimmError, NvdimmParams, OnError, VcpuId};
 
+use crate::devices::mmio::{MmioDevice, MmioOverlap, MmioRanges};
 use crate::layout;
 use crate::memory;
 
@@ -116,121 +117,99 @@ pub fn persistence_domain(configs: &[PmemConfig]) -> acpi::PersistenceDomain {
     }
 }
 
-/// Routes MMIO exits to the NVDIMMs' flush-hint pages, and notices refused writes to
-/// read-only pmem.
-pub struct PmemBus {
-    devices: Vec<Arc<Nvdimm>>,
+/// Places each device's flush-hint page and pmem range on the MMIO bus.
+pub fn add_mmio(ranges: &mut MmioRanges, devices: &[Arc<Nvdimm>]) -> Result<(), MmioOverlap> {
+    for d in devices {
+        let hints = Arc::new(HintPage(d.clone()));
+        ranges.insert(d.hint_page(), layout::FLUSH_HINT_PAGE_SIZE, hints)?;
+        ranges.insert(d.guest_base(), d.size(), Arc::new(PmemRange(d.clone())))?;
+    }
+    Ok(())
 }
 
-impl PmemBus {
-    pub fn new(devices: Vec<Arc<Nvdimm>>) -> Self {
-        PmemBus { devices }
+/// Why the VM must stop for a device whose backing file is now shorter than the device,
+/// looking at every file's length now.
+pub fn check_lengths(devices: &[Arc<Nvdimm>]) -> Option<String> {
+    devices
+        .iter()
+        .find_map(|d| d.check_length().err().and_then(|e| stop_line(d, &e)))
+}
+
+/// A device's flush-hint page (in no memslot, so every access exits): a write is a flush,
+/// which runs to completion here, on the vCPU thread, before the vCPU re-enters the guest.
+struct HintPage(Arc<Nvdimm>);
+
+impl MmioDevice for HintPage {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        self.0.mmio_read(offset, data);
     }
 
-    /// The device whose hint page holds `addr`, and the offset in that page.
-    fn hint_target(&self, addr: u64) -> Option<(&Nvdimm, u64)> {
-        let rel = addr.checked_sub(layout::FLUSH_HINT_START)?;
-        let index = usize::try_from(rel / layout::FLUSH_HINT_PAGE_SIZE).ok()?;
-        let dev = self.devices.get(index)?;
-        Some((dev, rel % layout::FLUSH_HINT_PAGE_SIZE))
-    }
-
-    /// Handles a read; false if no NVDIMM claims `addr`.
-    pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
-        match self.hint_target(addr) {
-            Some((dev, off)) => {
-                dev.mmio_read(off, data);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Why the VM must stop for a device whose backing file is now shorter than the device,
-    /// looking at every file's length now.
-    pub fn check_fatal_now(&self) -> Option<String> {
-        self.devices.iter().find_map(|d| d.check_fatal_now())
-    }
-
-    /// Handles a write by vCPU `vcpu`. A guest flush runs to completion here, on the vCPU
-    /// thread, before the vCPU re-enters the guest; if it found the device's file truncated,
-    /// the VM must stop.
-    pub fn write(&self, vcpu: VcpuId, addr: u64, data: &[u8]) -> PmemWrite {
-        if let Some((dev, off)) = self.hint_target(addr) {
-            let flushed = dev.mmio_write(vcpu, off, data);
-            if let Some(msg) = dev.fatal_error() {
-                return PmemWrite::Fatal(msg);
-            }
-            return match flushed {
-                Ok(()) => PmemWrite::Claimed,
-                Err(e) => PmemWrite::Failed(FlushFailure::of(dev, &e)),
-            };
-        }
-        if let Some(dev) = self
-            .devices
-            .iter()
-            .find(|d| (d.guest_base()..d.guest_base() + d.size()).contains(&addr))
-        {
-            let offset = addr - dev.guest_base();
-            if dev.readonly() {
-                log::debug!(
-                    "dropped a guest write to read-only {} at offset {offset:#x}",
-                    dev.id()
-                );
-                return PmemWrite::Claimed;
-            }
-            // A writable device's range is all memslot: KVM exits here only when it could
-            // not back the page. A truncated file cannot be fixed by a retry: stop.
-            if let Some(msg) = dev.check_fatal_now() {
-                return PmemWrite::Fatal(msg);
-            }
-            // Otherwise (a full file system, say) the store is not lost: the device keeps
-            // it for the retry, and the vCPU waits.
-            let e = dev.unbacked_store(offset, data);
-            return PmemWrite::Failed(FlushFailure::of(dev, &e));
-        }
-        PmemWrite::Unclaimed
+    fn write(&self, vcpu: VcpuId, offset: u64, data: &[u8]) -> Result<(), FlushFailure> {
+        let dev = &self.0;
+        dev.mmio_write(vcpu, offset, data)
+            .map_err(|e| FlushFailure::of(dev, &e))
     }
 }
 
-/// A guest write that did not become durable, and what the VM does about it.
+/// A device's pmem range, all memslot: it exits here only for stores KVM refused, to a
+/// read-only device (dropped) or to a page KVM could not back. Reads read as all ones, as
+/// unclaimed addresses do.
+struct PmemRange(Arc<Nvdimm>);
+
+impl MmioDevice for PmemRange {
+    fn read(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+
+    fn write(&self, _vcpu: VcpuId, offset: u64, data: &[u8]) -> Result<(), FlushFailure> {
+        let dev = &self.0;
+        if dev.readonly() {
+            log::debug!(
+                "dropped a guest write to read-only {} at offset {offset:#x}",
+                dev.id()
+            );
+            return Ok(());
+        }
+        // A truncated file cannot be fixed by a retry: stop.
+        dev.check_length().map_err(|e| FlushFailure::of(dev, &e))?;
+        // Otherwise (a full file system, say) the store is not lost: the device keeps it for
+        // the retry, and the vCPU waits.
+        let e = dev.unbacked_store(offset, data);
+        Err(FlushFailure::of(dev, &e))
+    }
+}
+
+/// The line pmvm stops with when `e`, from a flush of `dev`, means no flush of it can
+/// succeed again (its backing file shrank); None for a failure a retry may clear.
+pub fn stop_line(dev: &Nvdimm, e: &FlushError) -> Option<String> {
+    e.is_fatal().then(|| format!("{}: {e}; stopping", dev.id()))
+}
+
+/// A guest write that did not become durable, and what the VM does about it. In every case
+/// the vCPU does not complete the write.
 #[derive(Debug, PartialEq, Eq)]
-pub struct FlushFailure {
-    /// None when the VM is stopping (a power cut, a fatal error): nothing to retry.
-    pub fault: Option<IoFault>,
-    pub on_error: OnError,
+pub enum FlushFailure {
+    /// No flush of the device can succeed again: the VM stops with this line.
+    Fatal(String),
+    /// The VM is stopping (a power cut): nothing to retry.
+    Stopping,
+    /// The device is in fault until a retry succeeds; `on_error` says whether the VM waits.
+    Fault { fault: IoFault, on_error: OnError },
 }
 
 impl FlushFailure {
-    /// The VM is stopping under this write.
-    pub fn stopping() -> Self {
-        FlushFailure {
-            fault: None,
-            on_error: OnError::Exit,
-        }
-    }
-
     fn of(dev: &Nvdimm, e: &FlushError) -> Self {
-        FlushFailure {
-            fault: match e {
-                FlushError::PoweredOff => None,
-                _ => dev.io_fault(),
+        if let Some(line) = stop_line(dev, e) {
+            return FlushFailure::Fatal(line);
+        }
+        match (e, dev.io_fault()) {
+            (FlushError::PoweredOff, _) | (_, None) => FlushFailure::Stopping,
+            (_, Some(fault)) => FlushFailure::Fault {
+                fault,
+                on_error: dev.on_error(),
             },
-            on_error: dev.on_error(),
         }
     }
-}
-
-/// What became of a guest MMIO write offered to the NVDIMMs.
-#[derive(Debug, PartialEq, Eq)]
-pub enum PmemWrite {
-    /// No NVDIMM's hint page or range holds the address.
-    Unclaimed,
-    Claimed,
-    /// A flush found the device's backing file truncated: why the VM must stop.
-    Fatal(String),
-    /// A flush or store that is not durable: the vCPU must not complete it.
-    Failed(FlushFailure),
 }
 
 #[cfg(test)]
@@ -261,6 +240,80 @@ mod tests {
         assert_eq!(devices[0].guest_base(), 1 << 32);
         drop(devices);
         assert!(created.exists(), "a device set that opened lost its file");
+    }
+
+    #[test]
+    fn a_flush_that_finds_the_file_shrunk_stops_the_vm_with_one_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.img");
+        let devices = open_all(
+            &[PmemConfig::new(&path).with_size(2 << 20)],
+            512 << 20,
+            1,
+            false,
+        )
+        .unwrap();
+        let mut bus = MmioRanges::default();
+        add_mmio(&mut bus, &devices).unwrap();
+        let hint = layout::FLUSH_HINT_START;
+        assert_eq!(bus.write(0, hint, &[1; 8]), Some(Ok(())));
+        assert_eq!(check_lengths(&devices), None);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_len(0))
+            .unwrap();
+        let Some(Err(FlushFailure::Fatal(line))) = bus.write(0, hint, &[1; 8]) else {
+            panic!("a shrunk file must stop the VM");
+        };
+        let says = format!("pmem0: backing file {} shrank to 0 bytes", path.display());
+        assert!(
+            line.starts_with(&says) && line.ends_with("; stopping"),
+            "{line}"
+        );
+        assert_eq!(check_lengths(&devices), Some(line.clone()));
+        // A store KVM could not back finds it too.
+        let store = devices[0].guest_base() + 0x1000;
+        assert_eq!(
+            bus.write(0, store, &[1; 8]),
+            Some(Err(FlushFailure::Fatal(line)))
+        );
+    }
+
+    #[test]
+    fn hint_pages_and_pmem_ranges_are_bus_ranges_of_their_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = |name: &str| PmemConfig::new(dir.path().join(name)).with_size(2 << 20);
+        std::fs::write(dir.path().join("b.img"), vec![0u8; 2 << 20]).unwrap();
+        let devices = open_all(
+            &[cfg("a.img"), cfg("b.img").with_readonly(true)],
+            512 << 20,
+            1,
+            false,
+        )
+        .unwrap();
+        let mut bus = MmioRanges::default();
+        add_mmio(&mut bus, &devices).unwrap();
+        let second_hint = layout::FLUSH_HINT_START + layout::FLUSH_HINT_PAGE_SIZE;
+        assert_eq!(bus.write(0, second_hint, &[1; 8]), Some(Ok(())));
+        assert_eq!(
+            (devices[0].stats().flushes, devices[1].stats().flushes),
+            (0, 1)
+        );
+        let mut word = [0x5a; 8];
+        assert!(bus.read(second_hint, &mut word));
+        assert_eq!(word, [0; 8], "hint pages read as zeros");
+        // A store into the read-only range is dropped; its reads are all ones.
+        let ro = devices[1].guest_base();
+        assert_eq!(bus.write(0, ro + 8, &[1; 8]), Some(Ok(())));
+        assert!(bus.read(ro, &mut word));
+        assert_eq!(word, [0xff; 8]);
+        assert_eq!(
+            bus.write(0, second_hint + layout::FLUSH_HINT_PAGE_SIZE, &[1]),
+            None
+        );
+        // Placing the same devices twice overlaps.
+        assert!(add_mmio(&mut bus, &devices).is_err());
     }
 
     #[test]

@@ -363,14 +363,19 @@ impl Vcpu {
     /// complete, so this vCPU does not re-enter the guest until a retry succeeds (it parks
     /// at the top of its loop), or ever.
     fn flush_failed(&self, failure: FlushFailure) -> Option<ExitReason> {
-        let Some(fault) = failure.fault else {
-            // The VM is stopping (a power cut, a fatal error), whose reason came first.
-            return Some(ExitReason::Fatal(format!(
-                "vCPU {}: stopped with its flush incomplete",
-                self.id
-            )));
+        let (fault, on_error) = match failure {
+            // Nothing more can be made durable: the VM stops, and this write never completes.
+            FlushFailure::Fatal(line) => return Some(ExitReason::Fatal(line)),
+            // The VM is stopping (a power cut), whose reason came first.
+            FlushFailure::Stopping => {
+                return Some(ExitReason::Fatal(format!(
+                    "vCPU {}: stopped with its flush incomplete",
+                    self.id
+                )))
+            }
+            FlushFailure::Fault { fault, on_error } => (fault, on_error),
         };
-        match failure.on_error {
+        match on_error {
             OnError::Exit => Some(ExitReason::IoError(fault.line_for_exit())),
             OnError::Stop => {
                 let line = fault.line();

@@ -21,13 +21,14 @@ use std::time::Instant;
 use crate::api::server::{ApiServer, ServerError, ServerOptions};
 use crate::boot::{self, BootError};
 use crate::control::MachineControl;
+use crate::devices::mmio::{MmioOverlap, MmioRanges};
 use crate::devices::{serial, Bus};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::layout;
 use crate::machine::{DirtyTracking, MachineConfig, SerialTarget};
 use crate::memory;
 use crate::platform::{self, PlatformError};
-use crate::pmem::{self, PmemBus};
+use crate::pmem;
 use crate::power_cut::PowerSwitch;
 use crate::seccomp::{Filters, SeccompError, ThreadFilter};
 use crate::signals::{self, StopSignals};
@@ -65,6 +66,8 @@ pub enum VmError {
         #[source]
         source: vm_memory::mmap::FromRangesError,
     },
+    #[error("cannot place the NVDIMMs on the MMIO bus")]
+    Mmio(#[source] MmioOverlap),
     #[error("cannot write the ACPI tables into guest memory")]
     AcpiWrite(#[source] vm_memory::GuestMemoryError),
     #[error(transparent)]
@@ -148,6 +151,9 @@ fn choose_tracking(vm: &Arc<VmFd>, config: &MachineConfig) -> Result<Tracking, V
     if want_ring {
         match DirtyRings::enable(vm.clone(), DEFAULT_RING_ENTRIES).map_err(VmError::DirtyRing)? {
             Some(rings) => {
+                let rings = rings.on_overflow(|overflow| {
+                    log::warn!("{overflow}; --dirty-tracking bitmap avoids this on this host")
+                });
                 log::info!(
                     "pmem dirty tracking: KVM dirty ring, {} entries per vCPU",
                     rings.entries()
@@ -386,10 +392,13 @@ pub fn build(config: &MachineConfig, opts: &RunOptions) -> Result<Machine, VmErr
         .map_err(host_err("the serial port"))?;
     let serial_dev = Arc::new(Mutex::new(serial_dev));
     let power = PowerSwitch::new(exit.clone(), pmem_devices.clone());
+    let mut mmio = MmioRanges::default();
+    pmem::add_mmio(&mut mmio, &pmem_devices).map_err(VmError::Mmio)?;
     let bus = Arc::new(Bus::new(
         serial_dev.clone(),
         exit.clone(),
-        PmemBus::new(pmem_devices.clone()),
+        mmio,
+        pmem_devices.clone(),
         power.clone(),
     ));
 
@@ -590,7 +599,13 @@ fn start_background_writeback(
         let spawned = std::thread::Builder::new()
             .name(format!("wb-{}", d.id()))
             .spawn(move || match filter.apply() {
-                Ok(()) => dev.run_background_writeback(),
+                Ok(()) => {
+                    if let Err(e) = dev.run_background_writeback() {
+                        // No vCPU or API call may come to stop the VM: say it here.
+                        let line = crate::pmem::stop_line(&dev, &e);
+                        log::error!("{}", line.unwrap_or_else(|| nvdimm::error_chain(&e)));
+                    }
+                }
                 Err(e) => log::error!("{}: {e}; no background writeback", dev.id()),
             });
         match spawned {

@@ -1,7 +1,8 @@
 //! Every counter of a device, defined once. Each entry makes the atomic the device counts with
 //! ([`NvdimmMetrics`]), the field of the statistics document with the same name as its JSON
 //! key ([`PmemStats`]), and a row of [`COUNTERS`], from which the VMM renders the Prometheus
-//! text and the `pmvm stats` table. Adding a counter is adding an entry.
+//! text, the `pmvm stats` table and the line printed at exit ([`PmemStats::summary`]). Adding
+//! a counter is adding an entry.
 
 use serde::{Deserialize, Serialize};
 
@@ -18,6 +19,8 @@ pub struct CounterDef {
     pub help: &'static str,
     /// The column of the `pmvm stats` table that shows it, if any.
     pub column: Option<Column>,
+    /// Its words in the exit summary line, if it has some.
+    pub summary: Option<fn(&PmemStats) -> String>,
     pub get: fn(&PmemStats) -> u64,
 }
 
@@ -57,10 +60,26 @@ macro_rules! column {
     };
 }
 
+/// A counter's fragment of the summary line: its format with the value, or the value in units
+/// of `per`.
+macro_rules! summary {
+    ($field:ident) => {
+        None
+    };
+    ($field:ident $fmt:literal) => {
+        Some(|s: &PmemStats| format!($fmt, s.$field))
+    };
+    ($field:ident $fmt:literal / $per:expr) => {
+        Some(|s: &PmemStats| format!($fmt, s.$field as f64 / $per as f64))
+    };
+}
+
 macro_rules! counters {
     ($(
         $(#[doc = $doc:literal])+
-        $field:ident: $metric:literal, $help:literal $(, column $header:literal $(/ $per:expr)?)?;
+        $field:ident: $metric:literal, $help:literal
+            $(, column $header:literal $(/ $per:expr)?)?
+            $(, summary $fmt:literal $(/ $sper:expr)?)?;
     )+) => {
         /// Counters of one device since pmvm started. They only grow; readers compute deltas.
         /// The field names are the JSON keys: server, client and tests share this type.
@@ -106,28 +125,33 @@ macro_rules! counters {
                 metric: $metric,
                 help: $help,
                 column: column!($($header $(/ $per)?)?),
+                summary: summary!($field $($fmt $(/ $sper)?)?),
                 get: |s| s.$field,
             },
         )+];
     };
 }
 
+// Listed in the order they are shown: the summary line reads its fragments in this order.
 counters! {
     /// Guest flushes: writes of the right width to a flush hint.
     flushes: "pmvm_pmem_flushes_total", "Guest flushes: 8-byte writes to a flush hint.",
-        column "FLUSHES";
+        column "FLUSHES", summary "{} flushes";
+    /// Guest flushes that found nothing dirty.
+    empty_flushes: "pmvm_pmem_empty_flushes_total", "Guest flushes that found no dirty page.",
+        summary " ({} empty)";
+    /// Writebacks requested from the host (the API), counted apart from guest flushes.
+    host_flushes: "pmvm_pmem_host_flushes_total", "Writebacks requested through the API.",
+        summary " + {} host flushes";
     /// Pages written back to the file, by guest and host flushes.
     pages_written: "pmvm_pmem_pages_written_total", "Pages written back to the backing file.",
-        column "PAGES";
+        column "PAGES", summary ", {} pages";
+    /// Contiguous runs of pages written back.
+    runs: "pmvm_pmem_writeback_runs_total", "Contiguous runs of pages written back.",
+        summary " in {} runs";
     /// Bytes written back to the file.
     bytes_written: "pmvm_pmem_bytes_written_total", "Bytes written back to the backing file.",
-        column "MiB WRITTEN" / (1 << 20);
-    /// Contiguous runs of pages written back.
-    runs: "pmvm_pmem_writeback_runs_total", "Contiguous runs of pages written back.";
-    /// Guest flushes that found nothing dirty.
-    empty_flushes: "pmvm_pmem_empty_flushes_total", "Guest flushes that found no dirty page.";
-    /// Writebacks requested from the host (the API), counted apart from guest flushes.
-    host_flushes: "pmvm_pmem_host_flushes_total", "Writebacks requested through the API.";
+        column "MiB WRITTEN" / (1 << 20), summary " ({:.1} MiB) written" / (1u64 << 20);
     /// Flush-hint writes of a width other than 8 bytes: ignored.
     bad_width_writes: "pmvm_pmem_bad_width_writes_total",
         "Flush-hint writes not 8 bytes wide, ignored.";
@@ -141,7 +165,8 @@ counters! {
     /// Writebacks that failed (dirty-log or file I/O errors), each logged. Their pages stay
     /// pending and are retried by the next flush.
     errors: "pmvm_pmem_writeback_errors_total",
-        "Writebacks that failed; their pages stay pending for the next flush.";
+        "Writebacks that failed; their pages stay pending for the next flush.",
+        summary ", {} errors";
     /// Rounds of the `writeback-interval=` thread, empty ones included. Not flushes: they
     /// bound what a host crash can lose for a guest that never flushes.
     background_flushes: "pmvm_pmem_background_writebacks_total",
@@ -151,6 +176,23 @@ counters! {
         "Pages the writeback-interval thread wrote back.";
     /// Epochs appended to the `flush-log=` file.
     log_epochs: "pmvm_pmem_flush_log_epochs_total", "Epochs appended to the flush-epoch log.";
+}
+
+impl PmemStats {
+    /// The line printed for a device at exit: the counters that have summary words, in
+    /// [`COUNTERS`] order, then the guest flush latency.
+    pub fn summary(&self) -> String {
+        let mut line: String = COUNTERS
+            .iter()
+            .filter_map(|c| Some(c.summary?(self)))
+            .collect();
+        let l = &self.latency_us;
+        line.push_str(&format!(
+            ", latency p50 {}us p99 {}us max {}us",
+            l.p50, l.p99, l.max
+        ));
+        line
+    }
 }
 
 #[cfg(test)]
@@ -179,5 +221,24 @@ mod tests {
             .find(|c| c.field == "bytes_written")
             .unwrap();
         assert_eq!(mib.column.unwrap().cell(s.bytes_written), "3.00");
+    }
+
+    #[test]
+    fn the_summary_line_reads_each_counter_with_summary_words() {
+        let m = NvdimmMetrics::default();
+        m.flushes.add(4);
+        m.empty_flushes.add(1);
+        m.host_flushes.add(2);
+        m.pages_written.add(3);
+        m.runs.add(2);
+        m.bytes_written.add(3 << 19);
+        m.errors.add(5);
+        m.log_epochs.add(7);
+        m.latency.record(100);
+        assert_eq!(
+            m.snapshot().summary(),
+            "4 flushes (1 empty) + 2 host flushes, 3 pages in 2 runs (1.5 MiB) written, \
+             5 errors, latency p50 100us p99 100us max 100us"
+        );
     }
 }

@@ -173,11 +173,34 @@ struct Rings {
     overflows: u64,
 }
 
+/// An overflow of a VM's rings (module comment, "Overflow"), reported once until the rings
+/// are re-armed to the hook set with [`DirtyRings::on_overflow`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingOverflow {
+    /// Entries per vCPU ring.
+    pub entries: u32,
+}
+
+impl std::fmt::Display for RingOverflow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the KVM dirty ring ({} entries per vCPU) overflowed: this host's KVM entered the \
+             guest too rarely to stop at the ring's limit. Flushes write back whole devices \
+             until the rings are re-armed (at the next flush)",
+            self.entries
+        )
+    }
+}
+
+type OverflowHook = Box<dyn Fn(RingOverflow) + Send + Sync>;
+
 /// The dirty rings of every vCPU of one VM, and where their pages go.
 pub struct DirtyRings {
     vm: Arc<VmFd>,
     entries: u32,
     state: Mutex<Rings>,
+    on_overflow: OverflowHook,
 }
 
 impl std::fmt::Debug for DirtyRings {
@@ -222,7 +245,16 @@ impl DirtyRings {
                 overflowed: false,
                 overflows: 0,
             }),
+            on_overflow: Box::new(|overflow| log::warn!("{overflow}")),
         }))
+    }
+
+    /// Reports overflows to `hook` instead of logging them: the caller knows what the user
+    /// can change about them. Runs on the thread that found the overflow, with the rings
+    /// locked, so it must not call back into them.
+    pub fn on_overflow(mut self, hook: impl Fn(RingOverflow) + Send + Sync + 'static) -> Self {
+        self.on_overflow = Box::new(hook);
+        self
     }
 
     /// Entries per vCPU ring.
@@ -475,13 +507,9 @@ impl DirtyRings {
     /// Stops trusting the rings (idempotent).
     fn overflowed(&self, state: &mut Rings) {
         if !state.overflowed {
-            log::warn!(
-                "the KVM dirty ring ({} entries per vCPU) overflowed: this host's KVM entered the \
-                 guest too rarely to stop at the ring's limit. Flushes write back whole devices \
-                 until the rings are re-armed (at the next flush); --dirty-tracking bitmap \
-                 avoids this on this host",
-                self.entries
-            );
+            (self.on_overflow)(RingOverflow {
+                entries: self.entries,
+            });
             state.overflowed = true;
             state.overflows += 1;
         }

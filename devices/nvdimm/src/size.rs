@@ -1,6 +1,6 @@
 //! Byte sizes as users write them on the command line: `4096`, `512K`, `2MiB`, `3G`.
 //!
-//! Units are binary (K = 1024). The VMM parses `--memory` with the same functions.
+//! Units are binary (K = 1024). The VMM parses its memory size with the same functions.
 
 /// Why a size string was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

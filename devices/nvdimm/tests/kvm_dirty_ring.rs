@@ -89,7 +89,11 @@ fn run(sc: &Scenario) -> Option<bool> {
         return None;
     };
     assert_eq!(rings.entries(), sc.ring_entries);
-    let rings = Arc::new(rings);
+    let reported = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let rings = Arc::new(rings.on_overflow({
+        let reported = reported.clone();
+        move |overflow| reported.lock().unwrap().push(overflow)
+    }));
     // persist=flush: the file changes only by writeback, so its bytes show exactly what a
     // flush wrote.
     let dev = Arc::new(
@@ -163,6 +167,14 @@ fn run(sc: &Scenario) -> Option<bool> {
         "{exits:?}"
     );
     let overflowed = rings.overflows() > 0;
+    // Each overflow reaches the hook once, with the ring's size.
+    let want = nvdimm::dirty_ring::RingOverflow {
+        entries: sc.ring_entries,
+    };
+    assert_eq!(
+        *reported.lock().unwrap(),
+        vec![want; rings.overflows() as usize]
+    );
     // Re-armed by the flush, if it overflowed.
     assert!(!rings.has_overflowed());
     assert_eq!(dev.dirty_tracking(), nvdimm::stats::Tracking::Ring);

@@ -1,15 +1,18 @@
 //! The platform devices and the port/MMIO dispatch of vCPU exits.
 
+pub mod mmio;
 pub mod power;
 pub mod serial;
 
 use std::sync::{Arc, Mutex};
 
-use crate::exit::{ExitReason, ExitSignal, PowerCutCause};
+use nvdimm::Nvdimm;
+
+use crate::exit::{ExitSignal, PowerCutCause};
 use crate::layout;
 pub use crate::pmem::FlushFailure;
-use crate::pmem::{PmemBus, PmemWrite};
 use crate::power_cut::PowerSwitch;
+use mmio::MmioRanges;
 
 use power::{PowerDevice, I8042};
 use serial::SerialDevice;
@@ -19,24 +22,27 @@ pub struct Bus {
     pub serial: Arc<Mutex<SerialDevice>>,
     i8042: Mutex<I8042>,
     power: PowerDevice,
-    pmem: PmemBus,
-    exit: Arc<ExitSignal>,
+    mmio: MmioRanges,
+    /// The NVDIMMs, to explain a fault of KVM on guest memory.
+    pmem: Vec<Arc<Nvdimm>>,
     switch: PowerSwitch,
 }
 
 impl Bus {
+    /// `mmio` holds the NVDIMMs' ranges (`pmem::add_mmio`).
     pub fn new(
         serial: Arc<Mutex<SerialDevice>>,
         exit: Arc<ExitSignal>,
-        pmem: PmemBus,
+        mmio: MmioRanges,
+        pmem: Vec<Arc<Nvdimm>>,
         switch: PowerSwitch,
     ) -> Self {
         Bus {
             serial,
             i8042: Mutex::new(power::i8042(exit.clone())),
-            power: PowerDevice::new(exit.clone()),
+            power: PowerDevice::new(exit),
+            mmio,
             pmem,
-            exit,
             switch,
         }
     }
@@ -86,7 +92,7 @@ impl Bus {
 impl Bus {
     /// A guest MMIO read outside every memslot. Unclaimed addresses read as all ones.
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
-        if !self.pmem.read(addr, data) {
+        if !self.mmio.read(addr, data) {
             data.fill(0xff);
         }
     }
@@ -95,25 +101,19 @@ impl Bus {
     /// back. `Some` when it is a flush (or a store) that did not become durable: the vCPU must
     /// not complete it.
     pub fn mmio_write(&self, vcpu: nvdimm::VcpuId, addr: u64, data: &[u8]) -> Option<FlushFailure> {
-        match self.pmem.write(vcpu, addr, data) {
-            PmemWrite::Claimed => None,
-            PmemWrite::Unclaimed => {
+        match self.mmio.write(vcpu, addr, data) {
+            Some(outcome) => outcome.err(),
+            None => {
                 log::debug!("unclaimed MMIO write of {} bytes at {addr:#x}", data.len());
                 None
             }
-            // Nothing more can be made durable: the VM stops, and this write never completes.
-            PmemWrite::Fatal(msg) => {
-                self.exit.request(ExitReason::Fatal(msg));
-                Some(FlushFailure::stopping())
-            }
-            PmemWrite::Failed(failure) => Some(failure),
         }
     }
 
     /// Explains a failure of KVM to reach guest memory, if a truncated pmem backing file
     /// explains it.
     pub fn explain_memory_fault(&self) -> Option<String> {
-        self.pmem.check_fatal_now()
+        crate::pmem::check_lengths(&self.pmem)
     }
 }
 

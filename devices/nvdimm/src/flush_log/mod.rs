@@ -1,4 +1,4 @@
-//! The flush-epoch log (`--pmem ...,flush-log=PATH`): one record per flush, holding the pages
+//! The flush-epoch log (the `flush-log=` setting): one record per flush, holding the pages
 //! that flush made durable and their contents, so any flush point can be rebuilt later.
 //!
 //! Format, version 1 (all integers little-endian; `docs/persistence.md` has the same table):
