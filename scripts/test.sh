@@ -17,10 +17,6 @@ echo "== cargo test" >&2
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-# The guest suite runs every case but the three fio ones: on xfs, fio runs have (in three of five
-# full runs, psync+fdatasync and dsync) left 2 pages of their range dirty on the host after fio
-# returned; the cause is open (docs/guest-suite.md). PMVM_SUITE_CMDLINE set by the caller wins.
-export PMVM_SUITE_CMDLINE=${PMVM_SUITE_CMDLINE-pmemtests.cases=fsync,fdatasync,o_sync,o_dsync,msync,msync_async_fsync,map_sync,sync_file_range,syncfs,sync,fallocate_fsync,rename_dirfsync,o_direct,xfs_io_map_sync}
 cargo test --workspace --lib --bins --tests --locked -- --test-threads=2 --show-output 2>&1 | tee "$log" || status=$?
 echo "== fuzz smoke (fuzz/README.md)" >&2
 bash scripts/fuzz-smoke.sh 2>&1 | tee -a "$log" || status=1

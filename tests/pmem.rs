@@ -292,6 +292,46 @@ fn each_dirty_tracking_mode_writes_back_exactly_the_stored_pages() {
     );
 }
 
+/// A store after a flush leaves exactly its own page dirty in the host page cache, even when
+/// the guest first filled the pages around it in order (faults with read-around would put
+/// them in multi-page folios, and the host tracks dirtiness per folio: then the flushed
+/// neighbours would read as dirty again and be rewritten by the next writeback).
+#[test]
+fn a_store_after_a_flush_dirties_only_its_own_page() {
+    if !kvm_or_skip("one page dirty") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    if !page_cache_or_skip("one page dirty", dir.path()) {
+        return;
+    }
+    let img = dir.path().join("p.img");
+    with_fresh_control("one page dirty", || {
+        let g = Guest::boot(
+            dir.path(),
+            "write 0 0 0x1000000 0x11 flush 0 write 0 0x801000 0x1000 0x22 mark LATE wait",
+            &[pmem_arg(&img, ",size=64M")],
+            &[],
+            false,
+        );
+        g.wait_for("MARK LATE");
+        let late = page_cache(&img, 0x801000, PAGE);
+        let around = page_cache(&img, 0, 0x1000000);
+        g.shutdown();
+        std::fs::remove_file(&img).unwrap();
+        // The control: the host's own writeback may have cleaned the late page first.
+        if late.nr_dirty != 1 {
+            return Err(format!("the late page was clean: {late:?}"));
+        }
+        assert_eq!(
+            around.nr_dirty, 1,
+            "a one-page store left {} pages of the first 16 MiB dirty: {around:?}",
+            around.nr_dirty
+        );
+        Ok(())
+    });
+}
+
 /// A dirty-ring overflow costs one whole-device writeback, then tracking is exact again. The
 /// probe stores to every page of a 256 MiB device in one loop, four times what a vCPU's ring
 /// holds (an emulating host's KVM lets that overflow the ring, and there the test checks it

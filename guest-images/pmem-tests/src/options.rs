@@ -16,6 +16,9 @@ pub struct Options {
     pub fs: Option<Vec<Fs>>,
     /// Only list the NVDIMMs, then power off (`pmemtests.preflight=1`).
     pub preflight: bool,
+    /// Rounds of each target's cases, each on a fresh file system (`pmemtests.repeat=N`): for
+    /// a failure that shows up once in many runs, without a boot per run.
+    pub repeat: u32,
 }
 
 impl Default for Options {
@@ -26,6 +29,7 @@ impl Default for Options {
             cases: None,
             fs: None,
             preflight: false,
+            repeat: 1,
         }
     }
 }
@@ -78,6 +82,13 @@ impl Options {
                         .ok_or_else(|| bad(&key, v, "seconds between 1 and 86400"))?;
                     o.timeout = Duration::from_secs(secs);
                 }
+                "repeat" => {
+                    o.repeat = v
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=100).contains(n))
+                        .ok_or_else(|| bad(&key, v, "rounds between 1 and 100"))?;
+                }
                 "cases" => {
                     let list = v
                         .split(',')
@@ -101,7 +112,7 @@ impl Options {
                     return Err(bad(
                         &key,
                         v,
-                        "a known option: ack, timeout, cases, fs, preflight, shell",
+                        "a known option: ack, timeout, cases, fs, repeat, preflight, shell",
                     ))
                 }
             }
@@ -109,15 +120,23 @@ impl Options {
         Ok(o)
     }
 
-    /// The plan, filtered by `cases` and `fs`.
+    /// The plan, filtered by `cases` and `fs`, each target's cases `repeat` times in a row.
     pub fn plan(&self) -> Vec<(Case, Fs)> {
-        crate::cases::plan()
+        let chosen: Vec<(Case, Fs)> = crate::cases::plan()
             .into_iter()
             .filter(|(c, f)| {
                 self.cases.as_ref().is_none_or(|l| l.contains(c))
                     && self.fs.as_ref().is_none_or(|l| l.contains(f))
             })
-            .collect()
+            .collect();
+        let mut plan = Vec::with_capacity(chosen.len() * self.repeat as usize);
+        for fs in Fs::ALL {
+            let round: Vec<(Case, Fs)> = chosen.iter().copied().filter(|p| p.1 == fs).collect();
+            for _ in 0..self.repeat {
+                plan.extend_from_slice(&round);
+            }
+        }
+        plan
     }
 }
 
@@ -144,11 +163,40 @@ mod tests {
     }
 
     #[test]
+    fn repeat_runs_each_targets_cases_in_rounds() {
+        let o =
+            Options::parse("pmemtests.cases=fsync,msync pmemtests.fs=ext4,xfs pmemtests.repeat=2")
+                .unwrap();
+        let (f, m) = (Case::Fsync, Case::Msync);
+        assert_eq!(
+            o.plan(),
+            vec![
+                (f, Fs::Ext4),
+                (m, Fs::Ext4),
+                (f, Fs::Ext4),
+                (m, Fs::Ext4),
+                (f, Fs::Xfs),
+                (m, Fs::Xfs),
+                (f, Fs::Xfs),
+                (m, Fs::Xfs),
+            ]
+        );
+        assert_eq!(Options::default().plan().len() * 3, {
+            let o = Options::parse("pmemtests.repeat=3").unwrap();
+            o.plan().len()
+        });
+    }
+
+    #[test]
     fn bad_values_name_the_option_and_what_it_takes() {
         for (line, want) in [
             (
                 "pmemtests.ack=maybe",
                 "pmemtests.ack=maybe: expected 0 or 1",
+            ),
+            (
+                "pmemtests.repeat=0",
+                "pmemtests.repeat=0: expected rounds between 1 and 100",
             ),
             (
                 "pmemtests.timeout=0",

@@ -16,7 +16,8 @@ pub struct Target {
     pub data_offset: u64,
 }
 
-/// Runs `plan`. `prepare` is called once per target, when its first case comes up; if it
+/// Runs `plan`. `prepare` is called once per target, when its first case comes up, and again
+/// when a case comes up that already ran on it (a new round starts on a fresh target); if it
 /// fails, that target's cases fail with its reason. Returns the tally, or why the suite had
 /// to stop (the host stopped answering).
 pub fn run_plan(
@@ -26,10 +27,13 @@ pub fn run_plan(
 ) -> Result<Tally, String> {
     let mut tally = Tally::default();
     let mut current: Option<(Fs, Result<Target, String>)> = None;
+    let mut ran: Vec<Case> = Vec::new();
     for &(case, fs) in plan {
-        if current.as_ref().is_none_or(|(f, _)| *f != fs) {
+        if current.as_ref().is_none_or(|(f, _)| *f != fs) || ran.contains(&case) {
             current = Some((fs, prepare(fs, console)));
+            ran.clear();
         }
+        ran.push(case);
         let target = match &current {
             Some((_, Ok(t))) => t.clone(),
             Some((_, Err(why))) => {
@@ -239,6 +243,26 @@ mod tests {
             tally.failures[0],
             "fsync xfs: setting up xfs failed: mkfs.xfs: not found"
         );
+    }
+
+    #[test]
+    fn each_round_of_a_repeated_plan_gets_a_fresh_target() {
+        let mut console = Console::new(None, Box::new(std::io::sink()), Duration::from_secs(1));
+        let (f, s) = (Case::Fsync, Case::Sync);
+        let plan = [
+            (f, Fs::Ext4),
+            (s, Fs::Ext4),
+            (f, Fs::Ext4),
+            (s, Fs::Ext4),
+            (f, Fs::Xfs),
+        ];
+        let mut prepared = Vec::new();
+        run_plan(&plan, &mut console, &mut |fs, _| {
+            prepared.push(fs);
+            Err("no device".into())
+        })
+        .unwrap();
+        assert_eq!(prepared, [Fs::Ext4, Fs::Ext4, Fs::Xfs]);
     }
 
     #[test]

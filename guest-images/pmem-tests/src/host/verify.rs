@@ -122,18 +122,23 @@ pub fn judge(expect: Expect, ev: &Evidence) -> Verdict {
                 problems.push("no flush reached the host during the case".to_string());
             }
             match &ev.cache {
-                Ok(c) if c.nr_dirty + c.nr_writeback > 0 => problems.push(format!(
-                    "{} dirty and {} writeback pages of the range in the host page cache{}",
-                    c.nr_dirty,
-                    c.nr_writeback,
-                    match ev.pending {
-                        Some(0) => " and none in pmvm's dirty log: a flush left them unwritten",
-                        Some(_) =>
-                            " (pmvm's dirty log holds pages the guest stored to after \
-                                    its last flush)",
-                        None => "",
-                    }
-                )),
+                Ok(c) if c.nr_dirty + c.nr_writeback > 0 => {
+                    let log = match ev.pending {
+                        Some(0) => {
+                            " and none in pmvm's dirty log: a flush left them unwritten".to_string()
+                        }
+                        Some(n) => format!(
+                            " (pmvm's dirty log holds {n} pages of the device the guest stored \
+                             to after its last flush; a host folio shared with one dirties the \
+                             range too)"
+                        ),
+                        None => String::new(),
+                    };
+                    problems.push(format!(
+                        "{} dirty and {} writeback pages of the range in the host page cache{log}",
+                        c.nr_dirty, c.nr_writeback,
+                    ))
+                }
                 Ok(_) => {}
                 Err(e) => problems.push(e.clone()),
             }

@@ -170,6 +170,11 @@ fn suite(opts: &Options, console: &mut Console) -> i32 {
             }
             Fs::Ext4 | Fs::Xfs => {
                 let dir = Path::new("/mnt").join(fs.name());
+                // A new round (pmemtests.repeat) starts on a fresh file system.
+                if mounted.contains(&dir) {
+                    system::umount(&dir)?;
+                    mounted.retain(|d| d != &dir);
+                }
                 system::mkfs(fs.name(), &dev)?;
                 system::mount_dax(fs.name(), &dev, &dir)?;
                 mounted.push(dir.clone());
