@@ -14,5 +14,5 @@ probe=$(bash guest-images/build-probe.sh | tail -n 1)
 cargo build --release --locked -p pmvm
 target=${CARGO_TARGET_DIR:-target}
 case $target in /*) ;; *) target=$PWD/$target ;; esac
-cargo bench --locked -p pmvm-nvdimm --bench flush -- \
+cargo bench --locked -p pmvm --bench flush -- \
   --pmvm "$target/release/pmvm" --probe "$probe" $write_docs "$@"

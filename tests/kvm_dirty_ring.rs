@@ -4,7 +4,9 @@
 //! the whole-device one writes exactly the pages written again.
 //!
 //! Needs /dev/kvm with KVM_CAP_DIRTY_LOG_RING; without either the test prints `SKIP:` and passes.
+//! The rings are pmvm's (VM-wide, in the VMM); the tiny guest is the device crate's test VM.
 
+#[path = "../devices/nvdimm/tests/common/mod.rs"]
 mod common;
 
 use std::path::Path;
@@ -12,9 +14,32 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{
-    device_params, kvm_or_skip, spawn_vcpu_with_ring, Code, Exit, TinyVm, HINT_GPA, PMEM_GPA,
+    device_params, kvm_or_skip, spawn_vcpu_with_ring, Code, Exit, RingExits, TinyVm, HINT_GPA,
+    PMEM_GPA,
 };
-use nvdimm::{DirtyRings, Nvdimm, PmemConfig, PAGE_SIZE};
+use nvdimm::{DirtySource, Nvdimm, PmemConfig, PAGE_SIZE};
+use pmvm::dirty_ring::{DirtyRings, RingOverflow, VcpuRingHandle};
+
+/// pmvm's vCPU loop, as far as the ring goes.
+struct VcpuRing(Arc<DirtyRings>, VcpuRingHandle);
+
+impl RingExits for VcpuRing {
+    fn mark(&self) -> u64 {
+        self.1.mark()
+    }
+
+    fn ring_full(&self, mark: u64) {
+        self.0
+            .ring_full(&self.1, mark)
+            .expect("handling a full dirty ring");
+    }
+
+    fn collect_if_filling(&self) {
+        self.0
+            .collect_if_filling(&self.1)
+            .expect("an early harvest");
+    }
+}
 
 /// Who writes what before vCPU 0's flush: (vCPU, first page, pages, value).
 type Write = (u64, u64, u64, u64);
@@ -99,7 +124,7 @@ fn run(sc: &Scenario) -> Option<bool> {
     let dev = Arc::new(
         Nvdimm::open(&pmem_config(dir.path(), sc.pmem_size), device_params(false)).unwrap(),
     );
-    dev.attach_ring(&vm.vm, &rings).unwrap();
+    dev.attach_ring(&vm.vm, rings.clone()).unwrap();
     assert_eq!(dev.dirty_tracking(), nvdimm::stats::Tracking::Ring);
     // The VMM's fence holds the other vCPUs out of the guest. Here the only flush from a vCPU
     // comes after vCPUs 1-3 have halted, from vCPU 0's own exit, and the host flushes after
@@ -132,7 +157,8 @@ fn run(sc: &Scenario) -> Option<bool> {
 
     let spawn = |(fd, handle), id: nvdimm::VcpuId| {
         let dev = dev.clone();
-        spawn_vcpu_with_ring(fd, Some((rings.clone(), handle)), move |exit| {
+        let ring = VcpuRing(rings.clone(), handle);
+        spawn_vcpu_with_ring(fd, Some(Box::new(ring)), move |exit| {
             if let Exit::MmioWrite(addr, data) = exit {
                 if (HINT_GPA..HINT_GPA + 4096).contains(addr) {
                     dev.mmio_write(id, addr - HINT_GPA, data)
@@ -168,7 +194,7 @@ fn run(sc: &Scenario) -> Option<bool> {
     );
     let overflowed = rings.overflows() > 0;
     // Each overflow reaches the hook once, with the ring's size.
-    let want = nvdimm::dirty_ring::RingOverflow {
+    let want = RingOverflow {
         entries: sc.ring_entries,
     };
     assert_eq!(
@@ -176,7 +202,7 @@ fn run(sc: &Scenario) -> Option<bool> {
         vec![want; rings.overflows() as usize]
     );
     // Re-armed by the flush, if it overflowed.
-    assert!(!rings.has_overflowed());
+    assert!(!rings.overflowed());
     assert_eq!(dev.dirty_tracking(), nvdimm::stats::Tracking::Ring);
 
     let before: Vec<(u64, u64, u64)> = sc.before_flush.iter().map(|w| (w.1, w.2, w.3)).collect();
