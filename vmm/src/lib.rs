@@ -21,6 +21,7 @@ mod platform;
 mod pmem;
 mod power_cut;
 mod seccomp;
+mod sigbus;
 mod signals;
 mod stop_wait;
 mod tools;

@@ -67,7 +67,8 @@ pub struct Mapping {
     len: usize,
     writable: bool,
     sharing: Sharing,
-    /// File mappings only: turns a SIGBUS from a truncated file into an error.
+    /// File mappings only: with the VMM's SIGBUS handler, turns a fault past the end of a
+    /// truncated file into an error.
     sigbus: Option<crate::sigbus::Registration>,
 }
 
@@ -201,7 +202,8 @@ impl Mapping {
         for (i, byte) in buf.iter_mut().enumerate() {
             // SAFETY: `range` checked that all of src..src+buf.len() is mapped and readable;
             // volatile because the guest may write the same bytes concurrently. Past the end of
-            // a truncated file the read faults into `sigbus`, which maps zeros and counts it.
+            // a truncated file the read faults; the VMM's handler has `sigbus` map zeros and
+            // count it.
             *byte = unsafe { std::ptr::read_volatile(src.add(i)) };
         }
         self.check_faults(before, offset, buf.len())
