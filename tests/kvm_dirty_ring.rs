@@ -8,38 +8,18 @@
 
 #[path = "../devices/nvdimm/tests/common/mod.rs"]
 mod common;
+mod tiny_vm_ring;
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::{
-    device_params, kvm_or_skip, spawn_vcpu_with_ring, Code, Exit, RingExits, TinyVm, HINT_GPA,
-    PMEM_GPA,
+    device_params, kvm_or_skip, spawn_vcpu_with_ring, Code, Exit, TinyVm, HINT_GPA, PMEM_GPA,
 };
 use nvdimm::{DirtySource, Nvdimm, PmemConfig, PAGE_SIZE};
-use pmvm::dirty_ring::{DirtyRings, RingOverflow, VcpuRingHandle};
-
-/// pmvm's vCPU loop, as far as the ring goes.
-struct VcpuRing(Arc<DirtyRings>, VcpuRingHandle);
-
-impl RingExits for VcpuRing {
-    fn mark(&self) -> u64 {
-        self.1.mark()
-    }
-
-    fn ring_full(&self, mark: u64) {
-        self.0
-            .ring_full(&self.1, mark)
-            .expect("handling a full dirty ring");
-    }
-
-    fn collect_if_filling(&self) {
-        self.0
-            .collect_if_filling(&self.1)
-            .expect("an early harvest");
-    }
-}
+use pmvm::dirty_ring::{DirtyRings, RingOverflow};
+use tiny_vm_ring::VcpuRing;
 
 /// Who writes what before vCPU 0's flush: (vCPU, first page, pages, value).
 type Write = (u64, u64, u64, u64);

@@ -11,34 +11,14 @@ use std::time::Instant;
 use kvm_ioctls::Kvm;
 use nvdimm::lock::lock;
 use nvdimm::{enable_manual_protect, Nvdimm, NvdimmParams, PersistMode, PmemConfig};
-use pmvm::dirty_ring::{DirtyRings, VcpuRingHandle, DEFAULT_RING_ENTRIES};
+use pmvm::dirty_ring::{DirtyRings, DEFAULT_RING_ENTRIES};
 
-use crate::common::{Exit, RingExits, TinyVm};
+use crate::common::{Exit, TinyVm};
 use crate::error::BenchError;
 use crate::guest::{self, page_offset, EXIT_GPA, SLOT_GPA};
 use crate::host_sync::HostFile;
 use crate::stats::micros;
-
-/// pmvm's vCPU loop, as far as the ring goes.
-struct VcpuRing(Arc<DirtyRings>, VcpuRingHandle);
-
-impl RingExits for VcpuRing {
-    fn mark(&self) -> u64 {
-        self.1.mark()
-    }
-
-    fn ring_full(&self, mark: u64) {
-        self.0
-            .ring_full(&self.1, mark)
-            .expect("handling a full dirty ring");
-    }
-
-    fn collect_if_filling(&self) {
-        self.0
-            .collect_if_filling(&self.1)
-            .expect("an early harvest");
-    }
-}
+use crate::tiny_vm_ring::VcpuRing;
 
 /// One round's latencies in microseconds.
 #[derive(Clone, Copy, Debug)]

@@ -19,6 +19,8 @@ mod report;
 mod stall;
 mod stats;
 mod strict_memory;
+#[path = "../../../tests/tiny_vm_ring.rs"]
+mod tiny_vm_ring;
 mod tracking;
 mod vmm_start;
 

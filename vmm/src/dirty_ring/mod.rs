@@ -36,11 +36,11 @@
 //! unrecorded, and its count of used entries no longer matches the ring. pmvm walks each ring in
 //! push order and resets it on its own, so KVM must free exactly the entries walked; a walk that
 //! finds a ring completely full, a reset that frees a different number, or a ring-full exit
-//! with nothing to harvest means an overflow. Until [`DirtySource::rearm`] the VM's rings are not
+//! with nothing to harvest means an overflow. Until a re-arm (`rearm`) the VM's rings are not
 //! trusted: every harvest marks whole devices pending (slow, losing nothing), and a ring-full
 //! exit frees as many entries as KVM provably has outstanding, so the vCPU never stalls.
 //!
-//! **Re-arming.** With every vCPU held out of the guest, [`DirtySource::rearm`] marks every
+//! **Re-arming.** With every vCPU held out of the guest, `rearm` (`source.rs`) marks every
 //! device page pending (the next writeback covers them all), turns dirty logging off and on for
 //! each device's memslot, which write-protects every page again, and clears every entry's flags.
 //! KVM's next push then lands at its own index, which pmvm no longer knows; the first walk of
