@@ -1,5 +1,5 @@
-//! The only place that maps or unmaps memory: a mapping of the backing file, or of a vCPU's
-//! dirty ring.
+//! The only place that maps or unmaps memory: a mapping of the backing file, or of pages KVM
+//! shares through a vCPU fd (the VMM's dirty rings).
 //!
 //! Shared (`persist=adr`): the same pages are guest memory (KVM's memslot points here) and the
 //! file's page cache, so a guest store dirties the file page directly and writeback never
@@ -117,9 +117,9 @@ impl Mapping {
         })
     }
 
-    /// Maps the dirty ring of a vCPU: `len` bytes of the vCPU fd at page `page_offset`
-    /// (`KVM_DIRTY_LOG_PAGE_OFFSET`), shared and writable, since the VMM marks entries harvested.
-    pub fn vcpu_dirty_ring(
+    /// Maps `len` bytes of a vCPU fd from page `page_offset`, shared and writable: memory KVM
+    /// and the VMM both update, such as the vCPU's dirty ring (`KVM_DIRTY_LOG_PAGE_OFFSET`).
+    pub fn vcpu_pages(
         vcpu_fd: &impl AsRawFd,
         len: u64,
         page_offset: u64,

@@ -259,7 +259,7 @@ impl DirtyRings {
     pub fn add_vcpu(&self, vcpu: &VcpuFd) -> Result<VcpuRingHandle, DirtyRingError> {
         let mut state = self.lock();
         let index = state.rings.len();
-        let map = Mapping::vcpu_dirty_ring(
+        let map = Mapping::vcpu_pages(
             vcpu,
             u64::from(self.entries) * ENTRY_BYTES,
             u64::from(KVM_DIRTY_LOG_PAGE_OFFSET),
