@@ -14,7 +14,7 @@ probe=$(bash guest-images/build-probe.sh | tail -n 1)
 cargo build --release --locked -p pmvm
 target=${CARGO_TARGET_DIR:-target}
 case $target in /*) ;; *) target=$PWD/$target ;; esac
-cargo bench --locked -p pmvm-nvdimm --bench flush -- \
+cargo bench --locked -p pmvm --bench flush -- \
   --pmvm "$target/release/pmvm" --probe "$probe" $write_docs "$@"
 # Last, the guest-side benchmark, which writes its own section of docs/benchmarks.md (with
 # --quick, a smoke run that writes nothing).

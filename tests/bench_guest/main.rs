@@ -11,7 +11,7 @@
 mod lines;
 mod report;
 // The flush benchmark's plot drawer: both benchmarks' SVGs look alike.
-#[path = "../../devices/nvdimm/benches/flush/svg.rs"]
+#[path = "../../vmm/benches/flush/svg.rs"]
 mod svg;
 mod vm;
 

@@ -1,7 +1,9 @@
 //! pmvm: a small KVM VMM whose NVDIMM makes guest flushes exact, observable and durable.
 //!
 //! The `pmvm` binary is [`main`]; the control socket's documents and client ([`api::types`],
-//! [`api::client`]) are public for the tests and tools that talk to a running pmvm.
+//! [`api::client`]) are public for the tests and tools that talk to a running pmvm, and the
+//! VM's KVM dirty rings ([`dirty_ring`]) for the tests and the flush benchmark that drive KVM
+//! directly.
 
 pub mod api;
 mod boot;
@@ -9,6 +11,7 @@ pub mod cli;
 mod control;
 mod crash_test;
 mod devices;
+pub mod dirty_ring;
 mod exit;
 mod layout;
 mod logger;
@@ -18,6 +21,7 @@ mod platform;
 mod pmem;
 mod power_cut;
 mod seccomp;
+mod sigbus;
 mod signals;
 mod stop_wait;
 mod tools;

@@ -10,11 +10,11 @@ use kvm_bindings::{
     KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use nvdimm::{DirtyRings, VcpuRingHandle};
 use nvdimm::{IoFault, OnError, VcpuId};
 use vm_memory::GuestMemoryMmap;
 
 use crate::devices::{lock, Bus, FlushFailure};
+use crate::dirty_ring::{DirtyRings, VcpuRingHandle};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::seccomp::ThreadFilter;
 use crate::signals;

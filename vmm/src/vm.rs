@@ -10,8 +10,6 @@ use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
-use nvdimm::dirty_ring::DEFAULT_RING_ENTRIES;
-use nvdimm::DirtyRings;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::terminal::Terminal;
@@ -23,6 +21,7 @@ use crate::boot::{self, BootError};
 use crate::control::MachineControl;
 use crate::devices::mmio::{MmioOverlap, MmioRanges};
 use crate::devices::{serial, Bus};
+use crate::dirty_ring::{self, DirtyRings, DEFAULT_RING_ENTRIES};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::layout;
 use crate::machine::{DirtyTracking, MachineConfig, SerialTarget};
@@ -99,7 +98,7 @@ pub enum VmError {
     #[error("cannot set up dirty logging for --pmem")]
     DirtyLog(#[source] nvdimm::dirty::DirtyError),
     #[error("cannot set up the KVM dirty ring for --pmem")]
-    DirtyRing(#[source] nvdimm::dirty_ring::DirtyRingError),
+    DirtyRing(#[source] dirty_ring::DirtyRingError),
     #[error(
         "--dirty-tracking ring: this KVM does not offer KVM_CAP_DIRTY_LOG_RING; use \
          --dirty-tracking bitmap (or auto)"
@@ -134,7 +133,7 @@ fn choose_tracking(vm: &Arc<VmFd>, config: &MachineConfig) -> Result<Tracking, V
             manual_protect: false,
         });
     }
-    let ring_unsafe = nvdimm::dirty_ring::ring_limit_unenforced();
+    let ring_unsafe = dirty_ring::ring_limit_unenforced();
     let want_ring = match (config.dirty_tracking, ring_unsafe) {
         (DirtyTracking::Bitmap, _) => false,
         (DirtyTracking::Ring, Some(why)) => {
@@ -362,7 +361,7 @@ pub fn build(config: &MachineConfig, opts: &RunOptions) -> Result<Machine, VmErr
         .map_err(VmError::PmemOpen)?;
     for d in &pmem_devices {
         match &tracking {
-            Tracking::Ring(rings) => d.attach_ring(&vm, rings),
+            Tracking::Ring(rings) => d.attach_ring(&vm, rings.clone()),
             Tracking::Bitmap { .. } => d.attach(&vm),
         }
         .map_err(VmError::Pmem)?;

@@ -1,9 +1,10 @@
 //! pmvm's NVDIMM: a host file mapped into the guest as persistent memory, whose flush hints
 //! trap into a synchronous writeback of exactly the pages the guest dirtied.
 //!
-//! The flush path is [`handler`] (decode the MMIO write) → [`dirty_ring`] or [`dirty`] (harvest
-//! what the guest wrote) → [`page_set`] (the pages, in runs) → [`writeback`] (make exactly those
-//! file pages durable). [`device::Nvdimm`] ties them together and is all the VMM needs.
+//! The flush path is [`handler`] (decode the MMIO write) → the VMM's [`DirtySource`] (the KVM
+//! dirty rings) or [`dirty`] (the slot's bitmap) to harvest what the guest wrote → [`page_set`]
+//! (the pages, in runs) → [`writeback`] (make exactly those file pages durable).
+//! [`device::Nvdimm`] ties them together and is all the VMM needs.
 
 pub mod backing;
 pub mod cachestat;
@@ -11,7 +12,7 @@ pub mod config;
 pub mod counters;
 pub mod device;
 pub mod dirty;
-pub mod dirty_ring;
+pub mod dirty_source;
 pub mod fault;
 pub mod files;
 pub mod flush_log;
@@ -39,7 +40,7 @@ pub use device::{FlushError, FlushSource, HarvestBarrier, Nvdimm, NvdimmParams};
 /// local APIC id.
 pub type VcpuId = u8;
 pub use dirty::enable_manual_protect;
-pub use dirty_ring::{DirtyRings, VcpuRingHandle};
+pub use dirty_source::{DirtySource, DirtySourceError};
 pub use fault::IoFault;
 pub use in_flight::WritebackInProgress;
 pub use reclaim::VcpuFence;

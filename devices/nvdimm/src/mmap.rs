@@ -1,5 +1,5 @@
-//! The only place that maps or unmaps memory: a mapping of the backing file, or of a vCPU's
-//! dirty ring.
+//! The only place that maps or unmaps memory: a mapping of the backing file, or of pages KVM
+//! shares through a vCPU fd (the VMM's dirty rings).
 //!
 //! Shared (`persist=adr`): the same pages are guest memory (KVM's memslot points here) and the
 //! file's page cache, so a guest store dirties the file page directly and writeback never
@@ -67,7 +67,8 @@ pub struct Mapping {
     len: usize,
     writable: bool,
     sharing: Sharing,
-    /// File mappings only: turns a SIGBUS from a truncated file into an error.
+    /// File mappings only: with the VMM's SIGBUS handler, turns a fault past the end of a
+    /// truncated file into an error.
     sigbus: Option<crate::sigbus::Registration>,
 }
 
@@ -119,9 +120,9 @@ impl Mapping {
         })
     }
 
-    /// Maps the dirty ring of a vCPU: `len` bytes of the vCPU fd at page `page_offset`
-    /// (`KVM_DIRTY_LOG_PAGE_OFFSET`), shared and writable, since the VMM marks entries harvested.
-    pub fn vcpu_dirty_ring(
+    /// Maps `len` bytes of a vCPU fd from page `page_offset`, shared and writable: memory KVM
+    /// and the VMM both update, such as the vCPU's dirty ring (`KVM_DIRTY_LOG_PAGE_OFFSET`).
+    pub fn vcpu_pages(
         vcpu_fd: &impl AsRawFd,
         len: u64,
         page_offset: u64,
@@ -204,7 +205,8 @@ impl Mapping {
         for (i, byte) in buf.iter_mut().enumerate() {
             // SAFETY: `range` checked that all of src..src+buf.len() is mapped and readable;
             // volatile because the guest may write the same bytes concurrently. Past the end of
-            // a truncated file the read faults into `sigbus`, which maps zeros and counts it.
+            // a truncated file the read faults; the VMM's handler has `sigbus` map zeros and
+            // count it.
             *byte = unsafe { std::ptr::read_volatile(src.add(i)) };
         }
         self.check_faults(before, offset, buf.len())

@@ -19,6 +19,10 @@ use client::ClientCommand;
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     logger::init();
+    // Process-wide, before any device maps its backing file.
+    if let Err(e) = crate::sigbus::install() {
+        log::warn!("cannot handle SIGBUS ({e}): a truncated backing file will end pmvm");
+    }
     match cli.command {
         None => run_machine(&cli.machine),
         Some(cmd) => run_subcommand(cmd),

@@ -8,7 +8,7 @@ use kvm_ioctls::VmFd;
 
 use super::Nvdimm;
 use crate::dirty::{DirtyLog, DirtyLogMode};
-use crate::dirty_ring::DirtyRings;
+use crate::dirty_source::DirtySource;
 use crate::lock::lock;
 use crate::mmap::Mapping;
 use crate::NvdimmError;
@@ -39,8 +39,9 @@ impl Drop for MemSlot {
 pub(super) enum Tracker {
     /// The memslot's own bitmap: a harvest costs O(device size).
     Log(DirtyLog),
-    /// The VM's per-vCPU dirty rings, which fill the device's pending set: O(pages written).
-    Ring(Arc<DirtyRings>),
+    /// The VM-wide record (the VMM's per-vCPU dirty rings), which fills the device's pending
+    /// set: O(pages written).
+    Ring(Arc<dyn DirtySource>),
 }
 
 /// What attaching to a VM set up.
@@ -68,16 +69,20 @@ impl Nvdimm {
         self.attach_tracked(vm, None)
     }
 
-    /// Like [`Nvdimm::attach`], on a VM whose dirty ring is on: the rings feed this device's
-    /// pending pages, and harvests cost O(pages written).
-    pub fn attach_ring(&self, vm: &Arc<VmFd>, rings: &Arc<DirtyRings>) -> Result<(), NvdimmError> {
-        self.attach_tracked(vm, Some(rings))
+    /// Like [`Nvdimm::attach`], on a VM whose dirty ring is on: `source` (the VMM's rings)
+    /// feeds this device's pending pages, and harvests cost O(pages written).
+    pub fn attach_ring(
+        &self,
+        vm: &Arc<VmFd>,
+        source: Arc<dyn DirtySource>,
+    ) -> Result<(), NvdimmError> {
+        self.attach_tracked(vm, Some(source))
     }
 
     fn attach_tracked(
         &self,
         vm: &Arc<VmFd>,
-        rings: Option<&Arc<DirtyRings>>,
+        source: Option<Arc<dyn DirtySource>>,
     ) -> Result<(), NvdimmError> {
         let _serial = lock(&self.attaching);
         if self.attachment.get().is_some() {
@@ -118,10 +123,10 @@ impl Nvdimm {
         } else {
             DirtyLogMode::GetClears
         };
-        let dirty = (!self.readonly()).then(|| match rings {
-            Some(rings) => {
-                rings.register(region, self.pending.clone());
-                Tracker::Ring(rings.clone())
+        let dirty = (!self.readonly()).then(|| match source {
+            Some(source) => {
+                source.register(region, self.pending.clone());
+                Tracker::Ring(source)
             }
             None => Tracker::Log(DirtyLog::new(
                 vm.clone(),

@@ -1,7 +1,7 @@
 //! Why a flush failed: the typed outcome every flush it covered shares.
 
 use crate::dirty::DirtyError;
-use crate::dirty_ring::DirtyRingError;
+use crate::dirty_source::DirtySourceError;
 use crate::flush_log::AppendError;
 use crate::writeback::WritebackError;
 
@@ -12,7 +12,7 @@ pub enum FlushError {
     #[error("harvesting the dirty log failed")]
     Harvest(#[source] DirtyError),
     #[error("harvesting the dirty rings failed")]
-    Ring(#[source] DirtyRingError),
+    Ring(#[source] DirtySourceError),
     #[error("writing dirty pages back failed")]
     Writeback(#[source] WritebackError),
     #[error("logging the flush failed; the pages stay dirty and nothing was written back")]

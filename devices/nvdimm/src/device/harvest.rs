@@ -52,7 +52,7 @@ impl Nvdimm {
         else {
             return;
         };
-        let Some(fence) = self.fence.get().filter(|_| rings.has_overflowed()) else {
+        let Some(fence) = self.fence.get().filter(|_| rings.overflowed()) else {
             return;
         };
         let mut outcome = Ok(false);

@@ -39,7 +39,7 @@ impl Nvdimm {
     pub fn dirty_tracking(&self) -> Tracking {
         match self.attachment.get().and_then(|a| a.dirty.as_ref()) {
             Some(Tracker::Log(_)) => Tracking::Bitmap,
-            Some(Tracker::Ring(r)) if r.has_overflowed() => Tracking::RingOverflowed,
+            Some(Tracker::Ring(r)) if r.overflowed() => Tracking::RingOverflowed,
             Some(Tracker::Ring(_)) => Tracking::Ring,
             None => Tracking::None,
         }

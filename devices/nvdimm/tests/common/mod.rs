@@ -14,7 +14,6 @@ use std::time::Duration;
 use kvm_bindings::{kvm_segment, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use nvdimm::mmap::Mapping;
-use nvdimm::{DirtyRings, VcpuRingHandle};
 
 pub const RAM_SIZE: u64 = 0x10000;
 const GDT: u64 = 0x500;
@@ -54,8 +53,8 @@ pub fn kvm_or_skip(test: &str) -> Option<Kvm> {
 pub struct TinyVm {
     pub vm: Arc<VmFd>,
     vcpu: Option<VcpuFd>,
-    /// With the dirty ring on: the rings and vCPU 0's, for its ring-full exits.
-    ring: Option<(Arc<DirtyRings>, VcpuRingHandle)>,
+    /// With the dirty ring on: vCPU 0's ring, for its ring-full exits.
+    ring: Option<Box<dyn RingExits>>,
     ram: Mapping,
     _ram_file: File,
     /// What KVM supports, given to every vCPU as its CPUID: hardware KVM refuses 64-bit
@@ -136,6 +135,19 @@ impl Code {
     }
 }
 
+/// A vCPU's side of the KVM dirty ring, which a VM that turns the ring on must drive around
+/// each `KVM_RUN` as pmvm's vCPU loop does; given by the tests and the bench that use pmvm's
+/// rings (the rings are the VMM's, not the device's).
+pub trait RingExits: Send {
+    /// Read before each `KVM_RUN`.
+    fn mark(&self) -> u64;
+    /// After `KVM_EXIT_DIRTY_RING_FULL` from the run that began at `mark`: harvests, and frees
+    /// what an overflow left counted, so that the vCPU can run again.
+    fn ring_full(&self, mark: u64);
+    /// After every exit: harvests early if the ring is filling.
+    fn collect_if_filling(&self);
+}
+
 /// How a run of the guest went, exit by exit.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Exit {
@@ -179,13 +191,16 @@ impl TinyVm {
         self.vcpu = Some(self.create_vcpu(0, code));
     }
 
-    /// Like [`TinyVm::boot`] on a VM whose dirty ring is on: maps vCPU 0's ring, and
-    /// [`TinyVm::run`] handles its ring-full exits as pmvm does.
-    pub fn boot_with_ring(&mut self, code: &Code, rings: &Arc<DirtyRings>) {
+    /// Like [`TinyVm::boot`] on a VM whose dirty ring is on: `add_vcpu` maps vCPU 0's ring,
+    /// and [`TinyVm::run`] handles its ring-full exits as pmvm does.
+    pub fn boot_with_ring(
+        &mut self,
+        code: &Code,
+        add_vcpu: impl FnOnce(&VcpuFd) -> Box<dyn RingExits>,
+    ) {
         self.boot(code);
         let vcpu = self.vcpu.as_ref().expect("just created");
-        let handle = rings.add_vcpu(vcpu).expect("mapping the vCPU's dirty ring");
-        self.ring = Some((rings.clone(), handle));
+        self.ring = Some(add_vcpu(vcpu));
     }
 
     /// Registers guest RAM and writes the page tables: once, before [`TinyVm::create_vcpu`].
@@ -294,14 +309,14 @@ pub fn spawn_vcpu(
 /// Like [`spawn_vcpu`], handling ring-full exits of a VM with the dirty ring as pmvm does.
 pub fn spawn_vcpu_with_ring(
     mut vcpu: VcpuFd,
-    ring: Option<(Arc<DirtyRings>, VcpuRingHandle)>,
+    ring: Option<Box<dyn RingExits>>,
     mut on_exit: impl FnMut(&Exit) + Send + 'static,
 ) -> mpsc::Receiver<Vec<Exit>> {
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
         let mut exits = Vec::new();
         for _ in 0..100_000 {
-            let mark = ring.as_ref().map(|(_, handle)| handle.mark());
+            let mark = ring.as_ref().map(|ring| ring.mark());
             let exit = match vcpu.run() {
                 Ok(VcpuExit::MmioWrite(addr, data)) => Exit::MmioWrite(addr, data.to_vec()),
                 Ok(VcpuExit::MmioRead(addr, data)) => {
@@ -313,13 +328,11 @@ pub fn spawn_vcpu_with_ring(
                 Ok(other) => panic!("unexpected exit {other:?} after {exits:?}"),
                 Err(e) => panic!("KVM_RUN failed: {e} after {exits:?}"),
             };
-            if let (Exit::DirtyRingFull, Some((rings, handle)), Some(mark)) = (&exit, &ring, mark) {
-                rings
-                    .ring_full(handle, mark)
-                    .expect("handling a full dirty ring");
+            if let (Exit::DirtyRingFull, Some(ring), Some(mark)) = (&exit, &ring, mark) {
+                ring.ring_full(mark);
             }
-            if let Some((rings, handle)) = &ring {
-                rings.collect_if_filling(handle).expect("an early harvest");
+            if let Some(ring) = &ring {
+                ring.collect_if_filling();
             }
             on_exit(&exit);
             let done = exit == Exit::Hlt;

@@ -9,15 +9,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use kvm_ioctls::Kvm;
-use nvdimm::dirty_ring::DEFAULT_RING_ENTRIES;
 use nvdimm::lock::lock;
-use nvdimm::{enable_manual_protect, DirtyRings, Nvdimm, NvdimmParams, PersistMode, PmemConfig};
+use nvdimm::{enable_manual_protect, Nvdimm, NvdimmParams, PersistMode, PmemConfig};
+use pmvm::dirty_ring::{DirtyRings, DEFAULT_RING_ENTRIES};
 
 use crate::common::{Exit, TinyVm};
 use crate::error::BenchError;
 use crate::guest::{self, page_offset, EXIT_GPA, SLOT_GPA};
 use crate::host_sync::HostFile;
 use crate::stats::micros;
+use crate::tiny_vm_ring::VcpuRing;
 
 /// One round's latencies in microseconds.
 #[derive(Clone, Copy, Debug)]
@@ -175,8 +176,11 @@ pub fn measure(
     let code = guest::dirty_then_flush(pages, rounds + 1);
     match &rings {
         Some(rings) => {
-            dev.attach_ring(&vm.vm, rings)?;
-            vm.boot_with_ring(&code, rings);
+            dev.attach_ring(&vm.vm, rings.clone())?;
+            vm.boot_with_ring(&code, |vcpu| {
+                let handle = rings.add_vcpu(vcpu).expect("mapping the vCPU's dirty ring");
+                Box::new(VcpuRing(rings.clone(), handle))
+            });
         }
         None => {
             dev.attach(&vm.vm)?;

@@ -4,8 +4,11 @@
 //! the whole-device one writes exactly the pages written again.
 //!
 //! Needs /dev/kvm with KVM_CAP_DIRTY_LOG_RING; without either the test prints `SKIP:` and passes.
+//! The rings are pmvm's (VM-wide, in the VMM); the tiny guest is the device crate's test VM.
 
+#[path = "../devices/nvdimm/tests/common/mod.rs"]
 mod common;
+mod tiny_vm_ring;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -14,7 +17,9 @@ use std::time::Duration;
 use common::{
     device_params, kvm_or_skip, spawn_vcpu_with_ring, Code, Exit, TinyVm, HINT_GPA, PMEM_GPA,
 };
-use nvdimm::{DirtyRings, Nvdimm, PmemConfig, PAGE_SIZE};
+use nvdimm::{DirtySource, Nvdimm, PmemConfig, PAGE_SIZE};
+use pmvm::dirty_ring::{DirtyRings, RingOverflow};
+use tiny_vm_ring::VcpuRing;
 
 /// Who writes what before vCPU 0's flush: (vCPU, first page, pages, value).
 type Write = (u64, u64, u64, u64);
@@ -99,7 +104,7 @@ fn run(sc: &Scenario) -> Option<bool> {
     let dev = Arc::new(
         Nvdimm::open(&pmem_config(dir.path(), sc.pmem_size), device_params(false)).unwrap(),
     );
-    dev.attach_ring(&vm.vm, &rings).unwrap();
+    dev.attach_ring(&vm.vm, rings.clone()).unwrap();
     assert_eq!(dev.dirty_tracking(), nvdimm::stats::Tracking::Ring);
     // The VMM's fence holds the other vCPUs out of the guest. Here the only flush from a vCPU
     // comes after vCPUs 1-3 have halted, from vCPU 0's own exit, and the host flushes after
@@ -132,7 +137,8 @@ fn run(sc: &Scenario) -> Option<bool> {
 
     let spawn = |(fd, handle), id: nvdimm::VcpuId| {
         let dev = dev.clone();
-        spawn_vcpu_with_ring(fd, Some((rings.clone(), handle)), move |exit| {
+        let ring = VcpuRing(rings.clone(), handle);
+        spawn_vcpu_with_ring(fd, Some(Box::new(ring)), move |exit| {
             if let Exit::MmioWrite(addr, data) = exit {
                 if (HINT_GPA..HINT_GPA + 4096).contains(addr) {
                     dev.mmio_write(id, addr - HINT_GPA, data)
@@ -168,7 +174,7 @@ fn run(sc: &Scenario) -> Option<bool> {
     );
     let overflowed = rings.overflows() > 0;
     // Each overflow reaches the hook once, with the ring's size.
-    let want = nvdimm::dirty_ring::RingOverflow {
+    let want = RingOverflow {
         entries: sc.ring_entries,
     };
     assert_eq!(
@@ -176,7 +182,7 @@ fn run(sc: &Scenario) -> Option<bool> {
         vec![want; rings.overflows() as usize]
     );
     // Re-armed by the flush, if it overflowed.
-    assert!(!rings.has_overflowed());
+    assert!(!rings.overflowed());
     assert_eq!(dev.dirty_tracking(), nvdimm::stats::Tracking::Ring);
 
     let before: Vec<(u64, u64, u64)> = sc.before_flush.iter().map(|w| (w.1, w.2, w.3)).collect();

@@ -986,7 +986,7 @@ fn markdown(r: &Results) -> String {
     writeln!(w, "\n## How it is measured\n").unwrap();
     writeln!(
         w,
-        "Everything runs on /dev/kvm in one `cargo bench -p pmvm-nvdimm --bench flush` process; \
+        "Everything runs on /dev/kvm in one `cargo bench -p pmvm --bench flush` process; \
          scratch files go to a directory on a disk-backed filesystem (the system temp dir, or \
          the cargo target dir when that is tmpfs).\n"
     )

@@ -1,8 +1,12 @@
 //! The KVM dirty ring: per-vCPU rings of written guest pages, harvested in O(pages written).
 //!
+//! The rings are VM-wide: a vCPU's ring holds the stores it made to every device's memslot, so
+//! they live here with the VM and its vCPUs, and a device sees them only as the
+//! [`nvdimm::DirtySource`] it registers its slot with (`source.rs`).
+//!
 //! With `KVM_CAP_DIRTY_LOG_RING`, KVM records the first store to each write-protected page of
 //! a logged memslot as an entry (slot, page offset) in the ring of the vCPU that made it, then
-//! lets the store through. [`DirtyRings::collect`] finds every published entry in every ring,
+//! lets the store through. `collect` finds every published entry in every ring,
 //! hands its page to the device owning the slot (its pending [`PageSet`]), marks the entry
 //! harvested, and calls `KVM_RESET_DIRTY_RINGS`, which write-protects those pages again and
 //! frees the entries. The cost depends on the ring size and the pages written, never on the
@@ -32,11 +36,11 @@
 //! unrecorded, and its count of used entries no longer matches the ring. pmvm walks each ring in
 //! push order and resets it on its own, so KVM must free exactly the entries walked; a walk that
 //! finds a ring completely full, a reset that frees a different number, or a ring-full exit
-//! with nothing to harvest means an overflow. Until [`DirtyRings::rearm`] the VM's rings are not
+//! with nothing to harvest means an overflow. Until a re-arm (`rearm`) the VM's rings are not
 //! trusted: every harvest marks whole devices pending (slow, losing nothing), and a ring-full
 //! exit frees as many entries as KVM provably has outstanding, so the vCPU never stalls.
 //!
-//! **Re-arming.** With every vCPU held out of the guest, [`DirtyRings::rearm`] marks every
+//! **Re-arming.** With every vCPU held out of the guest, `rearm` (`source.rs`) marks every
 //! device page pending (the next writeback covers them all), turns dirty logging off and on for
 //! each device's memslot, which write-protects every page again, and clears every entry's flags.
 //! KVM's next push then lands at its own index, which pmvm no longer knows; the first walk of
@@ -45,30 +49,27 @@
 //! that is a whole number of rings, which a ring-full exit with nothing published then frees a
 //! ring at a time. From the first writeback on, tracking is exact again.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvm_bindings::{
-    kvm_dirty_gfn, kvm_enable_cap, kvm_userspace_memory_region, KVMIO, KVM_CAP_DIRTY_LOG_RING,
-    KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_DIRTY_LOG_PAGE_OFFSET, KVM_MEM_LOG_DIRTY_PAGES,
+    kvm_enable_cap, kvm_userspace_memory_region, KVM_CAP_DIRTY_LOG_RING,
+    KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_DIRTY_LOG_PAGE_OFFSET,
 };
 use kvm_ioctls::{VcpuFd, VmFd};
+use nvdimm::mmap::{Mapping, MmapError};
+use nvdimm::page_set::PageSet;
 use vmm_sys_util::errno;
 use vmm_sys_util::ioctl::ioctl;
-use vmm_sys_util::ioctl_io_nr;
 
-use crate::mmap::{Mapping, MmapError};
-use crate::page_set::PageSet;
+mod entries;
+mod source;
 
-ioctl_io_nr!(KVM_RESET_DIRTY_RINGS, KVMIO, 0xc7);
+use entries::{
+    first_published, mark_harvested, walk_ring, RunStart, VcpuRing, ENTRY_BYTES,
+    KVM_DIRTY_GFN_F_DIRTY, KVM_RESET_DIRTY_RINGS,
+};
 
-/// `flags` of a ring entry: KVM published it (linux/kvm.h KVM_DIRTY_GFN_F_DIRTY)...
-const KVM_DIRTY_GFN_F_DIRTY: u32 = 1 << 0;
-/// ...and the VMM harvested it (KVM_DIRTY_GFN_F_RESET).
-const KVM_DIRTY_GFN_F_RESET: u32 = 1 << 1;
-
-/// Bytes of one ring entry (`struct kvm_dirty_gfn`).
-const ENTRY_BYTES: u64 = std::mem::size_of::<kvm_dirty_gfn>() as u64;
 /// Entries per vCPU ring pmvm asks for (256 KiB): a ring-full exit per 16,000-odd pages
 /// written, and room for a large burst before an emulating host could overflow it.
 pub const DEFAULT_RING_ENTRIES: u32 = 16384;
@@ -126,23 +127,10 @@ pub fn ring_limit_unenforced() -> Option<&'static str> {
 }
 
 /// A device's memslot, as the rings feed it.
-struct Sink {
+pub(super) struct Sink {
     /// The slot as registered with KVM (dirty-logged), to re-arm its logging.
-    region: kvm_userspace_memory_region,
-    pending: Arc<Mutex<PageSet>>,
-}
-
-/// One vCPU's ring and how many entries KVM has freed in it: where KVM frees next, and, while
-/// the ring is trusted and aligned, where the next unharvested entry is. Read without the lock
-/// by the vCPU before each `KVM_RUN` ([`VcpuRingHandle::mark`]).
-struct VcpuRing {
-    map: Arc<Mapping>,
-    freed: Arc<AtomicU64>,
-    /// Re-armed and no entry published since: where KVM pushes next is unknown (module
-    /// comment, "Re-arming").
-    unaligned: bool,
-    /// Re-armed once: KVM may count whole rings of entries from the overflow beyond `freed`.
-    phantom: bool,
+    pub(super) region: kvm_userspace_memory_region,
+    pub(super) pending: Arc<Mutex<PageSet>>,
 }
 
 /// A vCPU's handle on its ring, for the `KVM_EXIT_DIRTY_RING_FULL` protocol and early
@@ -220,7 +208,7 @@ impl DirtyRings {
         };
         let max_entries = (max_bytes / ENTRY_BYTES).min(u64::from(u32::MAX)) as u32;
         // KVM wants a power of two of at least one page of entries.
-        let min_entries = (crate::PAGE_SIZE / ENTRY_BYTES) as u32;
+        let min_entries = (nvdimm::PAGE_SIZE / ENTRY_BYTES) as u32;
         let entries = entries
             .min(max_entries)
             .max(min_entries)
@@ -271,14 +259,14 @@ impl DirtyRings {
     pub fn add_vcpu(&self, vcpu: &VcpuFd) -> Result<VcpuRingHandle, DirtyRingError> {
         let mut state = self.lock();
         let index = state.rings.len();
-        let map = Mapping::vcpu_dirty_ring(
+        let map = Mapping::vcpu_pages(
             vcpu,
             u64::from(self.entries) * ENTRY_BYTES,
             u64::from(KVM_DIRTY_LOG_PAGE_OFFSET),
         )
         .map_err(|e: MmapError| DirtyRingError::Map {
             vcpu: index,
-            reason: crate::error_chain(&e),
+            reason: nvdimm::error_chain(&e),
         })?;
         let freed = Arc::new(AtomicU64::new(0));
         let map = Arc::new(map);
@@ -296,26 +284,11 @@ impl DirtyRings {
         })
     }
 
-    /// Routes the pages of the dirty-logged memslot `region` into `pending` from now on. The
-    /// caller must [`DirtyRings::unregister`] it before deleting the slot or unmapping its
-    /// memory: [`DirtyRings::rearm`] sets the region again.
-    pub fn register(&self, region: kvm_userspace_memory_region, pending: Arc<Mutex<PageSet>>) {
-        let mut state = self.lock();
-        state.sinks.retain(|s| s.region.slot != region.slot);
-        state.sinks.push(Sink { region, pending });
-    }
-
-    /// Stops routing the pages of memslot `slot` (its device is going away).
-    pub fn unregister(&self, slot: u32) {
-        self.lock().sinks.retain(|s| s.region.slot != slot);
-    }
-
     /// Moves every page in every ring into its device's pending set and resets the rings
-    /// (see the module comment for the ordering and for overflows). Returns the entries
-    /// harvested.
-    pub fn collect(&self) -> Result<u64, DirtyRingError> {
+    /// (see the module comment for the ordering and for overflows).
+    fn collect_all(&self) -> Result<(), DirtyRingError> {
         let mut state = self.lock();
-        Ok(self.collect_locked(&mut state)?.iter().sum())
+        self.collect_locked(&mut state).map(drop)
     }
 
     /// Collects if `ring` is at least half full. The vCPU calls it after each exit: KVM stops
@@ -330,7 +303,7 @@ impl DirtyRings {
             .atomic_u32(at)
             .is_ok_and(|f| f.load(Ordering::Acquire) & KVM_DIRTY_GFN_F_DIRTY != 0);
         if filling {
-            self.collect()?;
+            self.collect_all()?;
         }
         Ok(())
     }
@@ -363,7 +336,7 @@ impl DirtyRings {
             // Unaligned, KVM's count is unknown: free what it provably holds (below).
             // Otherwise entries were overwritten.
             if !unaligned {
-                self.overflowed(&mut state);
+                self.mark_overflowed(&mut state);
             }
         }
         let Some(ring) = state.rings.get(vcpu) else {
@@ -449,63 +422,13 @@ impl DirtyRings {
             overflow |= gap + n >= size || freed != gap + n;
         }
         if overflow {
-            self.overflowed(state);
+            self.mark_overflowed(state);
         }
         Ok(walked)
     }
 
-    /// After an overflow, and only while no vCPU is in the guest or can enter it: marks every
-    /// device page pending, re-protects every page by turning dirty logging off and on for each
-    /// device's memslot, and clears the rings, so that tracking is exact again from the next
-    /// writeback on (module comment, "Re-arming"). Returns whether there was anything to
-    /// re-arm. On an error the rings stay untrusted (whole-device writebacks, nothing lost).
-    pub fn rearm(&self) -> Result<bool, DirtyRingError> {
-        let mut state = self.lock();
-        if !state.overflowed {
-            return Ok(false);
-        }
-        mark_all_pending(&state.sinks);
-        for sink in &state.sinks {
-            for on in [false, true] {
-                let region = kvm_userspace_memory_region {
-                    flags: if on {
-                        sink.region.flags | KVM_MEM_LOG_DIRTY_PAGES
-                    } else {
-                        sink.region.flags & !KVM_MEM_LOG_DIRTY_PAGES
-                    },
-                    ..sink.region
-                };
-                // SAFETY: the same slot, address and memory as registered, which the owner keeps
-                // mapped until it unregisters (`register`); only the logging flag changes.
-                unsafe { self.vm.set_user_memory_region(region) }.map_err(|source| {
-                    DirtyRingError::Relog {
-                        slot: region.slot,
-                        on,
-                        source,
-                    }
-                })?;
-            }
-        }
-        let size = u64::from(self.entries);
-        for ring in &mut state.rings {
-            for k in 0..size {
-                if let Ok(flags) = ring.map.atomic_u32(k * ENTRY_BYTES) {
-                    flags.store(0, Ordering::Release);
-                }
-            }
-            ring.unaligned = true;
-            ring.phantom = true;
-        }
-        state.overflowed = false;
-        log::info!(
-            "the KVM dirty ring is re-armed after its overflow: every device page is written \
-             back once, then only the pages the guest writes"
-        );
-        Ok(true)
-    }
-
     /// Stops trusting the rings (idempotent).
-    fn overflowed(&self, state: &mut Rings) {
+    fn mark_overflowed(&self, state: &mut Rings) {
         if !state.overflowed {
             (self.on_overflow)(RingOverflow {
                 entries: self.entries,
@@ -550,40 +473,6 @@ impl DirtyRings {
         Ok(freed)
     }
 
-    /// The pages of `slot` that the rings hold and no collect has taken yet, without taking
-    /// them: a stats read must not reset the rings (which write-protects the guest's pages).
-    /// None once the rings overflowed.
-    pub fn peek(&self, slot: u32) -> Option<Vec<u64>> {
-        let state = self.lock();
-        if state.overflowed {
-            return None;
-        }
-        let size = u64::from(self.entries);
-        let mut pages = Vec::new();
-        for ring in &state.rings {
-            let mut start = ring.freed.load(Ordering::Acquire);
-            if ring.unaligned {
-                match first_published(ring, start, size) {
-                    RunStart::At(gap) => start += gap,
-                    RunStart::None | RunStart::Everywhere => continue,
-                }
-            }
-            for k in 0..size {
-                match published(ring, start + k, size) {
-                    Some((_, s, page)) if s == slot => pages.push(page),
-                    Some(_) => {}
-                    None => break,
-                }
-            }
-        }
-        Some(pages)
-    }
-
-    /// Whether an overflow made this VM's rings untrusted (until [`DirtyRings::rearm`]).
-    pub fn has_overflowed(&self) -> bool {
-        self.lock().overflowed
-    }
-
     /// How many times the rings overflowed since the VM started.
     pub fn overflows(&self) -> u64 {
         self.lock().overflows
@@ -601,102 +490,5 @@ fn mark_all_pending(sinks: &[Sink]) {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert_all();
-    }
-}
-
-/// Walks one ring in push order from entry `start` while entries are published, at most
-/// `limit`, routes each page to its sink and marks the entry harvested; returns how many it
-/// walked. Leaves `freed` alone: KVM's reset count moves it.
-fn walk_ring(ring: &VcpuRing, start: u64, limit: u64, sinks: &[Sink], stray: &mut u64) -> u64 {
-    let size = ring.map.len() / ENTRY_BYTES;
-    let mut walked = 0;
-    while walked < limit {
-        let Some((flags, slot, page)) = published(ring, start + walked, size) else {
-            break;
-        };
-        let routed = sinks
-            .iter()
-            .find(|s| s.region.slot == slot)
-            .is_some_and(|s| {
-                s.pending
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(page)
-            });
-        if !routed {
-            *stray += 1;
-            log::warn!("dirty ring entry for slot {slot:#x} page {page} has no device");
-        }
-        flags.store(KVM_DIRTY_GFN_F_RESET, Ordering::Release);
-        walked += 1;
-    }
-    walked
-}
-
-/// Marks the entry at position `index` harvested, whatever it holds.
-fn mark_harvested(ring: &VcpuRing, index: u64, size: u64) {
-    if let Ok(flags) = ring.map.atomic_u32((index % size) * ENTRY_BYTES) {
-        flags.store(KVM_DIRTY_GFN_F_RESET, Ordering::Release);
-    }
-}
-
-/// Where the published entries of a re-armed ring start.
-enum RunStart {
-    None,
-    /// This many entries after `freed`.
-    At(u64),
-    /// Every entry is published: the ring overflowed again.
-    Everywhere,
-}
-
-/// Finds the one run of published entries in a re-armed ring (KVM pushes in order, so they
-/// are contiguous): the published entry whose predecessor is not, counted from `start`.
-fn first_published(ring: &VcpuRing, start: u64, size: u64) -> RunStart {
-    let is_published = |index: u64| published(ring, index, size).is_some();
-    let mut any = false;
-    for k in 0..size {
-        if is_published(start + k) {
-            any = true;
-            if !is_published(start + k + size - 1) {
-                return RunStart::At(k);
-            }
-        }
-    }
-    if any {
-        RunStart::Everywhere
-    } else {
-        RunStart::None
-    }
-}
-
-/// The entry at position `index` of `ring` if KVM has published it: its flags word, slot and
-/// page.
-fn published(ring: &VcpuRing, index: u64, size: u64) -> Option<(&AtomicU32, u32, u64)> {
-    let at = (index % size) * ENTRY_BYTES;
-    let flags = ring.map.atomic_u32(at).ok()?;
-    if flags.load(Ordering::Acquire) & KVM_DIRTY_GFN_F_DIRTY == 0 {
-        return None;
-    }
-    let mut raw = [0u8; ENTRY_BYTES as usize];
-    ring.map.read_at(at, &mut raw).ok()?;
-    // struct kvm_dirty_gfn { u32 flags; u32 slot; u64 offset; }, native endian. The upper 16
-    // bits of `slot` are the address space; pmvm uses only 0.
-    let slot = u32::from_ne_bytes([raw[4], raw[5], raw[6], raw[7]]);
-    let mut offset = [0u8; 8];
-    offset.copy_from_slice(&raw[8..16]);
-    Some((flags, slot, u64::from_ne_bytes(offset)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn abi_constants_match_the_kernel() {
-        assert_eq!(ENTRY_BYTES, 16);
-        // _IO(KVMIO, 0xc7)
-        assert_eq!(KVM_RESET_DIRTY_RINGS(), 0xaec7);
-        assert_eq!((KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET), (1, 2));
-        assert_eq!(KVM_DIRTY_LOG_PAGE_OFFSET, 64);
     }
 }

@@ -2,11 +2,11 @@
 //! the same dirty pages durable, the cost of dirty tracking on guest stores, and the VMM's
 //! start CPU and memory. Every figure it judges is a ratio or a budget measured in one run.
 //!
-//! `cargo bench -p pmvm-nvdimm --bench flush -- [--quick] [--write-docs] [--pmvm PATH]
+//! `cargo bench -p pmvm --bench flush -- [--quick] [--write-docs] [--pmvm PATH]
 //! [--probe PATH]`; `scripts/bench.sh` builds pmvm and the probe and regenerates
 //! docs/benchmarks.md and docs/bench/*.svg. Needs /dev/kvm.
 
-#[path = "../../tests/common/mod.rs"]
+#[path = "../../../devices/nvdimm/tests/common/mod.rs"]
 mod common;
 mod error;
 mod flush_path;
@@ -20,6 +20,8 @@ mod stall;
 mod stats;
 mod strict_memory;
 mod svg;
+#[path = "../../../tests/tiny_vm_ring.rs"]
+mod tiny_vm_ring;
 mod tracking;
 mod vmm_start;
 
@@ -39,7 +41,7 @@ const GIB: u64 = 1 << 30;
 const LOGGING_PAIRS: usize = 5;
 
 fn strict_max_pages() -> u64 {
-    if nvdimm::dirty_ring::ring_limit_unenforced().is_some() {
+    if pmvm::dirty_ring::ring_limit_unenforced().is_some() {
         4096
     } else {
         65536
@@ -116,7 +118,7 @@ struct Args {
     probe: Option<PathBuf>,
 }
 
-const USAGE: &str = "usage: cargo bench -p pmvm-nvdimm --bench flush -- [--quick] \
+const USAGE: &str = "usage: cargo bench -p pmvm --bench flush -- [--quick] \
                      [--write-docs] [--pmvm PATH] [--probe PATH]";
 
 /// Parses the arguments; None when not run by `cargo bench` (which passes `--bench`), so a
@@ -336,7 +338,7 @@ fn run(args: &Args) -> Result<(), BenchError> {
     };
     print!("{}", report::text(&results));
     if args.write_docs {
-        let docs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs");
+        let docs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs");
         report::write_docs(&results, &docs)?;
         eprintln!("bench: wrote {}", docs.join("benchmarks.md").display());
     }
