@@ -14,6 +14,7 @@ pub mod device;
 pub mod dirty;
 pub mod dirty_source;
 pub mod fault;
+pub mod file_id;
 pub mod files;
 pub mod flush_log;
 pub mod group_commit;

@@ -10,6 +10,7 @@ use super::{pages_spanned, FlushError, Nvdimm};
 use crate::config::PersistMode;
 use crate::error_chain as chain;
 use crate::fault::{errno_name, IoFault};
+use crate::file_id;
 use crate::flush_log::AppendError;
 use crate::lock::lock;
 
@@ -59,16 +60,13 @@ impl Nvdimm {
     /// its end cannot be made durable, and host reads there would fault), or if the path no
     /// longer names it (a flush would reach an orphaned inode).
     pub(super) fn check_backing(&self) -> Result<(), FlushError> {
-        use std::os::unix::fs::MetadataExt;
         if let Some(shrunk) = self.shrunk.get() {
             return Err(shrunk.clone());
         }
-        let open = self
-            .backing
-            .file()
-            .metadata()
-            .map_err(|e| FlushError::Stat(io_errno(&e)))?;
-        if open.nlink() == 0 {
+        // Not fstat: see `file_id` (a flush would write the inode too).
+        let open =
+            file_id::of_file(self.backing.file()).map_err(|e| FlushError::Stat(io_errno(&e)))?;
+        if open.nlink == 0 {
             return Err(FlushError::Unlinked {
                 copy_from: format!(
                     "/proc/{}/fd/{}",
@@ -77,21 +75,21 @@ impl Nvdimm {
                 ),
             });
         }
-        match std::fs::metadata(self.path()) {
-            Ok(named) if named.dev() == open.dev() && named.ino() == open.ino() => {}
+        match file_id::of_path(self.path()) {
+            Ok(named) if named.same_inode(&open) => {}
             _ => return Err(FlushError::Replaced),
         }
-        // From the same fstat: two syscalls per flush, not three.
-        if open.len() < self.size() {
-            return Err(self.shrunk_error(Some(open.len())));
+        // From the same statx: two syscalls per flush, not three.
+        if open.size < self.size() {
+            return Err(self.shrunk_error(Some(open.size)));
         }
         Ok(())
     }
 
     /// The file's length if it is shorter than the device (or why it cannot be read).
     pub(super) fn backing_shrunk(&self) -> Option<Result<u64, vmm_sys_util::errno::Error>> {
-        match self.backing.file().metadata() {
-            Ok(m) if m.len() < self.size() => Some(Ok(m.len())),
+        match file_id::of_file(self.backing.file()) {
+            Ok(id) if id.size < self.size() => Some(Ok(id.size)),
             Ok(_) => None,
             Err(e) => Some(Err(vmm_sys_util::errno::Error::new(
                 e.raw_os_error().unwrap_or(libc::EIO),
