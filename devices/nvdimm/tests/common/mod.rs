@@ -341,6 +341,9 @@ pub fn spawn_vcpu_with_ring(
                 break;
             }
         }
+        // What the callback holds (a device, say) is gone before the caller hears of the end:
+        // the caller may open the same backing file next.
+        drop(on_exit);
         let _ = tx.send(exits);
     });
     rx
