@@ -10,6 +10,10 @@
 
 mod lines;
 mod report;
+// Shared with the flush benchmark, which keeps this section when it rewrites the page.
+#[allow(dead_code)]
+#[path = "../../vmm/benches/flush/sections.rs"]
+mod sections;
 // The flush benchmark's plot drawer: both benchmarks' SVGs look alike.
 #[path = "../../vmm/benches/flush/svg.rs"]
 mod svg;

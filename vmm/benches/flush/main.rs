@@ -16,6 +16,9 @@ mod logging;
 mod machine;
 mod plot;
 mod report;
+// Shared with the guest benchmark, which splices its section in and runs the tests.
+#[allow(dead_code)]
+mod sections;
 mod stall;
 mod stats;
 mod strict_memory;

@@ -842,7 +842,8 @@ pub fn text(r: &Results) -> String {
     out
 }
 
-/// Writes `docs/benchmarks.md` and its plots under `docs/bench/`.
+/// Writes `docs/benchmarks.md` and its plots under `docs/bench/`, keeping the sections other
+/// benchmarks own (`sections`).
 pub fn write_docs(r: &Results, docs: &Path) -> Result<(), BenchError> {
     let bench_dir = docs.join("bench");
     std::fs::create_dir_all(&bench_dir)
@@ -850,8 +851,14 @@ pub fn write_docs(r: &Results, docs: &Path) -> Result<(), BenchError> {
     plot::latency_vs_pages(r, &bench_dir.join("flush-vs-pages.svg"))?;
     plot::latency_vs_size(r, &bench_dir.join("flush-vs-size.svg"))?;
     let path = docs.join("benchmarks.md");
-    std::fs::write(&path, markdown(r))
-        .map_err(BenchError::io(format!("writing {}", path.display())))
+    let old = std::fs::read_to_string(&path).unwrap_or_default();
+    let kept = crate::sections::owned(&old);
+    let page = if kept.is_empty() {
+        markdown(r)
+    } else {
+        format!("{}\n{kept}", markdown(r))
+    };
+    std::fs::write(&path, page).map_err(BenchError::io(format!("writing {}", path.display())))
 }
 
 fn markdown(r: &Results) -> String {
@@ -1013,15 +1020,18 @@ fn markdown(r: &Results) -> String {
     .unwrap();
     writeln!(
         w,
-        "- **Host-only baselines**, in the same exit right after pmvm's flush, on a second \
+        "- **Host-only baselines**, in the same exit as pmvm's flush, on a second \
          sparse file of the same size mapped `MAP_SHARED`: the host stores 8 bytes into the \
          same k pages, then makes them durable. *fdatasync*: `fdatasync` of the file, which \
          finds the dirty pages itself. *submit+fdatasync*: `sync_file_range(WRITE)` per run, \
          then one `fdatasync`. *msync*: `msync(MS_SYNC)` of the whole mapping, what \
          Firecracker's virtio-pmem does per flush. *fsync*: `fsync` of the file, what QEMU's \
          and Cloud Hypervisor's virtio-pmem do. The host re-dirties the pages before each \
-         method, and the order of the four rotates from round to round. *fastest host* is the \
-         method with the lowest median in that row; the targets compare pmvm with it."
+         method. The order of the five (pmvm's flush and the four) rotates from round to \
+         round: whichever runs first meets a disk that sat idle while the guest ran, and on \
+         a virtual disk that first I/O can cost tens of microseconds more than the ones right \
+         after it. *fastest host* is the method with the lowest median in that row; the \
+         targets compare pmvm with it."
     )
     .unwrap();
     // "25 rounds at 0, 1, 16, 256 pages; 15 at 4096 pages; ..."
