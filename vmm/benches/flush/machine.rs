@@ -80,6 +80,8 @@ pub struct Machine {
     pub kvm: String,
     pub scratch_fs: String,
     pub date: String,
+    /// The host's 1-minute load average before each flush cell: others' work shares the disk.
+    pub load: Vec<f64>,
 }
 
 impl Machine {
@@ -112,8 +114,15 @@ impl Machine {
             kvm,
             scratch_fs,
             date: today(),
+            load: Vec::new(),
         }
     }
+}
+
+/// The host's 1-minute load average, from /proc/loadavg.
+pub fn load_average() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    text.split_whitespace().next()?.parse().ok()
 }
 
 /// Today's UTC date as YYYY-MM-DD (days-to-civil, proleptic Gregorian).

@@ -238,7 +238,7 @@ fn run(args: &Args) -> Result<(), BenchError> {
     };
     let scratch = machine::scratch_dir()?;
     let dir = scratch.path();
-    let machine = Machine::probe(dir);
+    let mut machine = Machine::probe(dir);
     eprintln!(
         "bench: scratch files in {} ({})",
         dir.display(),
@@ -273,6 +273,7 @@ fn run(args: &Args) -> Result<(), BenchError> {
                     if strict_model { "flush" } else { "adr" },
                     tracking.name()
                 );
+                machine.load.extend(machine::load_average());
                 let setup = Setup {
                     tracking,
                     strict: strict_model,

@@ -842,6 +842,22 @@ pub fn text(r: &Results) -> String {
     out
 }
 
+/// The host's load over the flush cells: other work there shares the CPUs and the disk, and
+/// pmvm's flush and the host methods take turns (see "How it is measured") so that it weighs
+/// on both alike.
+fn load_line(load: &[f64]) -> String {
+    let (lo, hi) = load
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &l| {
+            (lo.min(l), hi.max(l))
+        });
+    if load.is_empty() {
+        "host load: not read".into()
+    } else {
+        format!("host load (1-minute average) over the flush cells: {lo:.1} to {hi:.1}")
+    }
+}
+
 /// Writes `docs/benchmarks.md` and its plots under `docs/bench/`, keeping the sections other
 /// benchmarks own (`sections`).
 pub fn write_docs(r: &Results, docs: &Path) -> Result<(), BenchError> {
@@ -883,7 +899,8 @@ fn markdown(r: &Results) -> String {
     writeln!(w, "- memory: {}", m.memory).unwrap();
     writeln!(w, "- host kernel: {}", m.kernel).unwrap();
     writeln!(w, "- KVM: {}", m.kvm).unwrap();
-    writeln!(w, "- scratch files on: {}\n", m.scratch_fs).unwrap();
+    writeln!(w, "- scratch files on: {}", m.scratch_fs).unwrap();
+    writeln!(w, "- {}\n", load_line(&m.load)).unwrap();
 
     writeln!(w, "## Targets\n\n```").unwrap();
     let ts = targets(r);
