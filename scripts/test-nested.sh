@@ -73,8 +73,8 @@ while (($#)); do
   shift
   if [ $bench = 1 ]; then
     case "$a" in
-      --reps) bench_reps=${1:-} && shift ;;
-      --max-pages) bench_pages=${1:-} && shift ;;
+      --reps) bench_reps=${1:-} && shift $(($# > 0)) ;;
+      --max-pages) bench_pages=${1:-} && shift $(($# > 0)) ;;
       --quick) bench_reps=3 bench_pages=64 ;;
       --write-docs) bench_docs=1 ;;
       *) die "arguments: --bench takes --reps N, --max-pages K, --quick, --write-docs (not $a)" ;;

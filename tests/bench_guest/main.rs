@@ -60,8 +60,6 @@ pub struct Summary {
     pub seconds: f64,
     /// The host's 1-minute load average before and after each machine.
     pub load: Vec<f64>,
-    pub reps: u32,
-    pub max_pages: u32,
     /// Kernel options added to every machine's command line.
     pub append: String,
 }
@@ -78,6 +76,8 @@ pub struct Run {
     pub accel: String,
     pub rows: Vec<Row>,
     pub seconds: f64,
+    /// The repetitions and largest k the guest ran with (it caps what it was asked for).
+    pub sizes: (u32, u32),
 }
 
 struct Args {
@@ -203,6 +203,7 @@ fn run_one(machine: Machine, boot: &Boot, accel: &str) -> Result<Run, Failure> {
     let mut rows = Vec::new();
     let mut next = 0;
     let mut before = None;
+    let mut sizes = (0, 0);
     loop {
         let timeout = if next == 0 {
             BOOT_TIMEOUT
@@ -218,10 +219,15 @@ fn run_one(machine: Machine, boot: &Boot, accel: &str) -> Result<Run, Failure> {
             continue;
         };
         match event.map_err(|e| format!("{}: {e}", machine.name()))? {
-            Event::Start { dax, .. } => {
+            Event::Start {
+                dax,
+                reps,
+                max_pages,
+            } => {
                 if !dax {
                     return Err(format!("{}: the guest's file is not DAX", machine.name()).into());
                 }
+                sizes = (reps, max_pages);
             }
             Event::Ready { .. } => {
                 vm::host_fdatasync(boot.image)?;
@@ -268,6 +274,7 @@ fn run_one(machine: Machine, boot: &Boot, accel: &str) -> Result<Run, Failure> {
                     accel: accel.to_string(),
                     rows,
                     seconds: start.elapsed().as_secs_f64(),
+                    sizes,
                 });
             }
             Event::Fail(why) => {
@@ -346,8 +353,6 @@ fn main_inner() -> Result<(), String> {
         missing,
         seconds: started.elapsed().as_secs_f64(),
         load,
-        reps: args.reps,
-        max_pages: args.max_pages,
         append: args.append.trim().to_string(),
     };
     let section = if args.nested {

@@ -350,6 +350,7 @@ pub fn markdown(runs: &[Run], summary: &Summary, sec: &Section) -> String {
         .filter(|r| r.machine != Machine::Pmvm)
         .map(|r| format!("{} under {}", r.machine.name(), r.accel.to_uppercase()))
         .collect();
+    let sizes = runs.first().map_or((0, 0), |r| r.sizes);
     let mut w = String::new();
     writeln!(w, "{}\n## {}\n", sec.begin, sec.heading).unwrap();
     writeln!(
@@ -377,8 +378,8 @@ pub fn markdown(runs: &[Run], summary: &Summary, sec: &Section) -> String {
             format!("; plus `{}`", summary.append)
         },
         sec.place,
-        summary.reps,
-        summary.max_pages,
+        sizes.0,
+        sizes.1,
     )
     .unwrap();
     if !sec.setting.is_empty() {
