@@ -5,16 +5,22 @@
 # `cargo test` built on this host, through a read-only 9p share of this host's root, with
 # their backing files on a real ext4 (a virtio-blk disk inside L1).
 #
-# Usage: scripts/test-nested.sh [TEST[:FILTER,...]...]
+# Usage: scripts/test-nested.sh [TEST[:FILTER,...]...] [--compare] [--bench [BENCH_ARGS]]
 #   TEST is an integration-test target (boot, pmem, kvm_flush, ...); each FILTER goes to its
 #   binary as a libtest name filter, or with a leading ! as --skip (api:!load runs every api
 #   test but those whose name contains "load"). Without arguments: $PMVM_NESTED_TESTS, else
 #   the default list below. `--list` prints the test targets there are and exits;
 #   `--compare` runs scripts/kvm-compare.sh inside L1 after the tests named, alone when none
-#   are (the measurements in docs/testing.md).
+#   are (the measurements in docs/testing.md). `--bench` runs the guest-side benchmark
+#   (tests/bench_guest/, as scripts/bench-guest.sh does on this host) inside L1 last, pmvm and
+#   QEMU with -accel kvm on L1's kvm_amd; the arguments after it are its own: --reps N
+#   (default 40), --max-pages K (default 4096), --quick (3 and 64), --write-docs (its section of
+#   docs/benchmarks.md and docs/bench/guest-msync-nested.svg, written back through a writable
+#   9p share of target/nested/out).
 # Environment:
 #   PMVM_NESTED_TIMEOUT      seconds for the whole L1 run (default 900)
-#   PMVM_NESTED_BIN_TIMEOUT  seconds for one test binary inside L1 (default 300)
+#   PMVM_NESTED_BIN_TIMEOUT  seconds for one test binary inside L1 (default 300; the
+#                            benchmark gets the whole run's less a minute)
 #   PMVM_NESTED_TCG_THREAD   single (default) or multi: QEMU 7.2's multi-threaded TCG broke
 #                            L1 (an int3 oops in kernel text patching) and triple-faulted L2
 #                            guests under load; single runs every vCPU on one host thread
@@ -57,20 +63,40 @@ die() {
 
 list_only=0
 compare=0
+bench=0
+bench_reps=40
+bench_pages=4096
+bench_docs=0
 specs=()
-for a in "$@"; do
+while (($#)); do
+  a=$1
+  shift
+  if [ $bench = 1 ]; then
+    case "$a" in
+      --reps) bench_reps=${1:-} && shift $(($# > 0)) ;;
+      --max-pages) bench_pages=${1:-} && shift $(($# > 0)) ;;
+      --quick) bench_reps=3 bench_pages=64 ;;
+      --write-docs) bench_docs=1 ;;
+      *) die "arguments: --bench takes --reps N, --max-pages K, --quick, --write-docs (not $a)" ;;
+    esac
+    continue
+  fi
   case "$a" in
     --list) list_only=1 ;;
     --compare) compare=1 ;;
-    -h | --help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --bench) bench=1 ;;
+    -h | --help) sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) die "arguments: unknown option $a (see --help)" ;;
     *) specs+=("$a") ;;
   esac
 done
+for n in "$bench_reps" "$bench_pages"; do
+  case "$n" in '' | *[!0-9]* | 0) die "arguments: --bench needs numbers for --reps and --max-pages" ;; esac
+done
 case "$l1_cpus" in
   '' | *[!0-9]* | 0) die "arguments: PMVM_NESTED_L1_CPUS=$l1_cpus is not a vCPU count" ;;
 esac
-if [ ${#specs[@]} -eq 0 ] && [ $compare = 0 ]; then
+if [ ${#specs[@]} -eq 0 ] && [ $compare = 0 ] && [ $bench = 0 ]; then
   read -r -a specs <<<"${PMVM_NESTED_TESTS:-$DEFAULT_TESTS}"
 fi
 
@@ -93,13 +119,15 @@ for t in python3 dpkg-deb apt-get cargo timeout; do
 done
 
 # ---- the test binaries, built on this host --------------------------------------------------
-step "building the test binaries (cargo test --no-run)"
 mkdir -p "$work"
-cargo test --workspace --tests --no-run --locked --message-format=json-render-diagnostics \
-  >"$work/artifacts.json" 2>"$work/build.log" ||
-  die "cargo: building the tests failed: $(grep -m1 '^error' "$work/build.log" || tail -1 "$work/build.log")"
-# name<TAB>executable<TAB>package directory, for every integration-test target.
-python3 - "$work/artifacts.json" >"$work/targets.tsv" <<'PY'
+: >"$work/targets.tsv"
+if [ ${#specs[@]} -gt 0 ] || [ $compare = 1 ] || [ $list_only = 1 ]; then
+  step "building the test binaries (cargo test --no-run)"
+  cargo test --workspace --tests --no-run --locked --message-format=json-render-diagnostics \
+    >"$work/artifacts.json" 2>"$work/build.log" ||
+    die "cargo: building the tests failed: $(grep -m1 '^error' "$work/build.log" || tail -1 "$work/build.log")"
+  # name<TAB>executable<TAB>package directory, for every integration-test target.
+  python3 - "$work/artifacts.json" >"$work/targets.tsv" <<'PY'
 import json, os, sys
 for line in open(sys.argv[1]):
     try:
@@ -110,9 +138,31 @@ for line in open(sys.argv[1]):
     if m.get("reason") == "compiler-artifact" and t.get("kind") == ["test"] and m.get("executable"):
         print(f"{t['name']}\t{m['executable']}\t{os.path.dirname(m['manifest_path'])}")
 PY
+fi
 if [ $list_only = 1 ]; then
   cut -f1 "$work/targets.tsv" | LC_ALL=C sort
   exit 0
+fi
+
+# The guest benchmark's kernel, guest program and release binaries, built here; L1 writes its
+# results into $out, a writable share, from which they are copied into docs/ at the end.
+out="$work/out"
+rm -rf "$out"
+mkdir -p "$out/docs/bench"
+if [ $bench = 1 ]; then
+  step "building the guest benchmark (minimal kernel, guest program, release pmvm and bench-guest)"
+  bench_kernel=$(bash "$repo/guest-images/build-kernel.sh" 2>"$work/bench-build.log" | tail -n 1) ||
+    die "bench: guest-images/build-kernel.sh failed ($(tail -1 "$work/bench-build.log"))"
+  bench_init=$(bash "$repo/guest-images/build-init.sh" 2>>"$work/bench-build.log" | tail -n 1) ||
+    die "bench: guest-images/build-init.sh failed ($(tail -1 "$work/bench-build.log"))"
+  bench_init=$(dirname "$bench_init")/pmvm-guest-bench
+  (cd "$repo" && cargo build --release --locked -p pmvm -p pmvm-tests --bin pmvm --bin bench-guest) \
+    >>"$work/bench-build.log" 2>&1 || die "bench: cargo build --release failed (log: $work/bench-build.log)"
+  release=${CARGO_TARGET_DIR:-$repo/target}
+  case $release in /*) ;; *) release=$repo/$release ;; esac
+  release=$release/release
+  cp "$repo/docs/benchmarks.md" "$out/docs/benchmarks.md"
+  docs_sum=$(sha256sum <"$repo/docs/benchmarks.md")
 fi
 
 plan="$work/plan.sh"
@@ -127,17 +177,18 @@ names=()
   # behind its hypervisor.
   echo "export PMVM_SUITE_NO_BUILD=1 PMVM_SUITE_CMDLINE=noxsave PMVM_LINUX_CMDLINE=noxsave"
   # Tests that keep scratch files in cargo's target/tmp (CARGO_TARGET_TMPDIR) get the ext4.
-  target_tmp=$(dirname "$(dirname "$(dirname "$(cut -f2 "$work/targets.tsv" | head -1)")")")/tmp
-  if [ -d "$target_tmp" ]; then
+  [ ! -s "$work/targets.tsv" ] || target_tmp=$(dirname "$(dirname "$(dirname "$(cut -f2 "$work/targets.tsv" | head -1)")")")/tmp
+  if [ -n "${target_tmp:-}" ] && [ -d "$target_tmp" ]; then
     printf 'mkdir -p /tmp/.cargo-target-tmp && mount --bind /tmp/.cargo-target-tmp %q\n' "$target_tmp"
   fi
   cat <<EOF
+limit=$bin_timeout
 run() {
   local name=\$1 dir=\$2 t0 rc=0
   shift 2
   echo "nested: run \$name"
   t0=\$(date +%s%N)
-  (cd "\$dir" && timeout -k 10 $bin_timeout "\$@" </dev/null 2>&1) || rc=\$?
+  (cd "\$dir" && timeout -k 10 \$limit "\$@" </dev/null 2>&1) || rc=\$?
   echo "nested: exit \$name rc=\$rc ms=\$(( (\$(date +%s%N) - t0) / 1000000 ))"
 }
 EOF
@@ -164,6 +215,16 @@ EOF
   if [ $compare = 1 ]; then
     printf 'run kvm-compare %q bash %q\n' "$repo" "$repo/scripts/kvm-compare.sh"
     names+=(kvm-compare)
+  fi
+  if [ $bench = 1 ]; then
+    # The minimal kernel as L2 gets noxsave: TCG's SVM does not intercept XSETBV.
+    printf 'limit=%q run bench-guest %q %q' $((total_timeout - 60)) "$repo" "$release/bench-guest"
+    printf ' %q' --pmvm "$release/pmvm" --qemu "$(command -v qemu-system-x86_64)" \
+      --kernel "$bench_kernel" --init "$bench_init" --reps "$bench_reps" \
+      --max-pages "$bench_pages" --append noxsave --nested
+    [ $bench_docs = 0 ] || printf ' %q' --write-docs "$out/docs"
+    echo
+    names+=(bench-guest)
   fi
 } >"$plan"
 
@@ -265,10 +326,12 @@ set +e
 timeout -k 10 "$total_timeout" qemu-system-x86_64 \
   -accel tcg,thread="$tcg_thread" -machine q35 -cpu EPYC,+svm,+npt -smp "$l1_cpus" -m 4096 \
   -kernel "$l1/vmlinuz" -initrd "$l1/initramfs.cpio" \
-  -append "console=ttyS0 panic=-1 loglevel=4 pmvm_plan=$plan" \
+  -append "console=ttyS0 panic=-1 loglevel=4 pmvm_plan=$plan pmvm_out=$out" \
   -nodefaults -display none -serial stdio -no-reboot \
   -fsdev local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap \
   -device virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot \
+  -fsdev local,id=out,path="$out",security_model=none \
+  -device virtio-9p-pci,fsdev=out,mount_tag=pmvmout \
   -drive file="$scratch",if=virtio,format=raw,cache=unsafe \
   </dev/null 2>"$work/qemu.err" | sed -u 's/\r$//' | tee "$log"
 qemu_rc=${PIPESTATUS[0]}
@@ -283,6 +346,17 @@ if ! grep -q '^nested: ready' "$log"; then
 fi
 [ "$qemu_rc" != 124 ] || step "L1 ran out of its ${total_timeout}s (PMVM_NESTED_TIMEOUT)"
 step "L1 ran ${secs}s"
+if [ $bench = 1 ] && [ $bench_docs = 1 ]; then
+  if ! grep -q '^nested: exit bench-guest rc=0 ' "$log"; then
+    step "bench-guest did not finish inside L1; docs/ left as they were"
+  elif [ "$(sha256sum <"$repo/docs/benchmarks.md")" != "$docs_sum" ]; then
+    step "docs/benchmarks.md changed during the run; the nested section is in $out/docs/benchmarks.md"
+  else
+    cp "$out/docs/benchmarks.md" "$repo/docs/benchmarks.md"
+    cp "$out/docs/bench/guest-msync-nested.svg" "$repo/docs/bench/"
+    step "wrote the nested guest benchmark's section of docs/benchmarks.md"
+  fi
+fi
 awk -v planned="${names[*]}" '
   /^nested: run / { cur = $3 }
   /^test result:/ { p += $4; f += $6; if ($6 > 0) failed[cur] = 1 }

@@ -5,7 +5,10 @@
 //! are still dirty in the host page cache right after the guest's last sync returned.
 //!
 //! Usage: bench-guest --pmvm PMVM --qemu QEMU --kernel VMLINUX --init GUEST_BENCH_ELF
-//!        [--reps N] [--max-pages K] [--write-docs DOCS_DIR]
+//!        [--reps N] [--max-pages K] [--append KERNEL_OPTIONS] [--nested]
+//!        [--write-docs DOCS_DIR]
+//! `--nested` writes the section of a run inside scripts/test-nested.sh's L1 instead of this
+//! host's; `--append` adds options to every machine's kernel command line.
 //! Errors end it with one line naming the step that failed.
 
 mod lines;
@@ -57,6 +60,8 @@ pub struct Summary {
     pub seconds: f64,
     /// The host's 1-minute load average before and after each machine.
     pub load: Vec<f64>,
+    /// Kernel options added to every machine's command line.
+    pub append: String,
 }
 
 /// The host's 1-minute load average, from /proc/loadavg.
@@ -71,6 +76,8 @@ pub struct Run {
     pub accel: String,
     pub rows: Vec<Row>,
     pub seconds: f64,
+    /// The repetitions and largest k the guest ran with (it caps what it was asked for).
+    pub sizes: (u32, u32),
 }
 
 struct Args {
@@ -80,6 +87,8 @@ struct Args {
     init: PathBuf,
     reps: u32,
     max_pages: u32,
+    append: String,
+    nested: bool,
     docs: Option<PathBuf>,
 }
 
@@ -87,6 +96,7 @@ fn parse_args() -> Result<Args, String> {
     let mut a = std::env::args().skip(1);
     let (mut pmvm, mut qemu, mut kernel, mut init, mut docs) = (None, None, None, None, None);
     let (mut reps, mut max_pages) = (8, 4096);
+    let (mut append, mut nested) = (String::new(), false);
     while let Some(flag) = a.next() {
         let mut val = || a.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
@@ -95,6 +105,8 @@ fn parse_args() -> Result<Args, String> {
             "--kernel" => kernel = Some(PathBuf::from(val()?)),
             "--init" => init = Some(PathBuf::from(val()?)),
             "--write-docs" => docs = Some(PathBuf::from(val()?)),
+            "--append" => append = val()?,
+            "--nested" => nested = true,
             "--reps" => reps = val()?.parse().map_err(|_| "--reps takes a number")?,
             "--max-pages" => {
                 max_pages = val()?.parse().map_err(|_| "--max-pages takes a number")?
@@ -110,6 +122,8 @@ fn parse_args() -> Result<Args, String> {
         init: need(init, "--init")?,
         reps,
         max_pages,
+        append,
+        nested,
         docs,
     })
 }
@@ -189,6 +203,7 @@ fn run_one(machine: Machine, boot: &Boot, accel: &str) -> Result<Run, Failure> {
     let mut rows = Vec::new();
     let mut next = 0;
     let mut before = None;
+    let mut sizes = (0, 0);
     loop {
         let timeout = if next == 0 {
             BOOT_TIMEOUT
@@ -204,10 +219,15 @@ fn run_one(machine: Machine, boot: &Boot, accel: &str) -> Result<Run, Failure> {
             continue;
         };
         match event.map_err(|e| format!("{}: {e}", machine.name()))? {
-            Event::Start { dax, .. } => {
+            Event::Start {
+                dax,
+                reps,
+                max_pages,
+            } => {
                 if !dax {
                     return Err(format!("{}: the guest's file is not DAX", machine.name()).into());
                 }
+                sizes = (reps, max_pages);
             }
             Event::Ready { .. } => {
                 vm::host_fdatasync(boot.image)?;
@@ -254,6 +274,7 @@ fn run_one(machine: Machine, boot: &Boot, accel: &str) -> Result<Run, Failure> {
                     accel: accel.to_string(),
                     rows,
                     seconds: start.elapsed().as_secs_f64(),
+                    sizes,
                 });
             }
             Event::Fail(why) => {
@@ -286,8 +307,8 @@ fn main_inner() -> Result<(), String> {
     let dir = tempfile::tempdir().map_err(|e| format!("temporary directory: {e}"))?;
     let base = make_image(&args.pmvm, &args.init, dir.path())?;
     let bench_env = format!(
-        "PMVM_BENCH_REPS={} PMVM_BENCH_MAX_PAGES={}",
-        args.reps, args.max_pages
+        "{} PMVM_BENCH_REPS={} PMVM_BENCH_MAX_PAGES={}",
+        args.append, args.reps, args.max_pages
     );
     let started = Instant::now();
     let mut runs = Vec::new();
@@ -332,13 +353,16 @@ fn main_inner() -> Result<(), String> {
         missing,
         seconds: started.elapsed().as_secs_f64(),
         load,
+        append: args.append.trim().to_string(),
     };
-    print!(
-        "{}",
-        report::markdown(&runs, &summary, "bench/guest-msync.svg")
-    );
+    let section = if args.nested {
+        &report::NESTED
+    } else {
+        &report::HOST
+    };
+    print!("{}", report::markdown(&runs, &summary, section));
     if let Some(docs) = &args.docs {
-        report::write_docs(&runs, &summary, docs)?;
+        report::write_docs(&runs, &summary, section, docs)?;
     }
     Ok(())
 }

@@ -31,7 +31,8 @@ pub struct Boot<'a> {
     pub kernel: &'a Path,
     pub image: &'a Path,
     pub sock: &'a Path,
-    /// The benchmark's own words for the kernel command line (`PMVM_BENCH_...=`).
+    /// The benchmark's own words for the kernel command line (`PMVM_BENCH_...=`), after any
+    /// options added with `--append`.
     pub bench_env: &'a str,
 }
 
