@@ -294,19 +294,15 @@ fn per_page_against_whole(pairs: &[(u32, f64, f64)]) -> String {
         .take_while(|p| p.1 >= p.2)
         .last()
         .map(|p| p.0);
-    let mut s = format!(
-        "pmvm's median is lower at k = {}, higher at k = {}",
-        if faster.is_empty() {
-            "none".into()
-        } else {
-            faster.join(", ")
-        },
-        if slower.is_empty() {
-            "none".into()
-        } else {
+    let mut s = match (faster.is_empty(), slower.is_empty()) {
+        (false, false) => format!(
+            "pmvm's median is lower at k = {}, higher at k = {}",
+            faster.join(", "),
             slower.join(", ")
-        },
-    );
+        ),
+        (false, true) => format!("pmvm's median is lower at every k ({})", faster.join(", ")),
+        (true, _) => format!("pmvm's median is higher at every k ({})", slower.join(", ")),
+    };
     match stays_slower {
         Some(k) => write!(
             s,
@@ -333,8 +329,9 @@ fn load_note(load: &[f64]) -> String {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     format!(
         "The machine running the benchmark may have been shared with other work: its 1-minute \
-         load average, this benchmark included, was {lo:.1}–{hi:.1} on {cpus} CPUs between the machines' runs. Compare \
-         the machines by their ratios within this run, not with other runs.\n\n"
+         load average, this benchmark included, was {lo:.1}–{hi:.1} on {cpus} CPU{} between the machines' runs. Compare \
+         the machines by their ratios within this run, not with other runs.\n\n",
+        if cpus == 1 { "" } else { "s" }
     )
 }
 
@@ -521,6 +518,17 @@ mod tests {
         let s = per_page_against_whole(&never);
         assert!(s.contains("still pays off at 16 pages"), "{s}");
         assert!(s.contains("higher at k = 4;"), "{s}");
+        let always = [(1, 10.0, 12.0), (4, 11.0, 12.0)];
+        let s = per_page_against_whole(&always);
+        assert!(
+            s.starts_with("pmvm's median is lower at every k (1, 4);"),
+            "{s}"
+        );
+        let s = per_page_against_whole(&[(1, 13.0, 12.0), (4, 14.0, 12.0)]);
+        assert!(
+            s.starts_with("pmvm's median is higher at every k (1, 4);"),
+            "{s}"
+        );
         assert_eq!(per_page_against_whole(&[]), "not measured.");
     }
 
