@@ -15,20 +15,14 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+use crate::backing::FileIdentity;
+
 /// What a flush checks about its backing file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FileId {
-    pub dev: u64,
-    pub ino: u64,
+    pub identity: FileIdentity,
     pub nlink: u32,
     pub size: u64,
-}
-
-impl FileId {
-    /// Whether `other` is the same inode.
-    pub fn same_inode(&self, other: &FileId) -> bool {
-        (self.dev, self.ino) == (other.dev, other.ino)
-    }
 }
 
 const MASK: u32 = libc::STATX_INO | libc::STATX_NLINK | libc::STATX_SIZE;
@@ -70,8 +64,10 @@ fn statx(dirfd: libc::c_int, path: &CStr, flags: libc::c_int) -> io::Result<File
         ));
     }
     Ok(FileId {
-        dev: libc::makedev(st.stx_dev_major, st.stx_dev_minor),
-        ino: st.stx_ino,
+        identity: FileIdentity {
+            dev: libc::makedev(st.stx_dev_major, st.stx_dev_minor),
+            ino: st.stx_ino,
+        },
         nlink: st.stx_nlink,
         size: st.stx_size,
     })
@@ -93,7 +89,7 @@ mod tests {
         let meta = file.metadata().unwrap();
         let id = of_file(&file).unwrap();
         assert_eq!(
-            (id.dev, id.ino, id.nlink, id.size),
+            (id.identity.dev, id.identity.ino, id.nlink, id.size),
             (meta.dev(), meta.ino(), 1, 12345)
         );
         assert_eq!(of_path(&path).unwrap(), id);
@@ -102,13 +98,13 @@ mod tests {
         assert_eq!(of_file(&file).unwrap().nlink, 2);
         let link = dir.path().join("l");
         std::os::unix::fs::symlink(&path, &link).unwrap();
-        assert!(of_path(&link).unwrap().same_inode(&id));
+        assert_eq!(of_path(&link).unwrap().identity, id.identity);
 
         std::fs::remove_file(dir.path().join("g")).unwrap();
         assert_eq!(of_file(&file).unwrap().nlink, 1);
         std::fs::write(dir.path().join("other"), b"x").unwrap();
         std::fs::rename(dir.path().join("other"), &path).unwrap();
-        assert!(!of_path(&path).unwrap().same_inode(&id));
+        assert_ne!(of_path(&path).unwrap().identity, id.identity);
         assert_eq!(of_file(&file).unwrap().nlink, 0);
         let err = of_path(&dir.path().join("missing")).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);

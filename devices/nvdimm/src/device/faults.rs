@@ -63,27 +63,31 @@ impl Nvdimm {
         if let Some(shrunk) = self.shrunk.get() {
             return Err(shrunk.clone());
         }
-        // Not fstat: see `file_id` (a flush would write the inode too).
-        let open =
-            file_id::of_file(self.backing.file()).map_err(|e| FlushError::Stat(io_errno(&e)))?;
-        if open.nlink == 0 {
-            return Err(FlushError::Unlinked {
-                copy_from: format!(
-                    "/proc/{}/fd/{}",
-                    std::process::id(),
-                    self.backing.file().as_raw_fd()
-                ),
-            });
-        }
+        // Not fstat: see `file_id` (a flush would write the inode too). One statx of the path
+        // while it still names the open file, whose identity never changes.
         match file_id::of_path(self.path()) {
-            Ok(named) if named.same_inode(&open) => {}
-            _ => return Err(FlushError::Replaced),
+            Ok(named) if named.identity == self.backing.identity() => {
+                if named.size < self.size() {
+                    return Err(self.shrunk_error(Some(named.size)));
+                }
+                Ok(())
+            }
+            // The path names another file or none: the open file was deleted or replaced.
+            _ => {
+                let open = file_id::of_file(self.backing.file())
+                    .map_err(|e| FlushError::Stat(io_errno(&e)))?;
+                if open.nlink == 0 {
+                    return Err(FlushError::Unlinked {
+                        copy_from: format!(
+                            "/proc/{}/fd/{}",
+                            std::process::id(),
+                            self.backing.file().as_raw_fd()
+                        ),
+                    });
+                }
+                Err(FlushError::Replaced)
+            }
         }
-        // From the same statx: two syscalls per flush, not three.
-        if open.size < self.size() {
-            return Err(self.shrunk_error(Some(open.size)));
-        }
-        Ok(())
     }
 
     /// The file's length if it is shorter than the device (or why it cannot be read).
