@@ -13,6 +13,9 @@
 
 mod lines;
 mod report;
+// The host's load, read and summed up as the flush benchmark does.
+#[path = "../../vmm/benches/flush/load.rs"]
+mod load;
 // Shared with the flush benchmark, which keeps this section when it rewrites the page.
 #[allow(dead_code)]
 #[path = "../../vmm/benches/flush/sections.rs"]
@@ -62,12 +65,6 @@ pub struct Summary {
     pub load: Vec<f64>,
     /// Kernel options added to every machine's command line.
     pub append: String,
-}
-
-/// The host's 1-minute load average, from /proc/loadavg.
-fn load1() -> Option<f64> {
-    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
-    text.split_whitespace().next()?.parse().ok()
 }
 
 pub struct Run {
@@ -326,21 +323,21 @@ fn main_inner() -> Result<(), String> {
             bench_env: &bench_env,
         };
         println!("bench-guest: running on {}", machine.name());
-        load.extend(load1());
+        load.extend(load::average());
         let run = match machine {
             Machine::Pmvm => run_one(machine, &boot, "kvm").map_err(|f| f.why)?,
             _ => match run_qemu(machine, &boot) {
                 Ok(run) => run,
                 // pmvm's figures stand without it; the report says which machine is missing.
                 Err(why) => {
-                    load.extend(load1());
+                    load.extend(load::average());
                     println!("bench-guest: {why}");
                     missing.push((machine, why.lines().next().unwrap_or("").to_string()));
                     continue;
                 }
             },
         };
-        load.extend(load1());
+        load.extend(load::average());
         println!(
             "bench-guest: {} done in {:.0} s",
             machine.name(),

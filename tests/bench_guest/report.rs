@@ -320,12 +320,9 @@ fn per_page_against_whole(pairs: &[(u32, f64, f64)]) -> String {
 /// How busy the machine running the benchmark was: the figures are only comparable within one
 /// run.
 fn load_note(load: &[f64]) -> String {
-    let (lo, hi) = load
-        .iter()
-        .fold((f64::INFINITY, 0f64), |(l, h), &x| (l.min(x), h.max(x)));
-    if load.is_empty() {
+    let Some((lo, hi)) = crate::load::range(load) else {
         return String::new();
-    }
+    };
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     format!(
         "The machine running the benchmark may have been shared with other work: its 1-minute \

@@ -119,12 +119,6 @@ impl Machine {
     }
 }
 
-/// The host's 1-minute load average, from /proc/loadavg.
-pub fn load_average() -> Option<f64> {
-    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
-    text.split_whitespace().next()?.parse().ok()
-}
-
 /// Today's UTC date as YYYY-MM-DD (days-to-civil, proleptic Gregorian).
 fn today() -> String {
     let secs = std::time::SystemTime::now()

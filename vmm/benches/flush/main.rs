@@ -12,6 +12,7 @@ mod error;
 mod flush_path;
 mod guest;
 mod host_sync;
+mod load;
 mod logging;
 mod machine;
 mod plot;
@@ -277,7 +278,7 @@ fn run(args: &Args) -> Result<(), BenchError> {
                     if strict_model { "flush" } else { "adr" },
                     tracking.name()
                 );
-                machine.load.extend(machine::load_average());
+                machine.load.extend(load::average());
                 let setup = Setup {
                     tracking,
                     strict: strict_model,

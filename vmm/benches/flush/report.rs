@@ -351,6 +351,19 @@ fn cells_at<'a>(cells: &[&'a FlushCell], pages: u64) -> Option<&'a FlushCell> {
     cells.iter().copied().find(|c| c.pages == pages)
 }
 
+/// What was measured, or the target line saying why nothing was.
+fn done<'a, T>(m: &'a Measured<T>, what: &str) -> Result<&'a T, Target> {
+    match m {
+        Measured::Done(t) => Ok(t),
+        Measured::Skipped(why) => Err(skip(&format!("{what}: {why}"))),
+        Measured::Failed(why) => Err(Target {
+            verdict: Verdict::Fail,
+            line: format!("FAIL {what}: {why}"),
+            why: Vec::new(),
+        }),
+    }
+}
+
 fn skip(what: &str) -> Target {
     Target {
         verdict: Verdict::Skip,
@@ -432,16 +445,9 @@ fn vmm_targets(r: &Results) -> Vec<Target> {
 }
 
 fn tracking_target(r: &Results) -> Target {
-    let runs = match &r.tracking {
-        Measured::Done(runs) => runs,
-        Measured::Skipped(why) => return skip(&format!("O(dirty) dirty tracking: {why}")),
-        Measured::Failed(why) => {
-            return Target {
-                verdict: Verdict::Fail,
-                line: format!("FAIL O(dirty) dirty tracking: {why}"),
-                why: Vec::new(),
-            }
-        }
+    let runs = match done(&r.tracking, "O(dirty) dirty tracking") {
+        Ok(runs) => runs,
+        Err(target) => return target,
     };
     let mut ok = true;
     let mut parts = Vec::new();
@@ -487,16 +493,9 @@ fn tracking_target(r: &Results) -> Target {
 }
 
 fn strict_memory_target(r: &Results) -> Target {
-    let m = match &r.strict_memory {
-        Measured::Done(m) => m,
-        Measured::Skipped(why) => return skip(&format!("persist=flush memory: {why}")),
-        Measured::Failed(why) => {
-            return Target {
-                verdict: Verdict::Fail,
-                line: format!("FAIL persist=flush memory: {why}"),
-                why: Vec::new(),
-            }
-        }
+    let m = match done(&r.strict_memory, "persist=flush memory") {
+        Ok(m) => m,
+        Err(target) => return target,
     };
     let mib = |kib: u64| kib as f64 / 1024.0;
     let bounded = m.rss_kib <= m.bound_kib();
@@ -846,15 +845,11 @@ pub fn text(r: &Results) -> String {
 /// pmvm's flush and the host methods take turns (see "How it is measured") so that it weighs
 /// on both alike.
 fn load_line(load: &[f64]) -> String {
-    let (lo, hi) = load
-        .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &l| {
-            (lo.min(l), hi.max(l))
-        });
-    if load.is_empty() {
-        "host load: not read".into()
-    } else {
-        format!("host load (1-minute average) over the flush cells: {lo:.1} to {hi:.1}")
+    match crate::load::range(load) {
+        Some((lo, hi)) => {
+            format!("host load (1-minute average) over the flush cells: {lo:.1} to {hi:.1}")
+        }
+        None => "host load: not read".into(),
     }
 }
 
