@@ -19,9 +19,30 @@ pub struct CounterDef {
     pub help: &'static str,
     /// The column of the `pmvm stats` table that shows it, if any.
     pub column: Option<Column>,
+    /// What one unit of the value is: the exported metric is in seconds where it is a time.
+    pub unit: Unit,
     /// Its words in the exit summary line, if it has some.
     pub summary: Option<fn(&PmemStats) -> String>,
     pub get: fn(&PmemStats) -> u64,
+}
+
+/// What a counter counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unit {
+    /// Events, pages or bytes: exported as they are.
+    Count,
+    /// Nanoseconds of time spent: exported in seconds, as every time in the metrics is.
+    Nanoseconds,
+}
+
+impl Unit {
+    /// The exported metric's value for a counter's `value`.
+    pub fn metric_value(self, value: u64) -> String {
+        match self {
+            Unit::Count => value.to_string(),
+            Unit::Nanoseconds => (value as f64 / 1e9).to_string(),
+        }
+    }
 }
 
 /// A table column: its header, and the unit its values are divided by (1 shows the count).
@@ -74,10 +95,21 @@ macro_rules! summary {
     };
 }
 
+/// A counter's unit: a count unless it says `nanoseconds`.
+macro_rules! unit {
+    () => {
+        Unit::Count
+    };
+    (nanoseconds) => {
+        Unit::Nanoseconds
+    };
+}
+
 macro_rules! counters {
     ($(
         $(#[doc = $doc:literal])+
         $field:ident: $metric:literal, $help:literal
+            $(, in $unit:ident)?
             $(, column $header:literal $(/ $per:expr)?)?
             $(, summary $fmt:literal $(/ $sper:expr)?)?;
     )+) => {
@@ -125,6 +157,7 @@ macro_rules! counters {
                 metric: $metric,
                 help: $help,
                 column: column!($($header $(/ $per)?)?),
+                unit: unit!($($unit)?),
                 summary: summary!($field $($fmt $(/ $sper)?)?),
                 get: |s| s.$field,
             },
@@ -176,6 +209,12 @@ counters! {
         "Pages the writeback-interval thread wrote back.";
     /// Epochs appended to the `flush-log=` file.
     log_epochs: "pmvm_pmem_flush_log_epochs_total", "Epochs appended to the flush-epoch log.";
+    /// Nanoseconds writebacks spent writing the pages into the backing file until durable:
+    /// the `fdatasync` (with `persist=flush` also the copies into the file). A flush's latency
+    /// minus its writeback's time is pmvm's own part: checks and harvest.
+    writeback_ns: "pmvm_pmem_writeback_seconds_total",
+        "Time writebacks spent writing pages to the backing file until durable (fdatasync).",
+        in nanoseconds;
 }
 
 impl PmemStats {
@@ -221,6 +260,22 @@ mod tests {
             .find(|c| c.field == "bytes_written")
             .unwrap();
         assert_eq!(mib.column.unwrap().cell(s.bytes_written), "3.00");
+    }
+
+    #[test]
+    fn times_are_counted_in_nanoseconds_and_exported_in_seconds() {
+        let m = NvdimmMetrics::default();
+        m.writeback_ns.add(1_500_000);
+        let s = m.snapshot();
+        let def = COUNTERS.iter().find(|c| c.field == "writeback_ns").unwrap();
+        assert_eq!((def.unit, (def.get)(&s)), (Unit::Nanoseconds, 1_500_000));
+        assert_eq!(def.unit.metric_value((def.get)(&s)), "0.0015");
+        assert!(def.metric.ends_with("_seconds_total"));
+        // Every other counter is a count, exported as it is.
+        for c in COUNTERS.iter().filter(|c| c.field != "writeback_ns") {
+            assert_eq!(c.unit, Unit::Count, "{}", c.field);
+            assert_eq!(c.unit.metric_value(7), "7");
+        }
     }
 
     #[test]

@@ -25,6 +25,9 @@ use crate::tiny_vm_ring::VcpuRing;
 pub struct Round {
     /// pmvm: the whole synchronous flush of the hint exit.
     pub pmvm: f64,
+    /// The part of it the device counted as its writeback (`writeback_ns`): the fdatasync,
+    /// with `persist=flush` also the copies into the file.
+    pub pmvm_writeback: f64,
     /// Host: fdatasync of the file.
     pub fdatasync: f64,
     /// Host: sync_file_range(WRITE) per run, then fdatasync.
@@ -59,15 +62,18 @@ fn round(
     // sat idle while the guest ran, and on this kind of host that first I/O costs tens of
     // microseconds more than the ones right after it.
     let mut pmvm = 0.0;
+    let mut pmvm_writeback = 0.0;
     let mut host_us = [0.0; HOST_METHODS];
     for k in 0..=HOST_METHODS {
         let method = (stamp as usize / HOST_METHODS + k) % (HOST_METHODS + 1);
         if method == HOST_METHODS {
+            let before = dev.stats().writeback_ns;
             pmvm = timed(|| {
                 dev.mmio_write(0, addr - EXIT_GPA, data)
                     .expect("the flush failed");
                 Ok(())
             })?;
+            pmvm_writeback = (dev.stats().writeback_ns - before) as f64 / 1e3;
             continue;
         }
         host.dirty(pages, stamp + k as u64)?;
@@ -81,6 +87,7 @@ fn round(
     let [fdatasync, submit, msync, fsync] = host_us;
     Ok(Round {
         pmvm,
+        pmvm_writeback,
         fdatasync,
         submit,
         msync,

@@ -8,7 +8,7 @@ use crate::flush_path::Round;
 use crate::guest::{MAPPED_END, MARK_EVERY, STRIDE_PAGES};
 use crate::machine::Machine;
 use crate::stall::{Stall, BIG};
-use crate::stats::{fmt_ratio, fmt_size, fmt_us, median};
+use crate::stats::{fmt_pct, fmt_ratio, fmt_size, fmt_us, median};
 use crate::strict_memory::{StrictMemory, DEVICE_MIB, RAM_MIB, SLACK_MIB};
 use crate::tracking::{Tracked, DEVICE_PAGES, LATER_PAGES};
 use crate::vmm_start::{Memory, Start, MEMORY_MIB, PMEM_MIB};
@@ -40,6 +40,14 @@ impl FlushCell {
     }
     pub fn pmvm(&self) -> f64 {
         self.med(|r| r.pmvm)
+    }
+    /// The writeback within pmvm's flush (the device's `writeback_ns`).
+    pub fn pmvm_writeback(&self) -> f64 {
+        self.med(|r| r.pmvm_writeback)
+    }
+    /// pmvm's own part of its flush: the flush minus its writeback, round by round.
+    pub fn pmvm_own(&self) -> f64 {
+        self.med(|r| r.pmvm - r.pmvm_writeback)
     }
     pub fn fdatasync(&self) -> f64 {
         self.med(|r| r.fdatasync)
@@ -305,37 +313,26 @@ fn floor_targets(r: &Results, cells: &[FlushCell], model: &str, limit: f64) -> V
             )
             .unwrap();
         }
-        let empty = cells_at(cells.as_slice(), 0).or_else(|| {
-            r.flush
-                .iter()
-                .find(|c| c.size == size && c.pages == 0)
-                .filter(|_| model == "adr")
-        });
         let why = failed
             .iter()
             .map(|c| {
                 let (floor, name) = c.floor();
-                let mut w = format!(
+                format!(
                     "persist={model}, {} device, k={}: pmvm {} µs, host {name} {} µs: {} µs \
-                     more",
+                     more. pmvm's own part (the flush minus its writeback: checks and \
+                     harvest) is {} µs, {} of the host's; its writeback took {} µs, {} the \
+                     host's fdatasync of the same pages of a file no guest maps ({} µs).",
                     fmt_size(size),
                     c.pages,
                     fmt_us(c.pmvm()),
                     fmt_us(floor),
-                    fmt_us(c.pmvm() - floor)
-                );
-                if let Some(e) = empty {
-                    write!(
-                        w,
-                        "; an empty pmvm flush (harvest and an fdatasync with nothing to \
-                         write) costs {} µs here, the host's fdatasync of nothing {} µs",
-                        fmt_us(e.pmvm()),
-                        fmt_us(e.fdatasync())
-                    )
-                    .unwrap();
-                }
-                w.push('.');
-                w
+                    fmt_us(c.pmvm() - floor),
+                    fmt_us(c.pmvm_own()),
+                    fmt_pct(c.pmvm_own() / floor),
+                    fmt_us(c.pmvm_writeback()),
+                    fmt_ratio(c.pmvm_writeback() / c.fdatasync()),
+                    fmt_us(c.fdatasync())
+                )
             })
             .collect();
         out.push(Target {
@@ -345,10 +342,6 @@ fn floor_targets(r: &Results, cells: &[FlushCell], model: &str, limit: f64) -> V
         });
     }
     out
-}
-
-fn cells_at<'a>(cells: &[&'a FlushCell], pages: u64) -> Option<&'a FlushCell> {
-    cells.iter().copied().find(|c| c.pages == pages)
 }
 
 /// What was measured, or the target line saying why nothing was.
@@ -620,6 +613,8 @@ fn flush_table(cells: &[FlushCell]) -> Table {
         "dirty pages",
         "rounds",
         "pmvm flush µs",
+        "its writeback µs",
+        "its own µs",
         "host fdatasync µs",
         "host submit+fdatasync µs",
         "host msync µs",
@@ -635,6 +630,8 @@ fn flush_table(cells: &[FlushCell]) -> Table {
             c.pages.to_string(),
             c.rounds.len().to_string(),
             fmt_us(c.pmvm()),
+            fmt_us(c.pmvm_writeback()),
+            fmt_us(c.pmvm_own()),
             fmt_us(c.fdatasync()),
             fmt_us(c.submit()),
             fmt_us(c.msync()),
@@ -916,10 +913,14 @@ fn markdown(r: &Results) -> String {
     writeln!(
         w,
         "Median microseconds per flush. *pmvm flush* is the whole synchronous flush path of one \
-         flush-hint exit; the host columns make the same dirty pages of a same-sized file \
-         durable without pmvm, each its own way, and the fastest of them is the floor pmvm is \
-         judged against.\n\n`persist=adr` (the default: the guest's stores go to the page \
-         cache):\n"
+         flush-hint exit; *its writeback* is the part of it the device counts in \
+         `writeback_ns` (the `fdatasync`; with `persist=flush` also the copies into the file), \
+         *its own* the rest, round by round: pmvm's checks and harvest. The host columns make \
+         the same dirty pages of a same-sized file durable without pmvm, each its own way, \
+         and the fastest of them is the floor pmvm is judged against. That file is mapped by \
+         no guest: writing back a page a guest maps also takes it out of KVM's page tables, \
+         which is why *its writeback* can exceed *host fdatasync*.\n\n`persist=adr` (the \
+         default: the guest's stores go to the page cache):\n"
     )
     .unwrap();
     out.push_str(&flush_table(&r.flush).markdown());
@@ -1066,8 +1067,10 @@ fn markdown(r: &Results) -> String {
         w,
         "- **Rounds.** Medians of {} (fewer where one round writes back hundreds of MiB five \
          times; with {} GiB the largest device this keeps the whole run to minutes on 2 \
-         cores). The 0-page row is an empty flush: for pmvm the harvest alone (with nothing \
-         to write it skips the `fdatasync`), for the host methods an `fdatasync`, `msync` or \
+         cores). The 0-page row is an empty flush: for pmvm the harvest and, with \
+         `persist=adr`, an `fdatasync` with nothing to write (a guest flush syncs even then, \
+         to report a writeback the host kernel failed on its own; `persist=flush` has no such \
+         writeback to report and skips it), for the host methods an `fdatasync`, `msync` or \
          `fsync` with nothing to write.",
         rounds.join("; "),
         r.sizes().last().map_or(0, |&s| gib(s))

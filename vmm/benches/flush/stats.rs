@@ -40,6 +40,15 @@ pub fn fmt_ratio(r: f64) -> String {
     }
 }
 
+/// A share as a percentage with one decimal: `2.4%`.
+pub fn fmt_pct(share: f64) -> String {
+    if share.is_finite() {
+        format!("{:.1}%", share * 100.0)
+    } else {
+        "-".into()
+    }
+}
+
 /// `1 GiB`, `64 GiB`, `2 MiB`.
 pub fn fmt_size(bytes: u64) -> String {
     const GIB: u64 = 1 << 30;

@@ -86,7 +86,7 @@ pub fn render_metrics(vm: &VmInfo, devices: &[PmemInfo]) -> String {
     );
     for c in COUNTERS {
         per_device(&mut out, devices, c.metric, "counter", c.help, |d| {
-            Some((c.get)(&d.stats).to_string())
+            Some(c.unit.metric_value((c.get)(&d.stats)))
         });
     }
     per_device(
@@ -316,6 +316,7 @@ mod tests {
         s.background_flushes = 11;
         s.background_pages = 6;
         s.log_epochs = 5;
+        s.writeback_ns = 2_500_000;
         let fake = FakeVmm::new();
         let text = render_metrics(&fake.vm_info(), &devices);
         for line in [
@@ -328,6 +329,7 @@ mod tests {
             "pmvm_pmem_background_pages_total{id=\"pmem0\"} 6",
             "pmvm_pmem_flush_log_epochs_total{id=\"pmem0\"} 5",
             "pmvm_pmem_flush_log_epochs_total{id=\"pmem1\"} 0",
+            "pmvm_pmem_writeback_seconds_total{id=\"pmem0\"} 0.0025",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

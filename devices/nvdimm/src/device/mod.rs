@@ -389,6 +389,7 @@ impl Nvdimm {
                     .map_err(FlushError::Log)
                     .map_err(keep_pending)?;
                 let file = self.backing.file();
+                let writing = Instant::now();
                 let written = match self.persist {
                     // The page cache's dirty bits can no longer be trusted: rewrite.
                     PersistMode::Adr if self.distrust_page_cache.load(Ordering::Acquire) => {
@@ -408,6 +409,9 @@ impl Nvdimm {
                             .inspect(|_| self.reclaim_copies(&runs))
                     }
                 };
+                self.metrics
+                    .writeback_ns
+                    .add(u64::try_from(writing.elapsed().as_nanos()).unwrap_or(u64::MAX));
                 written.map_err(FlushError::Writeback).map_err(keep_pending)
             });
         self.metrics.writebacks.inc();

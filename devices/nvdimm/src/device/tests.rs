@@ -186,6 +186,26 @@ fn host_writes_are_pending_until_flushed() {
 }
 
 #[test]
+fn writeback_time_is_counted_inside_the_flush_and_only_for_writebacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = open(dir.path(), dev().with_size(2 << 20), 0).unwrap();
+    assert_eq!(d.stats().writeback_ns, 0);
+    d.write_bytes(3 * PAGE_SIZE, b"x").unwrap();
+    let start = Instant::now();
+    assert_eq!(d.host_flush().unwrap().pages, 1);
+    let whole = u64::try_from(start.elapsed().as_nanos()).unwrap();
+    let spent = d.stats().writeback_ns;
+    assert!(
+        spent > 0 && spent <= whole,
+        "{spent} ns of writeback in a flush of {whole} ns"
+    );
+    // Powered off, a flush writes nothing back and adds no time.
+    d.power_cut();
+    assert!(d.host_flush().is_err());
+    assert_eq!(d.stats().writeback_ns, spent);
+}
+
+#[test]
 fn out_of_range_and_readonly_host_writes_fail() {
     let dir = tempfile::tempdir().unwrap();
     let mut d = open(dir.path(), dev().with_size(2 << 20), 0).unwrap();
