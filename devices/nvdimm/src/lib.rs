@@ -31,6 +31,7 @@ pub mod sigbus;
 pub mod size;
 pub mod stats;
 pub mod writeback;
+pub mod writeback_way;
 
 pub use backing::BackingError;
 pub use config::PmemConfig;

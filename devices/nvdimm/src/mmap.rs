@@ -33,7 +33,7 @@ pub enum MmapError {
          truncated while pmvm ran"
     )]
     Truncated { offset: u64, len: usize },
-    #[error("dropping the private copies of {len} bytes at offset {offset:#x} failed")]
+    #[error("dropping the page-table entries of {len} bytes at offset {offset:#x} failed")]
     Discard {
         offset: u64,
         len: u64,
@@ -253,7 +253,26 @@ impl Mapping {
     /// copies held is lost, so the caller must have written it to the file and must keep every
     /// writer of those pages out meanwhile. Does nothing to a shared mapping.
     pub fn discard(&self, offset: u64, len: u64) -> Result<(), MmapError> {
-        if self.sharing != Sharing::Private || len == 0 {
+        if self.sharing != Sharing::Private {
+            return Ok(());
+        }
+        self.dont_need(offset, len)
+    }
+
+    /// Unmaps `len` bytes at `offset` (page-aligned) of a shared mapping from every page table
+    /// (this process's and, through its MMU notifier, KVM's) in one call; the pages stay in the
+    /// page cache with their contents and dirty state, and the next access maps them again.
+    /// A writeback of pages nobody maps skips taking each out of the page tables one by one.
+    /// Does nothing to a private mapping (it would drop the copies).
+    pub fn unmap(&self, offset: u64, len: u64) -> Result<(), MmapError> {
+        if self.sharing != Sharing::Shared {
+            return Ok(());
+        }
+        self.dont_need(offset, len)
+    }
+
+    fn dont_need(&self, offset: u64, len: u64) -> Result<(), MmapError> {
+        if len == 0 {
             return Ok(());
         }
         let n = usize::try_from(len).map_err(|_| MmapError::OutOfBounds {
@@ -262,10 +281,11 @@ impl Mapping {
             size: self.len as u64,
         })?;
         let start = self.range(offset, n)?;
-        // SAFETY: `range` checked that start..start+len lies in this mapping, which is a
-        // MAP_PRIVATE file mapping: MADV_DONTNEED only replaces its private pages with the
-        // file's, no Rust reference points into guest memory, and the caller guarantees no
-        // store to these pages is in flight (see above).
+        // SAFETY: `range` checked that start..start+len lies in this mapping, and no Rust
+        // reference points into guest memory. On a MAP_SHARED mapping MADV_DONTNEED only drops
+        // page-table entries (the data stays in the page cache, dirty bits move to it); on a
+        // MAP_PRIVATE one it replaces the private pages with the file's, so `discard`'s caller
+        // guarantees no store to these pages is in flight and that the file holds their data.
         let rc = unsafe { libc::madvise(start.cast(), n, libc::MADV_DONTNEED) };
         if rc != 0 {
             return Err(MmapError::Discard {
@@ -367,6 +387,16 @@ impl Drop for Mapping {
             );
         }
     }
+}
+
+/// Whether this process's page table maps the page at `addr` (/proc/self/pagemap, bit 63).
+#[cfg(test)]
+pub(crate) fn page_is_mapped(addr: u64) -> bool {
+    use std::os::unix::fs::FileExt;
+    let pagemap = File::open("/proc/self/pagemap").unwrap();
+    let mut entry = [0u8; 8];
+    pagemap.read_exact_at(&mut entry, addr / 4096 * 8).unwrap();
+    u64::from_ne_bytes(entry) >> 63 == 1
 }
 
 #[cfg(test)]
@@ -479,6 +509,62 @@ mod tests {
         let err = Mapping::new(&ro, 4096, true).unwrap_err();
         assert!(matches!(err, MmapError::Map { len: 4096, .. }), "{err:?}");
         assert!(Mapping::new(&ro, 4096, false).is_ok());
+    }
+
+    #[test]
+    fn unmapping_a_shared_range_keeps_its_data_for_the_file_and_the_next_access() {
+        let f = file(4 * 4096);
+        let m = Mapping::new(&f, 4 * 4096, true).unwrap();
+        let page = |p: u64| m.host_addr() + p * 4096;
+        m.write_at(4096 + 5, b"kept").unwrap();
+        m.write_at(2 * 4096, b"also").unwrap();
+        m.write_at(3 * 4096, b"left").unwrap();
+        assert!((1..4).all(|p| page_is_mapped(page(p))));
+        m.unmap(4096, 2 * 4096).unwrap();
+        assert!(
+            !page_is_mapped(page(1)) && !page_is_mapped(page(2)),
+            "pages 1 and 2 still mapped"
+        );
+        assert!(page_is_mapped(page(3)), "unmapped past the range");
+        f.sync_data().unwrap();
+        let mut buf = [0u8; 4];
+        for (at, want) in [
+            (4096 + 5, b"kept"),
+            (2 * 4096, b"also"),
+            (3 * 4096, b"left"),
+        ] {
+            f.read_exact_at(&mut buf, at).unwrap();
+            assert_eq!(&buf, want, "the file at {at:#x}");
+            m.read_at(at, &mut buf).unwrap();
+            assert_eq!(&buf, want, "the mapping at {at:#x}");
+        }
+        // The next store maps the page again and reaches the file.
+        m.write_at(4096 + 5, b"new!").unwrap();
+        assert!(page_is_mapped(page(1)));
+        f.read_exact_at(&mut buf, 4096 + 5).unwrap();
+        assert_eq!(&buf, b"new!");
+        assert!(matches!(
+            m.unmap(3 * 4096, 2 * 4096),
+            Err(MmapError::OutOfBounds { .. })
+        ));
+    }
+
+    #[test]
+    fn unmap_leaves_a_private_mapping_and_discard_a_shared_one_alone() {
+        let f = file(4096);
+        let private = Mapping::with_sharing(&f, 4096, true, Sharing::Private).unwrap();
+        private.write_at(0, b"copy").unwrap();
+        private.unmap(0, 4096).unwrap();
+        let mut buf = [0u8; 4];
+        private.read_at(0, &mut buf).unwrap();
+        assert_eq!(&buf, b"copy", "unmap dropped a private copy");
+        let shared = Mapping::new(&f, 4096, true).unwrap();
+        shared.write_at(0, b"file").unwrap();
+        shared.discard(0, 4096).unwrap();
+        assert!(
+            page_is_mapped(shared.host_addr()),
+            "discard unmapped a shared page"
+        );
     }
 
     #[test]

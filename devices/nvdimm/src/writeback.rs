@@ -23,6 +23,7 @@ use vmm_sys_util::errno;
 
 use crate::mmap::{Mapping, MmapError};
 pub use crate::page_set::Run;
+pub use crate::writeback_way::Way;
 use crate::PAGE_SIZE;
 
 /// What one writeback covered.
@@ -58,19 +59,64 @@ pub enum WritebackError {
 }
 
 /// Makes the pages of `runs` (in page order) that lie below `size` bytes durable, `file`
-/// being shared with the mapping the guest stores into: one `fdatasync`, which writes every
-/// page the guest dirtied. With no pages it syncs only if `sync_if_empty`.
+/// being shared with `mapping`, which the guest stores into: one `fdatasync`, which writes
+/// every page the guest dirtied. [`Way::UnmapThenSync`] first unmaps the dirty spans (see
+/// `writeback_way`). With no pages it syncs only if `sync_if_empty`.
 pub fn write_back(
     file: &File,
+    mapping: &Mapping,
     runs: &[Run],
     size: u64,
+    way: Way,
     sync_if_empty: bool,
 ) -> Result<Written, WritebackError> {
     let written = each_run(runs, size, |_, _| Ok(()))?;
+    if way == Way::UnmapThenSync {
+        unmap_spans(mapping, runs, size);
+    }
     if written.pages > 0 || sync_if_empty {
         sync(file)?;
     }
     Ok(written)
+}
+
+/// Runs this close are unmapped as one span: a call costs about as much as unmapping 10 to
+/// 20 pages (2 µs against 0.1-0.2 µs a page, measured on shadow-paging KVM), and the clean
+/// pages between the runs are only mapped again at their next access.
+pub const UNMAP_GAP_PAGES: u64 = 16;
+
+/// Unmaps the runs below `size` bytes, merged into spans. Only a shortcut for the writeback
+/// after it, which is just as durable without: a failure is logged (once), not returned.
+fn unmap_spans(mapping: &Mapping, runs: &[Run], size: u64) {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    let end_page = size / PAGE_SIZE;
+    let mut span: Option<(u64, u64)> = None;
+    let unmap = |(first, end): (u64, u64)| {
+        let end = end.min(end_page);
+        if end > first {
+            if let Err(e) = mapping.unmap(first * PAGE_SIZE, (end - first) * PAGE_SIZE) {
+                WARNED.call_once(|| {
+                    log::warn!("writebacks go on without unmapping the dirty pages first: {e}")
+                });
+            }
+        }
+    };
+    for run in runs {
+        let (first, end) = (run.first_page, run.first_page.saturating_add(run.pages));
+        span = match span {
+            Some((start, last)) if first <= last.saturating_add(UNMAP_GAP_PAGES) => {
+                Some((start, end.max(last)))
+            }
+            Some(done) => {
+                unmap(done);
+                Some((first, end))
+            }
+            None => Some((first, end)),
+        };
+    }
+    if let Some(done) = span {
+        unmap(done);
+    }
 }
 
 /// Like [`write_back`], but rewrites each page from `mapping` (a shared mapping of `file`)
@@ -224,16 +270,31 @@ fn each_run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileExt;
 
     fn bits(bitmap: &[u64]) -> Vec<Run> {
         crate::page_set::runs(bitmap)
     }
 
+    fn shared(pages: u64) -> (File, Mapping) {
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(pages * PAGE_SIZE).unwrap();
+        let m = Mapping::new(&f, pages * PAGE_SIZE, true).unwrap();
+        (f, m)
+    }
+
     #[test]
     fn writes_back_exact_pages() {
-        let f = tempfile::tempfile().unwrap();
-        f.set_len(256 * PAGE_SIZE).unwrap();
-        let w = write_back(&f, &bits(&[0b0110_0001, 1]), 256 * PAGE_SIZE, false).unwrap();
+        let (f, m) = shared(256);
+        let w = write_back(
+            &f,
+            &m,
+            &bits(&[0b0110_0001, 1]),
+            256 * PAGE_SIZE,
+            Way::Sync,
+            false,
+        )
+        .unwrap();
         assert_eq!(
             w,
             Written {
@@ -242,17 +303,59 @@ mod tests {
                 runs: 3
             }
         );
-        assert_eq!(
-            write_back(&f, &bits(&[0, 0]), 256 * PAGE_SIZE, false).unwrap(),
-            Written::default()
-        );
+        for way in [Way::Sync, Way::UnmapThenSync] {
+            assert_eq!(
+                write_back(&f, &m, &bits(&[0, 0]), 256 * PAGE_SIZE, way, false).unwrap(),
+                Written::default()
+            );
+        }
+    }
+
+    #[test]
+    fn unmapping_first_unmaps_the_dirty_spans_and_writes_every_page() {
+        let (f, m) = shared(256);
+        let stores = [0u64, 3, 5, 40, 100, 200];
+        for p in stores {
+            m.write_at(p * PAGE_SIZE + 8, &p.to_le_bytes()).unwrap();
+        }
+        // Pages 0 and 5 are within UNMAP_GAP_PAGES: one span, 3 inside it; 100 alone; 40 and
+        // 200 were stored to but are not in this writeback.
+        let runs = [0u64, 5, 100].map(|p| Run {
+            first_page: p,
+            pages: 1,
+        });
+        let w = write_back(&f, &m, &runs, 256 * PAGE_SIZE, Way::UnmapThenSync, false).unwrap();
+        assert_eq!((w.pages, w.runs), (3, 3));
+        let mapped = |p: u64| crate::mmap::page_is_mapped(m.host_addr() + p * PAGE_SIZE);
+        for (p, want) in [
+            (0, false),
+            (3, false),
+            (5, false),
+            (100, false),
+            (40, true),
+            (200, true),
+        ] {
+            assert_eq!(mapped(p), want, "page {p}");
+        }
+        let mut buf = [0u8; 8];
+        for p in stores {
+            f.read_exact_at(&mut buf, p * PAGE_SIZE + 8).unwrap();
+            assert_eq!(u64::from_le_bytes(buf), p, "page {p} in the file");
+        }
     }
 
     #[test]
     fn pages_past_the_device_end_are_ignored() {
-        let f = tempfile::tempfile().unwrap();
-        f.set_len(4 * PAGE_SIZE).unwrap();
-        let w = write_back(&f, &bits(&[0b11_1000]), 4 * PAGE_SIZE, false).unwrap();
+        let (f, m) = shared(4);
+        let w = write_back(
+            &f,
+            &m,
+            &bits(&[0b11_1000]),
+            4 * PAGE_SIZE,
+            Way::UnmapThenSync,
+            false,
+        )
+        .unwrap();
         assert_eq!(
             w,
             Written {

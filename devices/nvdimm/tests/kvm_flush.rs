@@ -181,6 +181,81 @@ fn guest_flush_writes_back_exactly_the_dirty_pages(want_manual: bool) {
     println!("{}", s.dev.summary_line());
 }
 
+/// Rounds of stores and flushes, enough for the device to take both ways of writeback
+/// (`writeback_way`) and then settle.
+const ROUNDS: u64 = 2 * nvdimm::writeback_way::LEARNING_WRITEBACKS;
+
+/// Whichever way a writeback takes, including unmapping the pages from the guest first, the
+/// guest's stores after it are logged and written back by the next flush.
+fn every_round_of_stores_is_written_back_whichever_way(want_manual: bool) {
+    let Some(kvm) = kvm_or_skip("rounds of flushes") else {
+        return;
+    };
+    let value = |round: u64, page: u64| (round + 1) << 32 | page;
+    let mut code = Code::default();
+    for round in 0..ROUNDS {
+        for page in [PAGE_A, PAGE_B] {
+            code = code.write_u64(PMEM_GPA + page * PAGE_SIZE + 8, value(round, page));
+        }
+        code = code.flush_hint(HINT_GPA);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let Some(mut s) = setup(
+        &kvm,
+        dir.path(),
+        want_manual,
+        dev().with_size(PMEM_SIZE),
+        &code.hlt(),
+    ) else {
+        return;
+    };
+    let (dev, file) = (s.dev.clone(), s.file.try_clone().unwrap());
+    let rounds = Arc::new(Mutex::new(Vec::new()));
+    let seen = rounds.clone();
+    s.vm.run(move |exit| {
+        if let Exit::MmioWrite(addr, data) = exit {
+            dev.mmio_write(0, addr - HINT_GPA, data)
+                .expect("the flush failed");
+            let mut buf = [0u8; 8];
+            let in_file = [PAGE_A, PAGE_B].map(|page| {
+                std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, page * PAGE_SIZE + 8)
+                    .unwrap();
+                u64::from_le_bytes(buf)
+            });
+            let st = dev.stats();
+            seen.lock().unwrap().push((in_file, st.last_harvest_pages));
+        }
+    });
+    let rounds = rounds.lock().unwrap();
+    assert_eq!(rounds.len() as u64, ROUNDS);
+    for (round, (in_file, harvested)) in rounds.iter().enumerate() {
+        let round = round as u64;
+        assert_eq!(
+            (*in_file, *harvested),
+            ([value(round, PAGE_A), value(round, PAGE_B)], 2),
+            "round {round}: the file and the harvest after the flush"
+        );
+    }
+    let st = s.dev.stats();
+    assert_eq!((st.flushes, st.pages_written), (ROUNDS, 2 * ROUNDS));
+    assert!(
+        st.unmapped_writebacks >= nvdimm::writeback_way::LEARNING_WRITEBACKS / 2,
+        "only {} of {ROUNDS} writebacks unmapped the pages first",
+        st.unmapped_writebacks
+    );
+    assert_eq!(cachestat(&s.file, 0, PMEM_SIZE).unwrap().nr_dirty, 0);
+}
+
+#[test]
+fn every_round_is_written_back_whichever_way_with_manual_protect() {
+    every_round_of_stores_is_written_back_whichever_way(true);
+}
+
+#[test]
+fn every_round_is_written_back_whichever_way_with_get_clearing_the_log() {
+    every_round_of_stores_is_written_back_whichever_way(false);
+}
+
 #[test]
 fn guest_flush_with_manual_protect() {
     guest_flush_writes_back_exactly_the_dirty_pages(true);

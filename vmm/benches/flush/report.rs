@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use crate::error::BenchError;
-use crate::flush_path::Round;
+use crate::flush_path::{Round, WARM_UP};
 use crate::guest::{MAPPED_END, MARK_EVERY, STRIDE_PAGES};
 use crate::machine::Machine;
 use crate::stall::{Stall, BIG};
@@ -1025,8 +1025,11 @@ fn markdown(r: &Results) -> String {
          copy, one `fdatasync`, and every 16 MiB or 16 flushes the drop of the copies). Every {MARK_EVERY} pages \
          the loop also stores to a marker address that exits (not timed), so KVM enters the \
          guest as often as a real guest's timer interrupts make it: an emulating host checks \
-         a dirty ring's limit only then. The first round allocates the file's blocks and is \
-         not counted.",
+         a dirty ring's limit only then. With `persist=adr` the first {WARM_UP} rounds are \
+         pmvm's flush alone and not counted: the first allocates the file's blocks, in the \
+         others the device tries both ways of writing back that many pages (`fdatasync` \
+         alone, or unmapping the dirty pages first) before it settles on the faster, as a VM \
+         does in its first flushes (flush-path.md); with `persist=flush` only the first.",
         sizes.join(", "),
         MAPPED_END >> 20
     )

@@ -35,6 +35,7 @@ use crate::page_set::{run_pages, PageSet};
 use crate::reclaim::VcpuFence;
 use crate::stats::{FlushReport, PmemStats};
 use crate::writeback::{self, Written};
+use crate::writeback_way::{Way, WayChooser};
 use crate::{NvdimmError, VcpuId, MAX_HINTS, PAGE_SIZE};
 
 mod attach;
@@ -124,6 +125,8 @@ pub struct Nvdimm {
     /// the disk (Linux does so after a failed writeback), so `adr` writebacks rewrite pages
     /// from the mapping until one succeeds.
     distrust_page_cache: AtomicBool,
+    /// `persist=adr`: which way each writeback goes, from what the earlier ones cost.
+    ways: WayChooser,
     /// Guest stores KVM could not back (offset, bytes): applied by the next writeback.
     unbacked: Mutex<Vec<(u64, Vec<u8>)>>,
     /// Run before every harvest (see [`HarvestBarrier`]).
@@ -222,6 +225,7 @@ impl Nvdimm {
             fault: Mutex::new(None),
             in_flight: InFlight::default(),
             distrust_page_cache: AtomicBool::new(false),
+            ways: WayChooser::default(),
             unbacked: Mutex::new(Vec::new()),
             barrier: OnceLock::new(),
             fence: OnceLock::new(),
@@ -389,6 +393,8 @@ impl Nvdimm {
                     .map_err(FlushError::Log)
                     .map_err(keep_pending)?;
                 let file = self.backing.file();
+                let pages = run_pages(&runs);
+                let mut way = None;
                 let writing = Instant::now();
                 let written = match self.persist {
                     // The page cache's dirty bits can no longer be trusted: rewrite.
@@ -398,20 +404,32 @@ impl Nvdimm {
                     // A guest or host flush syncs even with nothing harvested: a safety net
                     // for any page the log missed, and it reports a writeback the host
                     // kernel failed on its own.
-                    PersistMode::Adr => writeback::write_back(
-                        file,
-                        &runs,
-                        self.size(),
-                        source != FlushSource::Background,
-                    ),
+                    PersistMode::Adr => {
+                        let chosen = *way.insert(self.ways.choose(pages));
+                        writeback::write_back(
+                            file,
+                            &self.mapping,
+                            &runs,
+                            self.size(),
+                            chosen,
+                            source != FlushSource::Background,
+                        )
+                    }
                     PersistMode::Flush => {
                         writeback::copy_back(file, &self.mapping, &runs, self.size())
                             .inspect(|_| self.reclaim_copies(&runs))
                     }
                 };
+                let took = writing.elapsed();
                 self.metrics
                     .writeback_ns
-                    .add(u64::try_from(writing.elapsed().as_nanos()).unwrap_or(u64::MAX));
+                    .add(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX));
+                if let (Some(way), Ok(_)) = (way, &written) {
+                    self.ways.record(pages, way, took);
+                    if way == Way::UnmapThenSync {
+                        self.metrics.unmapped_writebacks.inc();
+                    }
+                }
                 written.map_err(FlushError::Writeback).map_err(keep_pending)
             });
         self.metrics.writebacks.inc();
