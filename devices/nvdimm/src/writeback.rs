@@ -369,7 +369,6 @@ mod tests {
     #[test]
     fn copy_back_of_a_large_writeback_writes_every_page_of_its_pieces() {
         use crate::mmap::Sharing;
-        use std::os::unix::fs::FileExt;
         let per_submit = SUBMIT_EVERY / PAGE_SIZE;
         // Scattered pages for three submissions and a bit, then one run of two and a half.
         let pages = 4 * per_submit + 5 * per_submit / 2 + 8;
@@ -407,7 +406,6 @@ mod tests {
     #[test]
     fn copy_back_writes_exactly_the_dirty_pages_from_a_private_mapping() {
         use crate::mmap::Sharing;
-        use std::os::unix::fs::FileExt;
         let f = tempfile::tempfile().unwrap();
         f.set_len(130 * PAGE_SIZE).unwrap();
         let m = Mapping::with_sharing(&f, 130 * PAGE_SIZE, true, Sharing::Private).unwrap();

@@ -26,7 +26,7 @@ pub struct Round {
     /// pmvm: the whole synchronous flush of the hint exit.
     pub pmvm: f64,
     /// The part of it the device counted as its writeback (`writeback_ns`): the fdatasync,
-    /// with `persist=flush` also the copies into the file.
+    /// and before it the unmapping of the pages or (`persist=flush`) their copies.
     pub pmvm_writeback: f64,
     /// Host: fdatasync of the file.
     pub fdatasync: f64,

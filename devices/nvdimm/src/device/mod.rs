@@ -381,7 +381,8 @@ impl Nvdimm {
             .and_then(|()| self.before_harvest(source))
             .and_then(|()| self.harvest())
             .and_then(|runs| {
-                self.metrics.last_harvest_pages.set(run_pages(&runs));
+                let pages = run_pages(&runs);
+                self.metrics.last_harvest_pages.set(pages);
                 let keep_pending = |e| {
                     // Not durable: keep the pages pending so the next flush retries them.
                     lock(&self.pending).insert_runs(&runs);
@@ -393,7 +394,6 @@ impl Nvdimm {
                     .map_err(FlushError::Log)
                     .map_err(keep_pending)?;
                 let file = self.backing.file();
-                let pages = run_pages(&runs);
                 let mut way = None;
                 let writing = Instant::now();
                 let written = match self.persist {
