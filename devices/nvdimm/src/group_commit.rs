@@ -23,6 +23,9 @@ struct State<T> {
     /// Generation of the most recently finished run.
     completed: u64,
     running: bool,
+    /// Callers waiting for a run to finish: the leader wakes them only if there are any (a
+    /// wake is a system call, on the path of every flush).
+    waiting: usize,
     /// Outcome of run `completed`.
     last: Option<T>,
 }
@@ -33,6 +36,7 @@ impl<T> Default for State<T> {
             started: 0,
             completed: 0,
             running: false,
+            waiting: 0,
             last: None,
         }
     }
@@ -75,7 +79,9 @@ impl<T: Clone> GroupCommit<T> {
             if !state.running {
                 break;
             }
+            state.waiting += 1;
             state = self.finished.wait(state).unwrap_or_else(|e| e.into_inner());
+            state.waiting -= 1;
         }
         state.started += 1;
         state.running = true;
@@ -102,8 +108,11 @@ impl<T> Drop for Leader<'_, T> {
     fn drop(&mut self) {
         let mut state = crate::lock::lock(&self.group.state);
         state.running = false;
+        let waiting = state.waiting > 0;
         drop(state);
-        self.group.finished.notify_all();
+        if waiting {
+            self.group.finished.notify_all();
+        }
     }
 }
 
