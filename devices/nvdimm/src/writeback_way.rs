@@ -8,8 +8,9 @@
 //! `MADV_DONTNEED` per span) does it for a whole span at once: 5-12% faster flushes from 8 to
 //! 64 pages there, but slower for one page (a system call more) and for hundreds (the unmap
 //! walks every page of a span). Which way wins depends on the host, so the device keeps the
-//! recent cost per page of each way for each power of two of k and takes the cheaper; every
-//! [`RETRY_EVERY`]th writeback of a size takes the other way, so the choice follows the host.
+//! recent cost per page of each way for each power of two of k and takes the cheaper; now and
+//! then a writeback of a size retries the other way (often at first, rarely while the retries
+//! keep confirming the choice), so the choice follows the host.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -48,8 +49,14 @@ const SAMPLES: usize = 15;
 const FIRST_TRIES: usize = 5;
 /// The writebacks of one size before the device settles on a way.
 pub const LEARNING_WRITEBACKS: u64 = 2 * FIRST_TRIES as u64;
-/// Once both are known, one writeback in this many of a size takes the slower way.
-pub const RETRY_EVERY: u64 = 16;
+/// Once settled, the other way is retried after this many writebacks of a size; each retry
+/// that confirms the choice doubles the wait, up to [`RETRY_MOST`], and one that does not
+/// brings it back here. Where one way stays cheaper, the dearer one costs little.
+pub const RETRY_FIRST: u64 = 16;
+/// The longest wait between retries of the other way.
+pub const RETRY_MOST: u64 = 256;
+/// Retries that must agree (by their median) before the way switches.
+const RETRIES_TO_SWITCH: usize = 3;
 /// Sizes of writeback told apart: k in [2^i, 2^(i+1)) pages, the last holding every larger k.
 const SIZES: usize = 24;
 /// The unmapping way is taken only when it costs at least this much less: besides the flush,
@@ -57,34 +64,110 @@ const SIZES: usize = 24;
 /// does not see.
 const UNMAP_MARGIN: f64 = 0.03;
 
-/// Recent microseconds per page of one way at one size, oldest overwritten first.
+/// Recent samples of one quantity, oldest overwritten first.
 #[derive(Clone, Debug, Default)]
 struct Recent {
-    us_per_page: Vec<f64>,
+    samples: Vec<f64>,
     next: usize,
 }
 
 impl Recent {
     fn push(&mut self, v: f64) {
-        if self.us_per_page.len() < SAMPLES {
-            self.us_per_page.push(v);
+        if self.samples.len() < SAMPLES {
+            self.samples.push(v);
         } else {
-            self.us_per_page[self.next] = v;
+            self.samples[self.next] = v;
         }
         self.next = (self.next + 1) % SAMPLES;
     }
 
+    fn len(&self) -> usize {
+        self.samples.len()
+    }
+
     fn median(&self) -> f64 {
-        let mut v = self.us_per_page.clone();
+        let mut v = self.samples.clone();
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     }
 }
 
+/// The way whose cost makes unmapping `unmap_over_sync` times as dear as syncing alone.
+fn cheaper(unmap_over_sync: f64) -> Way {
+    if unmap_over_sync < 1.0 - UNMAP_MARGIN {
+        Way::UnmapThenSync
+    } else {
+        Way::Sync
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 struct Size {
+    /// Microseconds per page of each way's recent writebacks.
     ways: [Recent; 2],
-    writebacks: u64,
+    /// The way taken, once both are known.
+    taken: Option<Way>,
+    /// One per retry of the other way: unmapping's cost over syncing's, the retry against the
+    /// median of the taken way's recent writebacks. Both are from the same moment, so a host
+    /// that got slower or faster between retries does not tilt the choice, as comparing with
+    /// the retried way's old samples would.
+    retries: Recent,
+    since_retry: u64,
+    retry_every: u64,
+}
+
+impl Size {
+    /// Learns from a writeback that took `us_per_page` going `way`.
+    fn record(&mut self, way: Way, us_per_page: f64) {
+        let taken = self.taken;
+        if let Some(taken) = taken.filter(|&t| t != way) {
+            let base = self.ways[taken.index()].median();
+            let unmap_over_sync = match way {
+                Way::UnmapThenSync => us_per_page / base,
+                Way::Sync => base / us_per_page,
+            };
+            self.retries.push(unmap_over_sync);
+            self.retry_every = if cheaper(unmap_over_sync) == taken {
+                (self.retry_every * 2).min(RETRY_MOST)
+            } else {
+                RETRY_FIRST
+            };
+            if self.retries.len() >= RETRIES_TO_SWITCH && cheaper(self.retries.median()) == way {
+                self.settle(way);
+            }
+        }
+        self.ways[way.index()].push(us_per_page);
+        if taken.is_none() && self.ways.iter().all(|w| w.len() >= FIRST_TRIES) {
+            let [sync, unmap] = &self.ways;
+            self.settle(cheaper(unmap.median() / sync.median()));
+        }
+    }
+
+    fn settle(&mut self, way: Way) {
+        self.taken = Some(way);
+        self.retries = Recent::default();
+        self.since_retry = 0;
+        self.retry_every = RETRY_FIRST;
+    }
+
+    fn choose(&mut self) -> Way {
+        let Some(taken) = self.taken else {
+            // Learning: the two ways in turn.
+            let [sync, unmap] = &self.ways;
+            return if sync.len() <= unmap.len() {
+                Way::Sync
+            } else {
+                Way::UnmapThenSync
+            };
+        };
+        self.since_retry += 1;
+        if self.since_retry >= self.retry_every {
+            self.since_retry = 0;
+            taken.other()
+        } else {
+            taken
+        }
+    }
 }
 
 /// Picks the way of each writeback and learns from its time. Called only by the writeback
@@ -112,28 +195,7 @@ impl WayChooser {
         if pages == 0 {
             return Way::Sync;
         }
-        let mut sizes = lock(&self.sizes);
-        let size = &mut sizes[size_of(pages)];
-        size.writebacks += 1;
-        let [sync, unmap] = &size.ways;
-        let tried = |r: &Recent| r.us_per_page.len();
-        if tried(sync) < FIRST_TRIES || tried(unmap) < FIRST_TRIES {
-            return if tried(sync) <= tried(unmap) {
-                Way::Sync
-            } else {
-                Way::UnmapThenSync
-            };
-        }
-        let faster = if unmap.median() < sync.median() * (1.0 - UNMAP_MARGIN) {
-            Way::UnmapThenSync
-        } else {
-            Way::Sync
-        };
-        if size.writebacks % RETRY_EVERY == 0 {
-            faster.other()
-        } else {
-            faster
-        }
+        lock(&self.sizes)[size_of(pages)].choose()
     }
 
     /// Records that a writeback of `pages` pages took `took` going `way`.
@@ -142,7 +204,7 @@ impl WayChooser {
             return;
         }
         let us_per_page = took.as_secs_f64() * 1e6 / pages as f64;
-        lock(&self.sizes)[size_of(pages)].ways[way.index()].push(us_per_page);
+        lock(&self.sizes)[size_of(pages)].record(way, us_per_page);
     }
 }
 
@@ -153,13 +215,28 @@ mod tests {
     /// Runs `n` writebacks of `pages` pages, each costing what `cost` says for its way; returns
     /// the ways taken.
     fn run(c: &WayChooser, pages: u64, n: usize, cost: impl Fn(Way) -> f64) -> Vec<Way> {
+        run_in_time(c, pages, n, |w, _| cost(w))
+    }
+
+    /// Like `run`, the cost also depending on the writeback's number from 0.
+    fn run_in_time(
+        c: &WayChooser,
+        pages: u64,
+        n: usize,
+        cost: impl Fn(Way, usize) -> f64,
+    ) -> Vec<Way> {
         (0..n)
-            .map(|_| {
+            .map(|i| {
                 let way = c.choose(pages);
-                c.record(pages, way, Duration::from_secs_f64(cost(way) * 1e-6));
+                c.record(pages, way, Duration::from_secs_f64(cost(way, i) * 1e-6));
                 way
             })
             .collect()
+    }
+
+    /// The positions at which `ways` took `way`.
+    fn positions(ways: &[Way], way: Way) -> Vec<usize> {
+        (0..ways.len()).filter(|&i| ways[i] == way).collect()
     }
 
     fn share(ways: &[Way], way: Way) -> usize {
@@ -173,7 +250,11 @@ mod tests {
         let first = run(&c, 16, 2 * FIRST_TRIES, cheap_unmap);
         assert_eq!(share(&first, Way::Sync), FIRST_TRIES, "{first:?}");
         let later = run(&c, 16, 160, cheap_unmap);
-        assert_eq!(share(&later, Way::Sync), 10, "one in 16 retries the slower");
+        assert_eq!(
+            positions(&later, Way::Sync),
+            [15, 47, 111],
+            "the slower is retried after 16, then 32, then 64 more"
+        );
         // Another size is learnt on its own, from its own trials.
         let dear_unmap = |w| {
             if w == Way::UnmapThenSync {
@@ -247,5 +328,50 @@ mod tests {
             }
         });
         assert_eq!(tie.choose(8), Way::Sync);
+    }
+
+    #[test]
+    fn retries_grow_rarer_while_they_confirm_the_choice() {
+        let c = WayChooser::default();
+        let cheap_unmap = |w| if w == Way::UnmapThenSync { 80.0 } else { 100.0 };
+        let ways = run(&c, 64, LEARNING_WRITEBACKS as usize + 3000, cheap_unmap);
+        let retries = positions(&ways[LEARNING_WRITEBACKS as usize..], Way::Sync);
+        let gaps: Vec<usize> = retries.windows(2).map(|w| w[1] - w[0]).collect();
+        assert_eq!(gaps[..5], [32, 64, 128, 256, 256], "{retries:?}");
+        assert!(gaps.iter().all(|&g| g <= RETRY_MOST as usize), "{gaps:?}");
+        // A retry that finds the other way cheaper makes them frequent again.
+        let ways = run(&c, 64, 600, |w| {
+            if w == Way::UnmapThenSync {
+                100.0
+            } else {
+                80.0
+            }
+        });
+        let back = positions(&ways, Way::Sync);
+        assert!(back.len() > 400, "switched back to Sync: {back:?}");
+        assert!(back[0] < RETRY_MOST as usize, "{back:?}");
+    }
+
+    #[test]
+    fn a_host_growing_slower_does_not_tilt_the_choice() {
+        // Unmapping stays 10% cheaper while every writeback costs 0.1% more than the one
+        // before (7 times as much after 2000). Comparing the taken way's fresh samples with
+        // the other way's, taken hundreds of writebacks earlier, would pick the dearer way.
+        let c = WayChooser::default();
+        let ways = run_in_time(&c, 16, 2000, |w, i| {
+            let host = 100.0 * 1.001f64.powi(i as i32);
+            if w == Way::UnmapThenSync {
+                0.9 * host
+            } else {
+                host
+            }
+        });
+        let settled = &ways[LEARNING_WRITEBACKS as usize..];
+        assert!(
+            share(settled, Way::UnmapThenSync) > settled.len() * 99 / 100,
+            "{} of {} unmapped",
+            share(settled, Way::UnmapThenSync),
+            settled.len()
+        );
     }
 }

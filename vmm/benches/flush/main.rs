@@ -101,8 +101,8 @@ impl Plan {
         match (self.quick, pages) {
             (true, p) if p <= 256 => 5,
             (true, _) => 3,
-            (false, p) if p <= 16 => 201,
-            (false, p) if p <= 256 => 101,
+            (false, p) if p <= 16 => 401,
+            (false, p) if p <= 256 => 201,
             (false, p) if p <= 4096 => 25,
             (false, _) => 9,
         }
