@@ -46,7 +46,7 @@ impl Way {
 /// behind the host's own I/O.
 const SAMPLES: usize = 15;
 /// Each way is tried this often in turn before the faster is taken.
-const FIRST_TRIES: usize = 5;
+const FIRST_TRIES: usize = 8;
 /// The writebacks of one size before the device settles on a way.
 pub const LEARNING_WRITEBACKS: u64 = 2 * FIRST_TRIES as u64;
 /// Once settled, the other way is retried after this many writebacks of a size; each retry
@@ -56,7 +56,7 @@ pub const RETRY_FIRST: u64 = 16;
 /// The longest wait between retries of the other way.
 pub const RETRY_MOST: u64 = 256;
 /// Retries that must agree (by their median) before the way switches.
-const RETRIES_TO_SWITCH: usize = 3;
+const RETRIES_TO_SWITCH: usize = 5;
 /// Sizes of writeback told apart: k in [2^i, 2^(i+1)) pages, the last holding every larger k.
 const SIZES: usize = 24;
 /// The unmapping way is taken only when it costs at least this much less: besides the flush,
@@ -107,10 +107,13 @@ struct Size {
     ways: [Recent; 2],
     /// The way taken, once both are known.
     taken: Option<Way>,
-    /// One per retry of the other way: unmapping's cost over syncing's, the retry against the
-    /// median of the taken way's recent writebacks. Both are from the same moment, so a host
-    /// that got slower or faster between retries does not tilt the choice, as comparing with
-    /// the retried way's old samples would.
+    /// Learning: the cost of the syncing writeback just before, which the next (unmapping)
+    /// one is compared with.
+    paired_sync: Option<f64>,
+    /// Unmapping's cost over syncing's, from writebacks of the same moment, so that a host
+    /// that gets slower or faster meanwhile does not tilt the choice (as comparing with a
+    /// way's old samples would). Learning: one per pair of writebacks. Then one per retry of
+    /// the other way, against the median of the taken way's recent writebacks.
     retries: Recent,
     since_retry: u64,
     retry_every: u64,
@@ -119,27 +122,34 @@ struct Size {
 impl Size {
     /// Learns from a writeback that took `us_per_page` going `way`.
     fn record(&mut self, way: Way, us_per_page: f64) {
-        let taken = self.taken;
-        if let Some(taken) = taken.filter(|&t| t != way) {
-            let base = self.ways[taken.index()].median();
-            let unmap_over_sync = match way {
-                Way::UnmapThenSync => us_per_page / base,
-                Way::Sync => base / us_per_page,
-            };
-            self.retries.push(unmap_over_sync);
-            self.retry_every = if cheaper(unmap_over_sync) == taken {
-                (self.retry_every * 2).min(RETRY_MOST)
-            } else {
-                RETRY_FIRST
-            };
-            if self.retries.len() >= RETRIES_TO_SWITCH && cheaper(self.retries.median()) == way {
-                self.settle(way);
-            }
-        }
         self.ways[way.index()].push(us_per_page);
-        if taken.is_none() && self.ways.iter().all(|w| w.len() >= FIRST_TRIES) {
-            let [sync, unmap] = &self.ways;
-            self.settle(cheaper(unmap.median() / sync.median()));
+        let Some(taken) = self.taken else {
+            match (way, self.paired_sync.take()) {
+                (Way::Sync, _) => self.paired_sync = Some(us_per_page),
+                (Way::UnmapThenSync, Some(sync)) => self.retries.push(us_per_page / sync),
+                (Way::UnmapThenSync, None) => {}
+            }
+            if self.retries.len() >= FIRST_TRIES {
+                self.settle(cheaper(self.retries.median()));
+            }
+            return;
+        };
+        if way == taken {
+            return;
+        }
+        let base = self.ways[taken.index()].median();
+        let unmap_over_sync = match way {
+            Way::UnmapThenSync => us_per_page / base,
+            Way::Sync => base / us_per_page,
+        };
+        self.retries.push(unmap_over_sync);
+        self.retry_every = if cheaper(unmap_over_sync) == taken {
+            (self.retry_every * 2).min(RETRY_MOST)
+        } else {
+            RETRY_FIRST
+        };
+        if self.retries.len() >= RETRIES_TO_SWITCH && cheaper(self.retries.median()) == way {
+            self.settle(way);
         }
     }
 
@@ -152,12 +162,11 @@ impl Size {
 
     fn choose(&mut self) -> Way {
         let Some(taken) = self.taken else {
-            // Learning: the two ways in turn.
-            let [sync, unmap] = &self.ways;
-            return if sync.len() <= unmap.len() {
-                Way::Sync
-            } else {
+            // Learning: the two ways in turn, in pairs.
+            return if self.paired_sync.is_some() {
                 Way::UnmapThenSync
+            } else {
+                Way::Sync
             };
         };
         self.since_retry += 1;
@@ -214,7 +223,7 @@ mod tests {
 
     /// Runs `n` writebacks of `pages` pages, each costing what `cost` says for its way; returns
     /// the ways taken.
-    fn run(c: &WayChooser, pages: u64, n: usize, cost: impl Fn(Way) -> f64) -> Vec<Way> {
+    fn run(c: &WayChooser, pages: u64, n: usize, mut cost: impl FnMut(Way) -> f64) -> Vec<Way> {
         run_in_time(c, pages, n, |w, _| cost(w))
     }
 
@@ -223,7 +232,7 @@ mod tests {
         c: &WayChooser,
         pages: u64,
         n: usize,
-        cost: impl Fn(Way, usize) -> f64,
+        mut cost: impl FnMut(Way, usize) -> f64,
     ) -> Vec<Way> {
         (0..n)
             .map(|i| {
@@ -340,7 +349,7 @@ mod tests {
         assert_eq!(gaps[..5], [32, 64, 128, 256, 256], "{retries:?}");
         assert!(gaps.iter().all(|&g| g <= RETRY_MOST as usize), "{gaps:?}");
         // A retry that finds the other way cheaper makes them frequent again.
-        let ways = run(&c, 64, 600, |w| {
+        let ways = run(&c, 64, 700, |w| {
             if w == Way::UnmapThenSync {
                 100.0
             } else {
@@ -348,7 +357,7 @@ mod tests {
             }
         });
         let back = positions(&ways, Way::Sync);
-        assert!(back.len() > 400, "switched back to Sync: {back:?}");
+        assert!(back.len() > 300, "switched back to Sync: {back:?}");
         assert!(back[0] < RETRY_MOST as usize, "{back:?}");
     }
 
@@ -373,5 +382,30 @@ mod tests {
             share(settled, Way::UnmapThenSync),
             settled.len()
         );
+    }
+
+    #[test]
+    fn noisy_first_writebacks_rarely_mislead_the_learning() {
+        // Syncing alone is 5% cheaper, but each writeback's cost is off by up to 10% either
+        // way and the first one (which allocates the file's blocks) costs 30 times as much.
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut noise = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            0.9 + 0.2 * (seed % 1000) as f64 / 1000.0
+        };
+        let mut misled = 0;
+        for _ in 0..200 {
+            let c = WayChooser::default();
+            run_in_time(&c, 256, LEARNING_WRITEBACKS as usize, |w, i| {
+                let first = if i == 0 { 30.0 } else { 1.0 };
+                first * noise() * if w == Way::Sync { 95.0 } else { 100.0 }
+            });
+            if c.choose(256) == Way::UnmapThenSync {
+                misled += 1;
+            }
+        }
+        assert!(misled < 10, "{misled} of 200 took the dearer way");
     }
 }

@@ -183,7 +183,7 @@ fn guest_flush_writes_back_exactly_the_dirty_pages(want_manual: bool) {
 
 /// Rounds of stores and flushes, enough for the device to take both ways of writeback
 /// (`writeback_way`) and then settle.
-const ROUNDS: u64 = 2 * nvdimm::writeback_way::LEARNING_WRITEBACKS;
+const ROUNDS: u64 = nvdimm::writeback_way::LEARNING_WRITEBACKS + 4;
 
 /// Whichever way a writeback takes, including unmapping the pages from the guest first, the
 /// guest's stores after it are logged and written back by the next flush.
