@@ -2,10 +2,11 @@
 //! order.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, MutexGuard};
 
 use kvm_bindings::{kvm_dirty_gfn, KVMIO};
 use nvdimm::mmap::Mapping;
+use nvdimm::page_set::PageSet;
 use vmm_sys_util::ioctl_io_nr;
 
 use super::Sink;
@@ -45,19 +46,22 @@ pub(super) fn walk_ring(
 ) -> u64 {
     let size = ring.map.len() / ENTRY_BYTES;
     let mut walked = 0;
+    // The pending set of the last entry's slot stays locked while the entries after it name
+    // the same slot, as most do: one lock per run of them rather than one per page.
+    let mut held: Option<(u32, MutexGuard<'_, PageSet>)> = None;
     while walked < limit {
         let Some((flags, slot, page)) = published(ring, start + walked, size) else {
             break;
         };
-        let routed = sinks
-            .iter()
-            .find(|s| s.region.slot == slot)
-            .is_some_and(|s| {
-                s.pending
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(page)
+        if held.as_ref().is_none_or(|(s, _)| *s != slot) {
+            // Released first: never two devices' sets at once.
+            drop(held.take());
+            held = sinks.iter().find(|s| s.region.slot == slot).map(|s| {
+                let set = s.pending.lock().unwrap_or_else(|e| e.into_inner());
+                (slot, set)
             });
+        }
+        let routed = held.as_mut().is_some_and(|(_, set)| set.insert(page));
         if !routed {
             *stray += 1;
             log::warn!("dirty ring entry for slot {slot:#x} page {page} has no device");
@@ -133,5 +137,67 @@ mod tests {
         assert_eq!(KVM_RESET_DIRTY_RINGS(), 0xaec7);
         assert_eq!((KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET), (1, 2));
         assert_eq!(kvm_bindings::KVM_DIRTY_LOG_PAGE_OFFSET, 64);
+    }
+
+    fn sink(slot: u32, pages: u64) -> Sink {
+        Sink {
+            region: kvm_bindings::kvm_userspace_memory_region {
+                slot,
+                ..Default::default()
+            },
+            pending: Arc::new(std::sync::Mutex::new(PageSet::new(pages))),
+        }
+    }
+
+    #[test]
+    fn a_walk_routes_each_entry_to_its_slots_set_and_marks_it_harvested() {
+        let file = tempfile::tempfile().unwrap();
+        let size = 16;
+        file.set_len(size * ENTRY_BYTES).unwrap();
+        let map = Mapping::new(&file, size * ENTRY_BYTES, true).unwrap();
+        // Slots alternate in runs, one entry names no device, and the walk stops at the first
+        // entry KVM has not published.
+        let entries = [
+            (1, 3),
+            (1, 4),
+            (2, 3),
+            (1, 5),
+            (2, 7),
+            (2, 8),
+            (9, 1),
+            (1, 6),
+        ];
+        for (i, &(slot, page)) in entries.iter().enumerate() {
+            let mut raw = [0u8; ENTRY_BYTES as usize];
+            raw[..4].copy_from_slice(&KVM_DIRTY_GFN_F_DIRTY.to_ne_bytes());
+            raw[4..8].copy_from_slice(&u32::to_ne_bytes(slot));
+            raw[8..].copy_from_slice(&u64::to_ne_bytes(page));
+            map.write_at(i as u64 * ENTRY_BYTES, &raw).unwrap();
+        }
+        let ring = VcpuRing {
+            map: Arc::new(map),
+            freed: Arc::new(AtomicU64::new(0)),
+            unaligned: false,
+            phantom: false,
+        };
+        let sinks = [sink(1, 64), sink(2, 64)];
+        let mut stray = 0;
+        assert_eq!(walk_ring(&ring, 0, size, &sinks, &mut stray), 8);
+        assert_eq!(stray, 1);
+        let pages = |s: &Sink| {
+            let set = s.pending.lock().unwrap();
+            (0..64).filter(|&p| set.contains(p)).collect::<Vec<_>>()
+        };
+        assert_eq!(pages(&sinks[0]), [3, 4, 5, 6]);
+        assert_eq!(pages(&sinks[1]), [3, 7, 8]);
+        for i in 0..size {
+            let flags = ring
+                .map
+                .atomic_u32(i * ENTRY_BYTES)
+                .unwrap()
+                .load(Ordering::Acquire);
+            let want = if i < 8 { KVM_DIRTY_GFN_F_RESET } else { 0 };
+            assert_eq!(flags, want, "entry {i}");
+        }
     }
 }
