@@ -28,6 +28,8 @@ pub struct Round {
     /// The part of it the device counted as its writeback (`writeback_ns`): the fdatasync,
     /// and before it the unmapping of the pages or (`persist=flush`) their copies.
     pub pmvm_writeback: f64,
+    /// Whether pmvm's writeback unmapped the pages from the guest first (`writeback_way`).
+    pub unmapped: bool,
     /// Host: fdatasync of the file.
     pub fdatasync: f64,
     /// Host: sync_file_range(WRITE) per run, then fdatasync.
@@ -63,17 +65,20 @@ fn round(
     // microseconds more than the ones right after it.
     let mut pmvm = 0.0;
     let mut pmvm_writeback = 0.0;
+    let mut unmapped = false;
     let mut host_us = [0.0; HOST_METHODS];
     for k in 0..=HOST_METHODS {
         let method = (stamp as usize / HOST_METHODS + k) % (HOST_METHODS + 1);
         if method == HOST_METHODS {
-            let before = dev.stats().writeback_ns;
+            let before = dev.stats();
             pmvm = timed(|| {
                 dev.mmio_write(0, addr - EXIT_GPA, data)
                     .expect("the flush failed");
                 Ok(())
             })?;
-            pmvm_writeback = (dev.stats().writeback_ns - before) as f64 / 1e3;
+            let after = dev.stats();
+            pmvm_writeback = (after.writeback_ns - before.writeback_ns) as f64 / 1e3;
+            unmapped = after.unmapped_writebacks > before.unmapped_writebacks;
             continue;
         }
         host.dirty(pages, stamp + k as u64)?;
@@ -88,6 +93,7 @@ fn round(
     Ok(Round {
         pmvm,
         pmvm_writeback,
+        unmapped,
         fdatasync,
         submit,
         msync,
@@ -95,11 +101,17 @@ fn round(
     })
 }
 
-/// `persist=adr` rounds of pmvm's flush alone before the measured ones: the first allocates
-/// the file's blocks, the rest are the writebacks in which the device tries each way of
-/// writing back this many pages (`writeback_way`) before it settles, as a VM does in its first
-/// flushes. `persist=flush` has only the first.
+/// `persist=adr` rounds before the measured ones, not counted: the first allocates the files'
+/// blocks, the rest are the writebacks in which the device tries each way of writing back this
+/// many pages (`writeback_way`) before it settles, as a VM does in its first flushes.
+/// `persist=flush` has only the first.
 pub const WARM_UP: u64 = 1 + nvdimm::writeback_way::LEARNING_WRITEBACKS;
+
+/// Up to this many pages a warm-up round runs the host methods too, as a measured round does:
+/// the device then learns its way under the conditions it is measured in (the host's I/O
+/// between two flushes changes which way is cheaper). Above it, where a round takes seconds,
+/// pmvm's flush alone.
+pub const FULL_WARM_UP_PAGES: u64 = 4096;
 
 /// The host-only methods a round times.
 pub const HOST_METHODS: usize = 4;
@@ -218,11 +230,14 @@ pub fn measure(
                 return;
             }
             let done = lock(&r).len() as u64;
-            let outcome = if done < warm_up {
+            let outcome = if done < warm_up && pages > FULL_WARM_UP_PAGES {
                 // pmvm's flush alone, not timed.
                 d.mmio_write(0, addr - EXIT_GPA, data)
                     .map(|()| None)
                     .map_err(|e| BenchError::Check(format!("a warm-up flush failed: {e}")))
+            } else if done < warm_up {
+                // As measured rounds run, not counted.
+                round(&d, &host, pages, (*addr, data), HOST_METHODS as u64 * done).map(|_| None)
             } else {
                 let stamp = HOST_METHODS as u64 * (done - warm_up);
                 round(&d, &host, pages, (*addr, data), stamp).map(Some)

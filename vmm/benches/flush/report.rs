@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use crate::error::BenchError;
-use crate::flush_path::{Round, WARM_UP};
+use crate::flush_path::{Round, FULL_WARM_UP_PAGES, WARM_UP};
 use crate::guest::{MAPPED_END, MARK_EVERY, STRIDE_PAGES};
 use crate::machine::Machine;
 use crate::stall::{Stall, BIG};
@@ -51,6 +51,11 @@ impl FlushCell {
     }
     pub fn fdatasync(&self) -> f64 {
         self.med(|r| r.fdatasync)
+    }
+    /// The share of rounds whose writeback unmapped the pages first.
+    pub fn unmapped_share(&self) -> f64 {
+        let n = self.rounds.iter().filter(|r| r.unmapped).count();
+        n as f64 / self.rounds.len().max(1) as f64
     }
     pub fn submit(&self) -> f64 {
         self.med(|r| r.submit)
@@ -607,31 +612,42 @@ impl Table {
     }
 }
 
-fn flush_table(cells: &[FlushCell]) -> Table {
-    let mut rows = vec![[
+/// The flush cells of one persistence model; `ways`: with the share of rounds that unmapped
+/// first (`persist=adr`, the only model with two ways).
+fn flush_table(cells: &[FlushCell], ways: bool) -> Table {
+    let mut head = vec![
         "device",
         "dirty pages",
         "rounds",
         "pmvm flush µs",
         "its writeback µs",
         "its own µs",
+    ];
+    if ways {
+        head.push("unmapped first");
+    }
+    head.extend([
         "host fdatasync µs",
         "host submit+fdatasync µs",
         "host msync µs",
         "host fsync µs",
         "fastest host",
         "pmvm / fastest",
-    ]
-    .map(String::from)
-    .to_vec()];
+    ]);
+    let mut rows = vec![head.into_iter().map(String::from).collect::<Vec<_>>()];
     for c in cells {
-        rows.push(vec![
+        let mut row = vec![
             fmt_size(c.size),
             c.pages.to_string(),
             c.rounds.len().to_string(),
             fmt_us(c.pmvm()),
             fmt_us(c.pmvm_writeback()),
             fmt_us(c.pmvm_own()),
+        ];
+        if ways {
+            row.push(fmt_pct(c.unmapped_share()));
+        }
+        row.extend([
             fmt_us(c.fdatasync()),
             fmt_us(c.submit()),
             fmt_us(c.msync()),
@@ -639,6 +655,7 @@ fn flush_table(cells: &[FlushCell]) -> Table {
             c.floor().1.to_string(),
             fmt_ratio(c.ratio()),
         ]);
+        rows.push(row);
     }
     Table(rows)
 }
@@ -798,9 +815,9 @@ fn vmm_note(r: &Results) -> String {
 pub fn text(r: &Results) -> String {
     let mut out = String::new();
     writeln!(out, "\n== flush latency, persist=adr (median µs)").unwrap();
-    out.push_str(&flush_table(&r.flush).text());
+    out.push_str(&flush_table(&r.flush, true).text());
     writeln!(out, "\n== flush latency, persist=flush (median µs)").unwrap();
-    out.push_str(&flush_table(&r.strict).text());
+    out.push_str(&flush_table(&r.strict, false).text());
     writeln!(out, "\n== dirty ring against slot bitmap, by device size").unwrap();
     out.push_str(&tracking_table(r).text());
     writeln!(
@@ -915,7 +932,10 @@ fn markdown(r: &Results) -> String {
         "Median microseconds per flush. *pmvm flush* is the whole synchronous flush path of one \
          flush-hint exit; *its writeback* is the part of it the device counts in \
          `writeback_ns` (the `fdatasync`; with `persist=flush` also the copies into the file), \
-         *its own* the rest, round by round: pmvm's checks and harvest. The host columns make \
+         *its own* the rest, round by round: pmvm's checks and harvest. *unmapped first* is \
+         the share of the rounds whose writeback unmapped the pages from the guest before the \
+         `fdatasync`, the way the device measured as the cheaper for that many pages \
+         (flush-path.md, step 6). The host columns make \
          the same dirty pages of a same-sized file durable without pmvm, each its own way, \
          and the fastest of them is the floor pmvm is judged against. That file is mapped by \
          no guest: writing back a page a guest maps also takes it out of KVM's page tables, \
@@ -923,7 +943,7 @@ fn markdown(r: &Results) -> String {
          default: the guest's stores go to the page cache):\n"
     )
     .unwrap();
-    out.push_str(&flush_table(&r.flush).markdown());
+    out.push_str(&flush_table(&r.flush, true).markdown());
     let w = &mut out;
     writeln!(
         w,
@@ -939,7 +959,7 @@ fn markdown(r: &Results) -> String {
         }
     )
     .unwrap();
-    out.push_str(&flush_table(&r.strict).markdown());
+    out.push_str(&flush_table(&r.strict, false).markdown());
     let w = &mut out;
     writeln!(
         w,
@@ -1026,10 +1046,13 @@ fn markdown(r: &Results) -> String {
          the loop also stores to a marker address that exits (not timed), so KVM enters the \
          guest as often as a real guest's timer interrupts make it: an emulating host checks \
          a dirty ring's limit only then. With `persist=adr` the first {WARM_UP} rounds are \
-         pmvm's flush alone and not counted: the first allocates the file's blocks, in the \
-         others the device tries both ways of writing back that many pages (`fdatasync` \
-         alone, or unmapping the dirty pages first) before it settles on the faster, as a VM \
-         does in its first flushes (flush-path.md); with `persist=flush` only the first.",
+         not counted: the first allocates the files' blocks, in the others the device tries \
+         both ways of writing back that many pages (`fdatasync` alone, or unmapping the dirty \
+         pages first) before it settles on the faster, as a VM does in its first flushes \
+         (flush-path.md); with `persist=flush` only the first. Up to \
+         {FULL_WARM_UP_PAGES} pages they run as measured rounds do, host methods included, \
+         since the host's I/O between two flushes changes which way is cheaper; above, \
+         pmvm's flush alone.",
         sizes.join(", "),
         MAPPED_END >> 20
     )
