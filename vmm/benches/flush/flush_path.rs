@@ -1,8 +1,8 @@
 //! pmvm's flush path against the host's own writeback, in one VM per (device size, dirty
 //! pages) cell: each round the guest dirties the pages and writes the flush hint; at the exit
 //! the bench times `Nvdimm::mmio_write` (harvest, writeback, fdatasync) and, for each host-only
-//! method, dirties the same pages of a same-sized host file and times the method on it; the
-//! order of the five rotates from round to round so that none always runs first.
+//! method, dirties the same pages of a same-sized host file and times the method on it, the
+//! five in a balanced order ([`order`]).
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -30,6 +30,10 @@ pub struct Round {
     pub pmvm_writeback: f64,
     /// Whether pmvm's writeback unmapped the pages from the guest first (`writeback_way`).
     pub unmapped: bool,
+    /// The host method (0 to 3, as timed below) that ran right after pmvm's flush, if any:
+    /// its time is not counted, since a writeback right after pmvm's runs 1-2% slower on this
+    /// host, a cost of pmvm's flush that would otherwise lower pmvm's ratio.
+    pub after_pmvm: Option<usize>,
     /// Host: fdatasync of the file.
     pub fdatasync: f64,
     /// Host: sync_file_range(WRITE) per run, then fdatasync.
@@ -60,15 +64,16 @@ fn round(
             "the guest wrote {addr:#x}, outside the flush-hint page at {EXIT_GPA:#x}"
         )));
     }
-    // pmvm takes its turn in the rotation too: whichever method runs first meets a disk that
-    // sat idle while the guest ran, and on this kind of host that first I/O costs tens of
-    // microseconds more than the ones right after it.
     let mut pmvm = 0.0;
     let mut pmvm_writeback = 0.0;
     let mut unmapped = false;
     let mut host_us = [0.0; HOST_METHODS];
-    for k in 0..=HOST_METHODS {
-        let method = (stamp as usize / HOST_METHODS + k) % (HOST_METHODS + 1);
+    let order = order(stamp / HOST_METHODS as u64);
+    let after_pmvm = order
+        .windows(2)
+        .find(|w| w[0] == HOST_METHODS)
+        .map(|w| w[1]);
+    for (k, method) in order.into_iter().enumerate() {
         if method == HOST_METHODS {
             let before = dev.stats();
             pmvm = timed(|| {
@@ -94,11 +99,42 @@ fn round(
         pmvm,
         pmvm_writeback,
         unmapped,
+        after_pmvm,
         fdatasync,
         submit,
         msync,
         fsync,
     })
+}
+
+/// The order of the five timed methods (the host's four, then pmvm's flush as number 4) in
+/// round `n`: a Williams design, whose ten orders put each method first, and right after each
+/// other one, equally often. Order matters on this kind of host: the first method meets a disk
+/// that sat idle while the guest ran (its first I/O costs tens of microseconds more), and one
+/// writeback slows the next by a few percent or not depending on what it was. With a fixed
+/// rotation each method always followed the same one, which shifted the four host methods
+/// (the same work) apart by up to 2% and lowered the floor, the fastest of them.
+fn order(n: u64) -> [usize; HOST_METHODS + 1] {
+    const M: usize = HOST_METHODS + 1;
+    // 0, 1, M-1, 2, M-2, ...: each difference between neighbours occurs once.
+    let mut first = [0; M];
+    let (mut lo, mut hi) = (1, M - 1);
+    for (i, slot) in first.iter_mut().enumerate().skip(1) {
+        if i % 2 == 1 {
+            *slot = lo;
+            lo += 1;
+        } else {
+            *slot = hi;
+            hi -= 1;
+        }
+    }
+    let row = (n % (2 * M as u64)) as usize;
+    let mut out = first.map(|m| (m + row % M) % M);
+    // An odd number of methods needs the mirrored orders too.
+    if row >= M {
+        out.reverse();
+    }
+    out
 }
 
 /// `persist=adr` rounds before the measured ones, not counted: the first allocates the files'
@@ -299,4 +335,35 @@ pub fn measure(
         rounds: measured,
         get_log_us: Some(crate::stats::median(&get_log)),
     })
+}
+
+/// Checks that [`order`] is the balanced design it claims to be; `cargo test` runs it (the
+/// bench's `main` without `--bench`).
+pub fn check_order() -> Result<(), String> {
+    const M: usize = HOST_METHODS + 1;
+    let mut first = [0; M];
+    let mut after = [[0; M]; M];
+    for n in 0..2 * M as u64 {
+        let o = order(n);
+        let mut seen = o;
+        seen.sort_unstable();
+        if seen != [0, 1, 2, 3, 4] {
+            return Err(format!("round {n} orders {o:?}, not each method once"));
+        }
+        first[o[0]] += 1;
+        for w in o.windows(2) {
+            after[w[0]][w[1]] += 1;
+        }
+    }
+    if first != [2; M] {
+        return Err(format!("methods come first {first:?} times in 10 rounds"));
+    }
+    for (a, row) in after.iter().enumerate() {
+        for (b, &count) in row.iter().enumerate() {
+            if a != b && count != 2 {
+                return Err(format!("method {b} follows {a} {count} times in 10 rounds"));
+            }
+        }
+    }
+    Ok(())
 }

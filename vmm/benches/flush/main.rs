@@ -129,16 +129,19 @@ struct Args {
 const USAGE: &str = "usage: cargo bench -p pmvm --bench flush -- [--quick] \
                      [--write-docs] [--pmvm PATH] [--probe PATH]";
 
-/// Parses the arguments; None when not run by `cargo bench` (which passes `--bench`), so a
-/// `cargo test --benches` does not spend minutes on it.
+/// Parses the arguments; None when not run by `cargo bench` (which passes `--bench`), so
+/// `cargo test` (which runs this bench, `test = true`) does not spend minutes on it.
 fn parse_args() -> Result<Option<Args>, BenchError> {
+    // Not `cargo bench`: ignore what `cargo test` passes (`--test-threads=2` and the like).
+    if !std::env::args().any(|a| a == "--bench") {
+        return Ok(None);
+    }
     let mut args = Args {
         quick: false,
         write_docs: false,
         pmvm: std::env::var_os("PMVM_BIN").map(PathBuf::from),
         probe: std::env::var_os("PMVM_PROBE").map(PathBuf::from),
     };
-    let mut benching = false;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut path = |name: &str| {
@@ -147,7 +150,7 @@ fn parse_args() -> Result<Option<Args>, BenchError> {
                 .ok_or_else(|| BenchError::Usage(format!("{name} needs a path; {USAGE}")))
         };
         match a.as_str() {
-            "--bench" => benching = true,
+            "--bench" => {}
             "--quick" => args.quick = true,
             "--write-docs" => args.write_docs = true,
             "--pmvm" => args.pmvm = Some(path("--pmvm")?),
@@ -164,7 +167,7 @@ fn parse_args() -> Result<Option<Args>, BenchError> {
             "--quick results are too thin for the docs: drop --quick or --write-docs".into(),
         ));
     }
-    Ok(benching.then_some(args))
+    Ok(Some(args))
 }
 
 fn measure_vmm(args: &Args, plan: &Plan, dir: &std::path::Path) -> VmmResults {
@@ -358,6 +361,11 @@ fn main() -> ExitCode {
     let args = match parse_args() {
         Ok(Some(args)) => args,
         Ok(None) => {
+            // `cargo test`: check the bench's own design, then say how to run it.
+            if let Err(e) = flush_path::check_order() {
+                eprintln!("bench: the order of the methods is unbalanced: {e}");
+                return ExitCode::FAILURE;
+            }
             println!("flush benchmark: run it with `cargo bench` or scripts/bench.sh");
             return ExitCode::SUCCESS;
         }
