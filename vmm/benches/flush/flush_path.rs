@@ -30,7 +30,7 @@ pub struct Round {
     pub pmvm_writeback: f64,
     /// Whether pmvm's writeback unmapped the pages from the guest first (`writeback_way`).
     pub unmapped: bool,
-    /// The host method (0 to 3, as timed below) that ran right after pmvm's flush, if any:
+    /// The host method ([`FDATASYNC`] to [`FSYNC`]) that ran right after pmvm's flush, if any:
     /// its time is not counted, since a writeback right after pmvm's runs 1-2% slower on this
     /// host, a cost of pmvm's flush that would otherwise lower pmvm's ratio.
     pub after_pmvm: Option<usize>,
@@ -50,13 +50,14 @@ fn timed(f: impl FnOnce() -> Result<(), BenchError>) -> Result<f64, BenchError> 
     Ok(micros(start.elapsed()))
 }
 
-/// The round at one hint exit: pmvm's flush, then the host methods on freshly dirtied pages.
+/// Round `n` (its order of methods) at one hint exit: pmvm's flush and the host methods on
+/// freshly dirtied pages.
 fn round(
     dev: &Nvdimm,
     host: &HostFile,
     pages: u64,
     exit: (u64, &[u8]),
-    stamp: u64,
+    n: u64,
 ) -> Result<Round, BenchError> {
     let (addr, data) = exit;
     if !(EXIT_GPA..EXIT_GPA + guest::PAGE).contains(&addr) {
@@ -68,7 +69,7 @@ fn round(
     let mut pmvm_writeback = 0.0;
     let mut unmapped = false;
     let mut host_us = [0.0; HOST_METHODS];
-    let order = order(stamp / HOST_METHODS as u64);
+    let order = order(n);
     let after_pmvm = order
         .windows(2)
         .find(|w| w[0] == HOST_METHODS)
@@ -86,11 +87,12 @@ fn round(
             unmapped = after.unmapped_writebacks > before.unmapped_writebacks;
             continue;
         }
-        host.dirty(pages, stamp + k as u64)?;
+        // A value no earlier round stored, so each method has pages to write.
+        host.dirty(pages, n * HOST_METHODS as u64 + k as u64)?;
         host_us[method] = timed(|| match method {
-            0 => host.fdatasync(),
-            1 => host.submit_then_fdatasync(pages),
-            2 => host.msync_all(),
+            FDATASYNC => host.fdatasync(),
+            SUBMIT => host.submit_then_fdatasync(pages),
+            MSYNC => host.msync_all(),
             _ => host.fsync(),
         })?;
     }
@@ -149,7 +151,12 @@ pub const WARM_UP: u64 = 1 + nvdimm::writeback_way::LEARNING_WRITEBACKS;
 /// pmvm's flush alone.
 pub const FULL_WARM_UP_PAGES: u64 = 4096;
 
-/// The host-only methods a round times.
+/// The host-only methods a round times, by their number in [`order`] and
+/// [`Round::after_pmvm`]; pmvm's flush is number [`HOST_METHODS`].
+pub const FDATASYNC: usize = 0;
+pub const SUBMIT: usize = 1;
+pub const MSYNC: usize = 2;
+pub const FSYNC: usize = 3;
 pub const HOST_METHODS: usize = 4;
 
 /// How the measured VM tracks the guest's stores, as pmvm's `--dirty-tracking`.
@@ -273,10 +280,9 @@ pub fn measure(
                     .map_err(|e| BenchError::Check(format!("a warm-up flush failed: {e}")))
             } else if done < warm_up {
                 // As measured rounds run, not counted.
-                round(&d, &host, pages, (*addr, data), HOST_METHODS as u64 * done).map(|_| None)
+                round(&d, &host, pages, (*addr, data), done).map(|_| None)
             } else {
-                let stamp = HOST_METHODS as u64 * (done - warm_up);
-                round(&d, &host, pages, (*addr, data), stamp).map(Some)
+                round(&d, &host, pages, (*addr, data), done - warm_up).map(Some)
             };
             lock(&r).push(outcome);
         }
@@ -347,7 +353,7 @@ pub fn check_order() -> Result<(), String> {
         let o = order(n);
         let mut seen = o;
         seen.sort_unstable();
-        if seen != [0, 1, 2, 3, 4] {
+        if seen != std::array::from_fn(|i| i) {
             return Err(format!("round {n} orders {o:?}, not each method once"));
         }
         first[o[0]] += 1;

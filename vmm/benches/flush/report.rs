@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use crate::error::BenchError;
-use crate::flush_path::{Round, FULL_WARM_UP_PAGES, WARM_UP};
+use crate::flush_path::{Round, FDATASYNC, FSYNC, FULL_WARM_UP_PAGES, MSYNC, SUBMIT, WARM_UP};
 use crate::guest::{MAPPED_END, MARK_EVERY, STRIDE_PAGES};
 use crate::machine::Machine;
 use crate::stall::{Stall, BIG};
@@ -60,7 +60,7 @@ impl FlushCell {
         median(&times)
     }
     pub fn fdatasync(&self) -> f64 {
-        self.host_med(0, |r| r.fdatasync)
+        self.host_med(FDATASYNC, |r| r.fdatasync)
     }
     /// The share of rounds whose writeback unmapped the pages first.
     pub fn unmapped_share(&self) -> f64 {
@@ -68,13 +68,13 @@ impl FlushCell {
         n as f64 / self.rounds.len().max(1) as f64
     }
     pub fn submit(&self) -> f64 {
-        self.host_med(1, |r| r.submit)
+        self.host_med(SUBMIT, |r| r.submit)
     }
     pub fn msync(&self) -> f64 {
-        self.host_med(2, |r| r.msync)
+        self.host_med(MSYNC, |r| r.msync)
     }
     pub fn fsync(&self) -> f64 {
-        self.host_med(3, |r| r.fsync)
+        self.host_med(FSYNC, |r| r.fsync)
     }
 
     /// The fastest host method's median, and its name.
