@@ -6,7 +6,7 @@
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::Kvm;
 use nvdimm::lock::lock;
@@ -159,6 +159,10 @@ pub const MSYNC: usize = 2;
 pub const FSYNC: usize = 3;
 pub const HOST_METHODS: usize = 4;
 
+/// How long one cell's VM may run: at 65,536 pages each round writes 256 MiB back five times,
+/// which takes minutes where the disk is slow.
+const RUN_LIMIT: Duration = Duration::from_secs(30 * 60);
+
 /// How the measured VM tracks the guest's stores, as pmvm's `--dirty-tracking`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tracking {
@@ -267,7 +271,7 @@ pub fn measure(
 
     let results = Arc::new(Mutex::new(Vec::new()));
     let (d, r) = (dev.clone(), results.clone());
-    let exits = vm.run(move |exit| {
+    let exits = vm.run_within(RUN_LIMIT, move |exit| {
         if let Exit::MmioWrite(addr, data) = exit {
             if *addr == guest::MARK_GPA {
                 return;

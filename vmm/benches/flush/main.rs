@@ -57,8 +57,8 @@ struct Plan {
     sizes: Vec<u64>,
     pages: Vec<u64>,
     /// `persist=flush` cells stop here: each round the guest copies every page it stores to
-    /// afresh, which on an emulating host (PVM) takes about a millisecond a page, so a round of
-    /// 65,536 pages would not end within the VM's run limit.
+    /// afresh, which on an emulating host (PVM) takes about a millisecond a page, so rounds of
+    /// 65,536 pages would add half an hour to the run.
     strict_max_pages: u64,
     logging_pages: Vec<u64>,
     start_runs: usize,

@@ -962,8 +962,8 @@ fn markdown(r: &Results) -> String {
         match r.strict.iter().map(|c| c.pages).max() {
             Some(top) if top < 65536 => format!(
                 ", up to {top} pages: each round the guest copies every page it stores to \
-                 afresh, about a millisecond a page on an emulating host, so a round of 65,536 \
-                 would not end within the VM's run limit"
+                 afresh, about a millisecond a page on an emulating host, so rounds of 65,536 \
+                 would add half an hour to the run"
             ),
             _ => String::new(),
         }

@@ -290,10 +290,24 @@ impl TinyVm {
     /// Runs until HLT, calling `on_exit` for each MMIO exit before the vCPU resumes, and
     /// returns the exits in order. Fails the test if the guest does not halt within 60 s.
     pub fn run(&mut self, on_exit: impl FnMut(&Exit) + Send + 'static) -> Vec<Exit> {
+        self.run_within(Duration::from_secs(60), on_exit)
+    }
+
+    /// [`TinyVm::run`] with a run limit of `limit`.
+    pub fn run_within(
+        &mut self,
+        limit: Duration,
+        on_exit: impl FnMut(&Exit) + Send + 'static,
+    ) -> Vec<Exit> {
         let vcpu = self.vcpu.take().expect("boot() first");
         spawn_vcpu_with_ring(vcpu, self.ring.take(), on_exit)
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the guest neither halted nor failed within 60 s")
+            .recv_timeout(limit)
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the guest neither halted nor failed within {} s",
+                    limit.as_secs()
+                )
+            })
     }
 }
 
