@@ -212,12 +212,14 @@ const FLUSH: &[libc::c_long] = &[
     libc::SYS_ftruncate,
 ];
 
-/// Dirty-tracking ioctls on the VM fd, also part of every flush.
+/// Dirty-tracking ioctls on the VM fd and the backing paths' watch, part of every flush.
 fn flush_ioctls() -> Vec<u64> {
     vec![
         KVM_GET_DIRTY_LOG(),
         KVM_CLEAR_DIRTY_LOG(),
         KVM_RESET_DIRTY_RINGS(),
+        // Whether anything changed on a backing file's path (`path_watch`).
+        libc::FIONREAD,
         // The first flush after a dirty-ring overflow re-arms logging on the pmem memslots.
         KVM_SET_USER_MEMORY_REGION(),
     ]
@@ -335,10 +337,10 @@ mod tests {
         assert!(!has(ThreadKind::Main, libc::SYS_socket));
         assert!(!has(ThreadKind::Vcpu, libc::SYS_getppid));
         let ioctls = |kind| rules(kind).unwrap()[&libc::SYS_ioctl].len();
-        // The flush ioctls (three dirty-log ones and the memslot re-arm after a ring
-        // overflow); the vCPU adds KVM_RUN and the two register reads.
-        assert_eq!(ioctls(ThreadKind::Writeback), 4);
-        assert_eq!(ioctls(ThreadKind::Vcpu), 7);
+        // The flush ioctls (three dirty-log ones, the path watch's FIONREAD and the memslot
+        // re-arm after a ring overflow); the vCPU adds KVM_RUN and the two register reads.
+        assert_eq!(ioctls(ThreadKind::Writeback), 5);
+        assert_eq!(ioctls(ThreadKind::Vcpu), 8);
     }
 
     /// A forked child installs the vCPU filter in kill mode and calls getppid: it must die of

@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod mmap;
 pub mod page_set;
 pub mod path_lock;
+pub mod path_watch;
 pub mod pfn;
 pub mod reclaim;
 pub mod sigbus;

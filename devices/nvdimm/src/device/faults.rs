@@ -63,6 +63,12 @@ impl Nvdimm {
         if let Some(shrunk) = self.shrunk.get() {
             return Err(shrunk.clone());
         }
+        // Skipped while nothing on the path changed (`path_watch`).
+        self.path_watch.check(|| self.check_path())
+    }
+
+    /// Whether the path still names the open file, and at full length.
+    fn check_path(&self) -> Result<(), FlushError> {
         // Not fstat: see `file_id` (a flush would write the inode too). One statx of the path
         // while it still names the open file, whose identity never changes.
         match file_id::of_path(self.path()) {

@@ -32,6 +32,7 @@ use crate::lock::lock;
 use crate::metrics::NvdimmMetrics;
 use crate::mmap::{Mapping, Sharing};
 use crate::page_set::{run_pages, PageSet};
+use crate::path_watch::PathWatch;
 use crate::reclaim::VcpuFence;
 use crate::stats::{FlushReport, PmemStats};
 use crate::writeback::{self, Written};
@@ -127,6 +128,8 @@ pub struct Nvdimm {
     distrust_page_cache: AtomicBool,
     /// `persist=adr`: which way each writeback goes, from what the earlier ones cost.
     ways: WayChooser,
+    /// Tells a flush when the backing path needs checking again.
+    path_watch: PathWatch,
     /// Guest stores KVM could not back (offset, bytes): applied by the next writeback.
     unbacked: Mutex<Vec<(u64, Vec<u8>)>>,
     /// Run before every harvest (see [`HarvestBarrier`]).
@@ -226,6 +229,11 @@ impl Nvdimm {
             in_flight: InFlight::default(),
             distrust_page_cache: AtomicBool::new(false),
             ways: WayChooser::default(),
+            // `persist=flush` writes the file itself on every flush: each would find an event.
+            path_watch: match cfg.persist {
+                PersistMode::Adr => PathWatch::new(backing.path(), backing.file()),
+                PersistMode::Flush => PathWatch::unwatched(),
+            },
             unbacked: Mutex::new(Vec::new()),
             barrier: OnceLock::new(),
             fence: OnceLock::new(),

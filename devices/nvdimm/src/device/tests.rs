@@ -546,6 +546,40 @@ fn a_replaced_or_deleted_backing_file_is_a_fault_until_it_is_back() {
 }
 
 #[test]
+fn a_backing_file_replaced_through_a_directory_above_it_is_a_fault() {
+    // The flush skips its statx of the path while the path's watch saw nothing: each way of
+    // putting another file under the name must still be seen, the watch's inodes moved away.
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("sub");
+    let old = dir.path().join("old");
+    std::fs::create_dir(&sub).unwrap();
+    let mut d = open(&sub, dev().with_size(2 << 20), 0).unwrap();
+    d.keep_created_file();
+    assert!(
+        d.path_watch.watched(),
+        "a plain path on a local file system"
+    );
+    for _ in 0..3 {
+        d.write_bytes(0, b"kept").unwrap();
+        d.mmio_write(0, 0, &[1; 8]).unwrap();
+    }
+    // The directory moved, the same file linked under a new one of the old name: the path
+    // names the file again, but through a directory nothing watches.
+    std::fs::rename(&sub, &old).unwrap();
+    std::fs::create_dir(&sub).unwrap();
+    std::fs::hard_link(old.join("pmem.img"), sub.join("pmem.img")).unwrap();
+    d.write_bytes(0, b"more").unwrap();
+    d.mmio_write(0, 0, &[1; 8]).unwrap();
+    // Then that directory moved too, and a new file put under the name: neither touches an
+    // inode the watch was set on.
+    std::fs::rename(&sub, dir.path().join("moved")).unwrap();
+    std::fs::create_dir(&sub).unwrap();
+    std::fs::write(sub.join("pmem.img"), vec![0u8; 2 << 20]).unwrap();
+    d.write_bytes(0, b"lost").unwrap();
+    assert_eq!(d.mmio_write(0, 0, &[1; 8]), Err(FlushError::Replaced));
+}
+
+#[test]
 fn a_shrunk_backing_file_fails_every_later_flush_even_once_regrown() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("pmem.img");
