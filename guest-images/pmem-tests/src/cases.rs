@@ -274,7 +274,7 @@ mod tests {
     }
 
     #[test]
-    fn the_plan_covers_the_issue_list_on_each_target() {
+    fn the_plan_runs_every_case_on_each_target() {
         let plan = plan();
         let on = |fs| -> Vec<Case> {
             plan.iter()

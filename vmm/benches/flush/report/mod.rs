@@ -1,6 +1,6 @@
 //! The results, and what the bench prints and writes of them:
 //! - here: the measured cells, `text` for stdout and `write_docs`;
-//! - `targets`: the limits and the PASS/FAIL line of each of the targets;
+//! - `targets`: the limits and the PASS/FAIL line of each target;
 //! - `tables`: the tables, as text and as markdown;
 //! - `markdown`: the page docs/benchmarks.md.
 

@@ -1,4 +1,4 @@
-//! The targets: their limits, and the PASS/FAIL line of each with what a FAIL shows.
+//! The targets: their limits, and the PASS/FAIL line of each with what a FAIL shows.
 
 use std::fmt::Write as _;
 
