@@ -69,19 +69,18 @@ impl PathWatch {
     /// through a symlink, lies on an untrusted file system or inotify is out of instances or
     /// watches.
     pub fn new(path: &Path, file: &File) -> PathWatch {
-        PathWatch {
-            state: Mutex::new(State {
-                inotify: watch(path, file),
-                trusted: false,
-            }),
-        }
+        PathWatch::with(watch(path, file))
     }
 
     /// A path every check runs for.
     pub fn unwatched() -> PathWatch {
+        PathWatch::with(None)
+    }
+
+    fn with(inotify: Option<OwnedFd>) -> PathWatch {
         PathWatch {
             state: Mutex::new(State {
-                inotify: None,
+                inotify,
                 trusted: false,
             }),
         }
