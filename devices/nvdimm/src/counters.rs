@@ -213,10 +213,14 @@ counters! {
     /// `fdatasync`: the way the device measured as the faster for that many pages.
     unmapped_writebacks: "pmvm_pmem_unmapped_writebacks_total",
         "Writebacks that unmapped the dirty pages first, measured as faster for that many pages.";
+    /// `persist=adr` writebacks that started each run's I/O (`sync_file_range(WRITE)`) before
+    /// the `fdatasync`: the way the device measured as the faster for that many pages.
+    submitted_writebacks: "pmvm_pmem_submitted_writebacks_total",
+        "Writebacks that started each run's I/O first, measured as faster for that many pages.";
     /// Nanoseconds writebacks spent writing the pages into the backing file until durable:
-    /// the `fdatasync`, and before it the unmapping of the pages or (`persist=flush`) their
-    /// copies into the file. A flush's latency minus its writeback's time is pmvm's own part:
-    /// checks and harvest.
+    /// the `fdatasync`, and before it the unmapping of the pages and the start of their I/O or
+    /// (`persist=flush`) their copies into the file. A flush's latency minus its writeback's
+    /// time is pmvm's own part: checks and harvest.
     writeback_ns: "pmvm_pmem_writeback_seconds_total",
         "Time writebacks spent writing pages to the backing file until durable (fdatasync).",
         in nanoseconds;

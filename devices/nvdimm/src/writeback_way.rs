@@ -1,68 +1,77 @@
 //! Which way a `persist=adr` writeback of k pages goes, chosen per writeback from what this
-//! device measured.
+//! device measured. The `fdatasync` that makes the pages durable can be preceded by two steps,
+//! each of which pays off on some hosts for some k and costs on others:
 //!
-//! Writing back a page that is mapped makes the host kernel take it out of every page table
-//! first, KVM's included, page by page inside the `fdatasync`: on a host where KVM does that
-//! slowly (shadow paging) it made pmvm's `fdatasync` of 64 guest-mapped pages 1.12-1.21x the
-//! same `fdatasync` of a file no guest maps. Unmapping the dirty spans first (one
-//! `MADV_DONTNEED` per span) does it for a whole span at once: 5-12% faster flushes from 8 to
-//! 64 pages there, but slower for one page (a system call more) and for hundreds (the unmap
-//! walks every page of a span). Which way wins depends on the host, so the device keeps the
-//! recent cost per page of each way for each power of two of k and takes the cheaper; now and
-//! then a writeback of a size retries the other way (often at first, rarely while the retries
-//! keep confirming the choice), so the choice follows the host.
+//! - **Unmap.** Writing back a page that is mapped makes the host kernel take it out of every
+//!   page table first, KVM's included, page by page inside the `fdatasync`: on a host where
+//!   KVM does that slowly (shadow paging) it made pmvm's `fdatasync` of 64 guest-mapped pages
+//!   1.12-1.21x the same `fdatasync` of a file no guest maps. Unmapping the dirty spans first
+//!   (one `MADV_DONTNEED` per span) does it for a whole span at once: 5-12% faster flushes
+//!   from 8 to 64 pages there, but slower for one page (a system call more) and for hundreds
+//!   (the unmap walks every page of a span).
+//! - **Submit.** `sync_file_range(WRITE)` per run starts each run's I/O as soon as it is
+//!   found, where the `fdatasync` collects them all first: 16 scattered pages 5-9% faster on
+//!   a slow disk, but from 64 pages on the system call per run costs more than it saves.
+//!
+//! So the device keeps the recent cost per page of each choice for each power of two of k and
+//! takes the cheaper: it learns the unmap first and then, with the unmap settled, the submit,
+//! so that the two never vary together. Now and then a writeback of a size retries the other
+//! choice of a step (often at first, rarely while the retries keep confirming it), so the
+//! choice follows the host.
 
 use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::lock::lock;
 
-/// How a `persist=adr` writeback makes its pages durable.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Way {
-    /// `fdatasync` alone, which takes each mapped page out of the page tables as it goes.
-    Sync,
-    /// Unmap the dirty spans first, then `fdatasync`.
-    UnmapThenSync,
+/// How a `persist=adr` writeback makes its pages durable: an `fdatasync`, after the steps taken.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Way {
+    /// Unmap the dirty spans from the guest first.
+    pub unmap: bool,
+    /// Start each run's I/O (`sync_file_range(WRITE)`) before the `fdatasync`.
+    pub submit: bool,
 }
 
 impl Way {
-    fn index(self) -> usize {
-        match self {
-            Way::Sync => 0,
-            Way::UnmapThenSync => 1,
-        }
-    }
-
-    fn other(self) -> Way {
-        match self {
-            Way::Sync => Way::UnmapThenSync,
-            Way::UnmapThenSync => Way::Sync,
-        }
-    }
+    /// The `fdatasync` alone, which takes each mapped page out of the page tables as it goes.
+    pub const SYNC: Way = Way {
+        unmap: false,
+        submit: false,
+    };
 }
 
-/// Samples kept per way and size: the median of this many resists one writeback that waited
-/// behind the host's own I/O.
+/// Samples kept per choice and size: the median of this many resists one writeback that
+/// waited behind the host's own I/O.
 const SAMPLES: usize = 15;
-/// Each way is tried this often in turn before the faster is taken.
-const FIRST_TRIES: usize = 5;
-/// The writebacks of one size before the device settles on a way.
-pub const LEARNING_WRITEBACKS: u64 = 2 * FIRST_TRIES as u64;
-/// Once settled, the other way is retried after this many writebacks of a size; each retry
+/// Learning compares a step's two choices in quads, without-with-with-without or the mirror,
+/// so that neither always comes first of a pair and meets what that one meets (a disk left
+/// idle, the host writeback the one before started). One writeback's cost is off by up to
+/// 20% where the disk also serves the host's own I/O, while the choices can differ by 5-10%:
+/// the median of this many quads tells them apart where 5 lone pairs did not (a 64 GiB device
+/// settled on the dearer way at 16 pages).
+const LEARNING_QUADS: usize = 12;
+/// The writebacks of one size in which one step is learnt.
+pub const STEP_LEARNING_WRITEBACKS: u64 = 4 * LEARNING_QUADS as u64;
+/// The writebacks of one size before the device has settled both steps.
+pub const LEARNING_WRITEBACKS: u64 = 2 * STEP_LEARNING_WRITEBACKS;
+/// Once settled, the other choice is retried after this many writebacks of a size; each retry
 /// that confirms the choice doubles the wait, up to [`RETRY_MOST`], and one that does not
-/// brings it back here. Where one way stays cheaper, the dearer one costs little.
+/// brings it back here. Where one choice stays cheaper, the dearer one costs little.
 pub const RETRY_FIRST: u64 = 16;
-/// The longest wait between retries of the other way.
+/// The longest wait between retries of the other choice.
 pub const RETRY_MOST: u64 = 256;
-/// Retries that must agree (by their median) before the way switches.
+/// Retries that must agree (by their median) before the choice switches.
 const RETRIES_TO_SWITCH: usize = 5;
 /// Sizes of writeback told apart: k in [2^i, 2^(i+1)) pages, the last holding every larger k.
 const SIZES: usize = 24;
-/// The unmapping way is taken only when it costs at least this much less: besides the flush,
-/// it makes the guest's next store to each page take a fuller page fault, which this measure
-/// does not see.
+/// Unmapping is taken only when it costs at least this much less: besides the flush, it makes
+/// the guest's next store to each page take a fuller page fault, which this measure does not
+/// see.
 const UNMAP_MARGIN: f64 = 0.03;
+/// Submitting costs nothing outside the flush; the margin only keeps near-ties on the plainer
+/// way.
+const SUBMIT_MARGIN: f64 = 0.01;
 
 /// Recent samples of one quantity, oldest overwritten first.
 #[derive(Clone, Debug, Default)]
@@ -88,94 +97,152 @@ impl Recent {
     fn median(&self) -> f64 {
         let mut v = self.samples.clone();
         v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
+        let n = v.len();
+        // Of an even count, the mean of the middle two: the upper alone tilts a near-tie.
+        if n % 2 == 0 {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        } else {
+            v[n / 2]
+        }
     }
 }
 
-/// The way whose cost makes unmapping `unmap_over_sync` times as dear as syncing alone.
-fn cheaper(unmap_over_sync: f64) -> Way {
-    if unmap_over_sync < 1.0 - UNMAP_MARGIN {
-        Way::UnmapThenSync
-    } else {
-        Way::Sync
-    }
-}
-
-#[derive(Clone, Debug, Default)]
-struct Size {
-    /// Microseconds per page of each way's recent writebacks.
-    ways: [Recent; 2],
-    /// The way taken, once both are known.
-    taken: Option<Way>,
-    /// Learning: the cost of the syncing writeback just before, which the next (unmapping)
-    /// one is compared with.
-    paired_sync: Option<f64>,
-    /// Unmapping's cost over syncing's, from writebacks of the same moment, so that a host
-    /// that gets slower or faster meanwhile does not tilt the choice (as comparing with a
-    /// way's old samples would). Learning: one per pair of writebacks. Then one per retry of
-    /// the other way, against the median of the taken way's recent writebacks.
+/// Whether to take one step for one size of writeback.
+#[derive(Clone, Debug)]
+struct Step {
+    /// Take it only when it costs at least this fraction less.
+    margin: f64,
+    /// Microseconds per page of the recent writebacks without and with the step.
+    costs: [Recent; 2],
+    /// The choice, once both are known.
+    taken: Option<bool>,
+    /// Learning: the choice and cost of the first writeback of the pair under way.
+    pair_first: Option<(bool, f64)>,
+    /// Learning: the cost with the step over without it in the quad's first pair.
+    quad_first: Option<f64>,
+    /// The cost with the step over without it, from writebacks of the same moment, so that a
+    /// host that gets slower or faster meanwhile does not tilt the choice (as comparing with
+    /// old samples would). Learning: one per quad of writebacks. Then one per retry of the
+    /// other choice, against the median of the taken one's recent writebacks.
     retries: Recent,
     since_retry: u64,
     retry_every: u64,
 }
 
-impl Size {
-    /// Learns from a writeback that took `us_per_page` going `way`.
-    fn record(&mut self, way: Way, us_per_page: f64) {
-        self.ways[way.index()].push(us_per_page);
+impl Step {
+    fn new(margin: f64) -> Step {
+        Step {
+            margin,
+            costs: Default::default(),
+            taken: None,
+            pair_first: None,
+            quad_first: None,
+            retries: Recent::default(),
+            since_retry: 0,
+            retry_every: RETRY_FIRST,
+        }
+    }
+
+    /// Whether a step that makes a writeback `with_over_without` times as dear is worth it.
+    fn cheaper(&self, with_over_without: f64) -> bool {
+        with_over_without < 1.0 - self.margin
+    }
+
+    /// Learns from a writeback that took `us_per_page` with the step or without.
+    fn record(&mut self, with: bool, us_per_page: f64) {
+        self.costs[usize::from(with)].push(us_per_page);
         let Some(taken) = self.taken else {
-            match (way, self.paired_sync.take()) {
-                (Way::Sync, _) => self.paired_sync = Some(us_per_page),
-                (Way::UnmapThenSync, Some(sync)) => self.retries.push(us_per_page / sync),
-                (Way::UnmapThenSync, None) => {}
+            let pair = match self.pair_first.take() {
+                Some((false, without)) if with => us_per_page / without,
+                Some((true, with_cost)) if !with => with_cost / us_per_page,
+                _ => {
+                    self.pair_first = Some((with, us_per_page));
+                    return;
+                }
+            };
+            match self.quad_first.take() {
+                // The geometric mean: what being first of a pair adds, or takes, cancels.
+                Some(first) => self.retries.push((first * pair).sqrt()),
+                None => self.quad_first = Some(pair),
             }
-            if self.retries.len() >= FIRST_TRIES {
-                self.settle(cheaper(self.retries.median()));
+            if self.retries.len() >= LEARNING_QUADS {
+                self.settle(self.cheaper(self.retries.median()));
             }
             return;
         };
-        if way == taken {
+        if with == taken {
             return;
         }
-        let base = self.ways[taken.index()].median();
-        let unmap_over_sync = match way {
-            Way::UnmapThenSync => us_per_page / base,
-            Way::Sync => base / us_per_page,
+        let base = self.costs[usize::from(taken)].median();
+        let with_over_without = if with {
+            us_per_page / base
+        } else {
+            base / us_per_page
         };
-        self.retries.push(unmap_over_sync);
-        self.retry_every = if cheaper(unmap_over_sync) == taken {
+        self.retries.push(with_over_without);
+        self.retry_every = if self.cheaper(with_over_without) == taken {
             (self.retry_every * 2).min(RETRY_MOST)
         } else {
             RETRY_FIRST
         };
-        if self.retries.len() >= RETRIES_TO_SWITCH && cheaper(self.retries.median()) == way {
-            self.settle(way);
+        if self.retries.len() >= RETRIES_TO_SWITCH && self.cheaper(self.retries.median()) == with {
+            self.settle(with);
         }
     }
 
-    fn settle(&mut self, way: Way) {
-        self.taken = Some(way);
+    fn settle(&mut self, with: bool) {
+        self.taken = Some(with);
         self.retries = Recent::default();
         self.since_retry = 0;
         self.retry_every = RETRY_FIRST;
     }
 
-    fn choose(&mut self) -> Way {
+    fn choose(&mut self) -> bool {
         let Some(taken) = self.taken else {
-            // Learning: the two ways in turn, in pairs.
-            return if self.paired_sync.is_some() {
-                Way::UnmapThenSync
-            } else {
-                Way::Sync
+            return match (self.pair_first, self.quad_first) {
+                (Some((first, _)), _) => !first,
+                (None, first_pair) => first_pair.is_some(),
             };
         };
         self.since_retry += 1;
         if self.since_retry >= self.retry_every {
             self.since_retry = 0;
-            taken.other()
+            !taken
         } else {
             taken
         }
+    }
+}
+
+/// The two steps for one size of writeback.
+#[derive(Clone, Debug)]
+struct Size {
+    unmap: Step,
+    submit: Step,
+}
+
+impl Size {
+    /// Whether the submit step is being chosen: only on writebacks that take the unmap's
+    /// settled choice, not while it learns or on its retries.
+    fn submit_counts(&self, unmap: bool) -> bool {
+        self.unmap.taken == Some(unmap)
+    }
+
+    fn choose(&mut self) -> Way {
+        let unmap = self.unmap.choose();
+        let submit = if self.submit_counts(unmap) {
+            self.submit.choose()
+        } else {
+            self.submit.taken.unwrap_or(false)
+        };
+        Way { unmap, submit }
+    }
+
+    fn record(&mut self, way: Way, us_per_page: f64) {
+        if self.submit_counts(way.unmap) {
+            self.submit.record(way.submit, us_per_page);
+        }
+        self.unmap.record(way.unmap, us_per_page);
     }
 }
 
@@ -188,8 +255,12 @@ pub struct WayChooser {
 
 impl Default for WayChooser {
     fn default() -> Self {
+        let size = Size {
+            unmap: Step::new(UNMAP_MARGIN),
+            submit: Step::new(SUBMIT_MARGIN),
+        };
         WayChooser {
-            sizes: Mutex::new(vec![Size::default(); SIZES]),
+            sizes: Mutex::new(vec![size; SIZES]),
         }
     }
 }
@@ -199,10 +270,10 @@ fn size_of(pages: u64) -> usize {
 }
 
 impl WayChooser {
-    /// The way for a writeback of `pages` pages (nothing to unmap with none).
+    /// The way for a writeback of `pages` pages (nothing to unmap or submit with none).
     pub fn choose(&self, pages: u64) -> Way {
         if pages == 0 {
-            return Way::Sync;
+            return Way::SYNC;
         }
         lock(&self.sizes)[size_of(pages)].choose()
     }
@@ -243,72 +314,126 @@ mod tests {
             .collect()
     }
 
-    /// The positions at which `ways` took `way`.
-    fn positions(ways: &[Way], way: Way) -> Vec<usize> {
-        (0..ways.len()).filter(|&i| ways[i] == way).collect()
+    const UNMAP: Way = Way {
+        unmap: true,
+        submit: false,
+    };
+
+    /// The positions at which `ways` unmapped first, or did not.
+    fn positions(ways: &[Way], unmap: bool) -> Vec<usize> {
+        (0..ways.len())
+            .filter(|&i| ways[i].unmap == unmap)
+            .collect()
     }
 
-    fn share(ways: &[Way], way: Way) -> usize {
-        ways.iter().filter(|&&w| w == way).count()
+    fn share(ways: &[Way], unmap: bool) -> usize {
+        ways.iter().filter(|w| w.unmap == unmap).count()
     }
 
     #[test]
     fn tries_both_ways_then_takes_the_cheaper_and_retries_the_other_now_and_then() {
         let c = WayChooser::default();
-        let cheap_unmap = |w| if w == Way::UnmapThenSync { 80.0 } else { 100.0 };
-        let first = run(&c, 16, 2 * FIRST_TRIES, cheap_unmap);
-        assert_eq!(share(&first, Way::Sync), FIRST_TRIES, "{first:?}");
+        let cheap_unmap = |w: Way| if w.unmap { 80.0 } else { 100.0 };
+        let first = run(&c, 16, STEP_LEARNING_WRITEBACKS as usize, cheap_unmap);
+        assert_eq!(
+            share(&first, false),
+            STEP_LEARNING_WRITEBACKS as usize / 2,
+            "{first:?}"
+        );
+        assert_eq!(
+            first[..4].iter().map(|w| w.unmap).collect::<Vec<_>>(),
+            [false, true, true, false]
+        );
         let later = run(&c, 16, 160, cheap_unmap);
         assert_eq!(
-            positions(&later, Way::Sync),
+            positions(&later, false),
             [15, 47, 111],
             "the slower is retried after 16, then 32, then 64 more"
         );
         // Another size is learnt on its own, from its own trials.
-        let dear_unmap = |w| {
-            if w == Way::UnmapThenSync {
+        let dear_unmap = |w: Way| {
+            if w.unmap {
                 120.0
             } else {
                 100.0
             }
         };
-        run(&c, 300, 2 * FIRST_TRIES, dear_unmap);
-        assert_eq!(c.choose(300), Way::Sync);
-        assert_eq!(
-            c.choose(31),
-            Way::UnmapThenSync,
-            "16 to 31 pages are one size"
-        );
-        assert_eq!(c.choose(0), Way::Sync, "nothing to unmap");
+        run(&c, 300, STEP_LEARNING_WRITEBACKS as usize, dear_unmap);
+        assert!(!c.choose(300).unmap);
+        assert!(c.choose(31).unmap, "16 to 31 pages are one size");
+        assert_eq!(c.choose(0), Way::SYNC, "nothing to unmap or submit");
+    }
+
+    #[test]
+    fn learns_the_submit_once_the_unmap_has_settled() {
+        let step = STEP_LEARNING_WRITEBACKS as usize;
+        for (submit_cost, unmap_cost, want) in [
+            (
+                0.8,
+                1.0,
+                Way {
+                    unmap: false,
+                    submit: true,
+                },
+            ),
+            (1.2, 1.0, Way::SYNC),
+            (
+                0.9,
+                0.9,
+                Way {
+                    unmap: true,
+                    submit: true,
+                },
+            ),
+            (
+                1.1,
+                0.9,
+                Way {
+                    unmap: true,
+                    submit: false,
+                },
+            ),
+        ] {
+            let c = WayChooser::default();
+            let ways = run(&c, 16, 2 * step + 200, |w: Way| {
+                let f = |taken, cost| if taken { cost } else { 1.0 };
+                100.0 * f(w.submit, submit_cost) * f(w.unmap, unmap_cost)
+            });
+            assert!(ways[..step].iter().all(|w| !w.submit), "{ways:?}");
+            let submits: Vec<bool> = ways[step..step + 4].iter().map(|w| w.submit).collect();
+            assert_eq!(
+                submits,
+                [false, true, true, false],
+                "the submit learns in quads"
+            );
+            // Past the learning, every writeback takes the cheaper way but the rare retries.
+            let settled = &ways[2 * step + 8..];
+            let right = settled.iter().filter(|&&w| w == want).count();
+            assert!(
+                right >= settled.len() - 6,
+                "{want:?}: {right} of {}",
+                settled.len()
+            );
+        }
     }
 
     #[test]
     fn follows_the_host_when_the_cheaper_way_changes() {
         let c = WayChooser::default();
-        run(
-            &c,
-            64,
-            40,
-            |w| if w == Way::UnmapThenSync { 5.0 } else { 6.0 },
-        );
-        assert_eq!(c.choose(64), Way::UnmapThenSync);
-        // The unmap became dear: the retries of Sync find it cheaper and win it back.
-        let ways = run(
-            &c,
-            64,
-            400,
-            |w| {
-                if w == Way::UnmapThenSync {
-                    9.0
-                } else {
-                    6.0
-                }
-            },
-        );
+        run(&c, 64, STEP_LEARNING_WRITEBACKS as usize + 8, |w: Way| {
+            if w.unmap {
+                5.0
+            } else {
+                6.0
+            }
+        });
+        assert!(c.choose(64).unmap);
+        // The unmap became dear: the retries without it find it cheaper and win it back.
+        let ways = run(&c, 64, 400, |w: Way| if w.unmap { 9.0 } else { 6.0 });
         assert!(
             ways[ways.len() - 50..]
                 .iter()
-                .filter(|&&w| w == Way::Sync)
+                .filter(|&&w| !w.unmap)
                 .count()
                 >= 45
         );
@@ -317,46 +442,46 @@ mod tests {
     #[test]
     fn one_slow_writeback_or_a_near_tie_does_not_switch_the_way() {
         let c = WayChooser::default();
-        run(
-            &c,
-            8,
-            40,
-            |w| if w == Way::UnmapThenSync { 9.0 } else { 10.0 },
-        );
-        assert_eq!(c.choose(8), Way::UnmapThenSync);
+        run(&c, 8, STEP_LEARNING_WRITEBACKS as usize + 8, |w: Way| {
+            if w.unmap {
+                9.0
+            } else {
+                10.0
+            }
+        });
+        assert!(c.choose(8).unmap);
         // One unmapping writeback that waited 100 times longer behind other I/O.
-        c.record(8, Way::UnmapThenSync, Duration::from_millis(7));
-        assert_eq!(c.choose(8), Way::UnmapThenSync);
+        c.record(8, UNMAP, Duration::from_millis(7));
+        assert!(c.choose(8).unmap);
         // Within the margin the plain sync stays.
         let tie = WayChooser::default();
-        run(&tie, 8, 40, |w| {
-            if w == Way::UnmapThenSync {
+        run(&tie, 8, STEP_LEARNING_WRITEBACKS as usize + 8, |w: Way| {
+            if w.unmap {
                 9.9
             } else {
                 10.0
             }
         });
-        assert_eq!(tie.choose(8), Way::Sync);
+        assert!(!tie.choose(8).unmap);
     }
 
     #[test]
     fn retries_grow_rarer_while_they_confirm_the_choice() {
         let c = WayChooser::default();
-        let cheap_unmap = |w| if w == Way::UnmapThenSync { 80.0 } else { 100.0 };
-        let ways = run(&c, 64, LEARNING_WRITEBACKS as usize + 3000, cheap_unmap);
-        let retries = positions(&ways[LEARNING_WRITEBACKS as usize..], Way::Sync);
+        let cheap_unmap = |w: Way| if w.unmap { 80.0 } else { 100.0 };
+        let ways = run(
+            &c,
+            64,
+            STEP_LEARNING_WRITEBACKS as usize + 3000,
+            cheap_unmap,
+        );
+        let retries = positions(&ways[STEP_LEARNING_WRITEBACKS as usize..], false);
         let gaps: Vec<usize> = retries.windows(2).map(|w| w[1] - w[0]).collect();
         assert_eq!(gaps[..5], [32, 64, 128, 256, 256], "{retries:?}");
         assert!(gaps.iter().all(|&g| g <= RETRY_MOST as usize), "{gaps:?}");
         // A retry that finds the other way cheaper makes them frequent again.
-        let ways = run(&c, 64, 700, |w| {
-            if w == Way::UnmapThenSync {
-                100.0
-            } else {
-                80.0
-            }
-        });
-        let back = positions(&ways, Way::Sync);
+        let ways = run(&c, 64, 700, |w: Way| if w.unmap { 100.0 } else { 80.0 });
+        let back = positions(&ways, false);
         assert!(back.len() > 300, "switched back to Sync: {back:?}");
         assert!(back[0] < RETRY_MOST as usize, "{back:?}");
     }
@@ -369,19 +494,45 @@ mod tests {
         let c = WayChooser::default();
         let ways = run_in_time(&c, 16, 2000, |w, i| {
             let host = 100.0 * 1.001f64.powi(i as i32);
-            if w == Way::UnmapThenSync {
+            if w.unmap {
                 0.9 * host
             } else {
                 host
             }
         });
-        let settled = &ways[LEARNING_WRITEBACKS as usize..];
+        let settled = &ways[STEP_LEARNING_WRITEBACKS as usize..];
         assert!(
-            share(settled, Way::UnmapThenSync) > settled.len() * 99 / 100,
+            share(settled, true) > settled.len() * 99 / 100,
             "{} of {} unmapped",
-            share(settled, Way::UnmapThenSync),
+            share(settled, true),
             settled.len()
         );
+    }
+
+    #[test]
+    fn noise_and_the_place_in_a_pair_do_not_mislead_the_learning() {
+        // Each writeback off by up to 10% either way, and the first of each pair 15% dearer
+        // (it meets a disk left idle). Learning from pairs that always put syncing first took
+        // unmapping for 0.91 of syncing's cost when it was 5% dearer.
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut noise = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            0.9 + 0.2 * (seed % 1000) as f64 / 1000.0
+        };
+        for (sync, unmap, want) in [(100.0, 105.0, false), (100.0, 90.0, true)] {
+            let mut right = 0;
+            for _ in 0..50 {
+                let c = WayChooser::default();
+                run_in_time(&c, 16, STEP_LEARNING_WRITEBACKS as usize, |w, i| {
+                    let place = if i % 2 == 0 { 1.15 } else { 1.0 };
+                    place * noise() * if !w.unmap { sync } else { unmap }
+                });
+                right += usize::from(c.choose(16).unmap == want);
+            }
+            assert!(right >= 48, "unmap={want} taken in {right} of 50 learnings");
+        }
     }
 
     #[test]
@@ -397,11 +548,11 @@ mod tests {
         };
         for trial in 0..50 {
             let c = WayChooser::default();
-            run_in_time(&c, 256, LEARNING_WRITEBACKS as usize, |w, i| {
+            run_in_time(&c, 256, STEP_LEARNING_WRITEBACKS as usize, |w, i| {
                 let first = if i == 0 { 30.0 } else { 1.0 };
-                first * noise() * if w == Way::Sync { 95.0 } else { 100.0 }
+                first * noise() * if !w.unmap { 95.0 } else { 100.0 }
             });
-            assert_eq!(c.choose(256), Way::Sync, "trial {trial}");
+            assert!(!c.choose(256).unmap, "trial {trial}");
         }
     }
 }

@@ -26,10 +26,13 @@ pub struct Round {
     /// pmvm: the whole synchronous flush of the hint exit.
     pub pmvm: f64,
     /// The part of it the device counted as its writeback (`writeback_ns`): the fdatasync,
-    /// and before it the unmapping of the pages or (`persist=flush`) their copies.
+    /// and before it the unmapping of the pages and the start of their I/O or
+    /// (`persist=flush`) their copies.
     pub pmvm_writeback: f64,
     /// Whether pmvm's writeback unmapped the pages from the guest first (`writeback_way`).
     pub unmapped: bool,
+    /// Whether pmvm's writeback started each run's I/O before the `fdatasync`.
+    pub submitted: bool,
     /// The host method ([`FDATASYNC`] to [`FSYNC`]) that ran right after pmvm's flush, if any:
     /// its time is not counted, since a writeback right after pmvm's runs 1-2% slower on this
     /// host, a cost of pmvm's flush that would otherwise lower pmvm's ratio.
@@ -68,6 +71,7 @@ fn round(
     let mut pmvm = 0.0;
     let mut pmvm_writeback = 0.0;
     let mut unmapped = false;
+    let mut submitted = false;
     let mut host_us = [0.0; HOST_METHODS];
     let order = order(n);
     let after_pmvm = order
@@ -85,6 +89,7 @@ fn round(
             let after = dev.stats();
             pmvm_writeback = (after.writeback_ns - before.writeback_ns) as f64 / 1e3;
             unmapped = after.unmapped_writebacks > before.unmapped_writebacks;
+            submitted = after.submitted_writebacks > before.submitted_writebacks;
             continue;
         }
         // A value no earlier round stored, so each method has pages to write.
@@ -101,6 +106,7 @@ fn round(
         pmvm,
         pmvm_writeback,
         unmapped,
+        submitted,
         after_pmvm,
         fdatasync,
         submit,
@@ -141,7 +147,8 @@ fn order(n: u64) -> [usize; HOST_METHODS + 1] {
 
 /// `persist=adr` rounds before the measured ones, not counted: the first allocates the files'
 /// blocks, the rest are the writebacks in which the device tries each way of writing back this
-/// many pages (`writeback_way`) before it settles, as a VM does in its first flushes.
+/// many pages (`writeback_way`) before it settles, as a VM does in its first flushes (a retry
+/// of the settled unmap step may leave the last submit trial to a counted round).
 /// `persist=flush` has only the first.
 pub const WARM_UP: u64 = 1 + nvdimm::writeback_way::LEARNING_WRITEBACKS;
 

@@ -36,7 +36,7 @@ use crate::path_watch::PathWatch;
 use crate::reclaim::VcpuFence;
 use crate::stats::{FlushReport, PmemStats};
 use crate::writeback::{self, Written};
-use crate::writeback_way::{Way, WayChooser};
+use crate::writeback_way::WayChooser;
 use crate::{NvdimmError, VcpuId, MAX_HINTS, PAGE_SIZE};
 
 mod attach;
@@ -434,8 +434,11 @@ impl Nvdimm {
                     .add(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX));
                 if let (Some(way), Ok(_)) = (way, &written) {
                     self.ways.record(pages, way, took);
-                    if way == Way::UnmapThenSync {
+                    if way.unmap {
                         self.metrics.unmapped_writebacks.inc();
+                    }
+                    if way.submit {
+                        self.metrics.submitted_writebacks.inc();
                     }
                 }
                 written.map_err(FlushError::Writeback).map_err(keep_pending)

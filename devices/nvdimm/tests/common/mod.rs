@@ -161,8 +161,8 @@ pub enum Exit {
 /// KVM_EXIT_DIRTY_RING_FULL, which kvm-ioctls reports as an unsupported exit.
 const KVM_EXIT_DIRTY_RING_FULL: u32 = 31;
 
-/// Guest code of vCPU `id` lives in its own 2 KiB at CODE.
-const CODE_SLOT: u64 = 0x800;
+/// Guest code of vCPU `id` lives in its own 8 KiB at CODE.
+const CODE_SLOT: u64 = 0x2000;
 /// Most vCPUs [`TinyVm::create_vcpu`] can place in guest RAM.
 pub const MAX_VCPUS: u64 = (RAM_SIZE - CODE) / CODE_SLOT;
 

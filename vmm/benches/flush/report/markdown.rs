@@ -72,9 +72,10 @@ pub(super) fn markdown(r: &Results) -> String {
         "Median microseconds per flush. *pmvm flush* is the whole synchronous flush path of one \
          flush-hint exit; *its writeback* is the part of it the device counts in \
          `writeback_ns` (the `fdatasync`; with `persist=flush` also the copies into the file), \
-         *its own* the rest, round by round: pmvm's checks and harvest. *unmapped first* is \
-         the share of the rounds whose writeback unmapped the pages from the guest before the \
-         `fdatasync`, the way the device measured as the cheaper for that many pages \
+         *its own* the rest, round by round: pmvm's checks and harvest. *unmapped first* and \
+         *submitted first* are the shares of the rounds whose writeback unmapped the pages \
+         from the guest, or started each run's I/O (`sync_file_range`), before the \
+         `fdatasync`: the steps the device measured as paying off for that many pages \
          (flush-path.md, step 6). The host columns make \
          the same dirty pages of a same-sized file durable without pmvm, each its own way, \
          and the fastest of them is the floor pmvm is judged against. That file is mapped by \
@@ -187,8 +188,9 @@ pub(super) fn markdown(r: &Results) -> String {
          guest as often as a real guest's timer interrupts make it: an emulating host checks \
          a dirty ring's limit only then. With `persist=adr` the first {WARM_UP} rounds are \
          not counted: the first allocates the files' blocks, in the others the device tries \
-         both ways of writing back that many pages (`fdatasync` alone, or unmapping the dirty \
-         pages first) before it settles on the faster, as a VM does in its first flushes \
+         the ways of writing back that many pages (`fdatasync` alone, or after unmapping the \
+         dirty pages, or after starting each run's I/O) before it settles on the faster, as a \
+         VM does in its first flushes \
          (flush-path.md); with `persist=flush` only the first. Up to \
          {FULL_WARM_UP_PAGES} pages they run as measured rounds do, host methods included, \
          since the host's I/O between two flushes changes which way is cheaper; above, \

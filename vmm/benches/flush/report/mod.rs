@@ -64,7 +64,14 @@ impl FlushCell {
     }
     /// The share of rounds whose writeback unmapped the pages first.
     pub fn unmapped_share(&self) -> f64 {
-        let n = self.rounds.iter().filter(|r| r.unmapped).count();
+        self.share(|r| r.unmapped)
+    }
+    /// The share of rounds whose writeback started each run's I/O first.
+    pub fn submitted_share(&self) -> f64 {
+        self.share(|r| r.submitted)
+    }
+    fn share(&self, f: impl Fn(&Round) -> bool) -> f64 {
+        let n = self.rounds.iter().filter(|r| f(r)).count();
         n as f64 / self.rounds.len().max(1) as f64
     }
     pub fn submit(&self) -> f64 {

@@ -45,8 +45,8 @@ impl Table {
     }
 }
 
-/// The flush cells of one persistence model; `ways`: with the share of rounds that unmapped
-/// first (`persist=adr`, the only model with two ways).
+/// The flush cells of one persistence model; `ways`: with the shares of rounds that unmapped
+/// and submitted first (`persist=adr`, the only model with steps to choose).
 pub(super) fn flush_table(cells: &[FlushCell], ways: bool) -> Table {
     let mut head = vec![
         "device",
@@ -57,7 +57,7 @@ pub(super) fn flush_table(cells: &[FlushCell], ways: bool) -> Table {
         "its own µs",
     ];
     if ways {
-        head.push("unmapped first");
+        head.extend(["unmapped first", "submitted first"]);
     }
     head.extend([
         "host fdatasync µs",
@@ -78,7 +78,7 @@ pub(super) fn flush_table(cells: &[FlushCell], ways: bool) -> Table {
             fmt_us(c.pmvm_own()),
         ];
         if ways {
-            row.push(fmt_pct(c.unmapped_share()));
+            row.extend([fmt_pct(c.unmapped_share()), fmt_pct(c.submitted_share())]);
         }
         row.extend([
             fmt_us(c.fdatasync()),
