@@ -225,7 +225,9 @@ fn meaning(runs: &[Run], sec: &Section) -> String {
         if pd == 0 {
             ": each flush had written back what the guest dirtied before the vCPU resumed."
         } else {
-            "."
+            ": dirtied after the flush the sync waited for, whose fdatasync writes back every \
+             dirty page of the file (the guest kernel's own writes, such as its journal, go on \
+             meanwhile)."
         }
     )
     .unwrap();
@@ -304,6 +306,10 @@ fn per_page_against_whole(pairs: &[(u32, f64, f64)]) -> String {
         (true, _) => format!("pmvm's median is higher at every k ({})", slower.join(", ")),
     };
     match stays_slower {
+        Some(k) if k == largest => write!(
+            s,
+            "; at {largest} pages, the largest set measured, flushing the whole file is faster."
+        ),
         Some(k) => write!(
             s,
             "; from {k} dirty pages on, up to {largest}, flushing the whole file is faster."
@@ -508,7 +514,10 @@ mod tests {
         ];
         let s = per_page_against_whole(&mixed);
         assert!(s.contains("lower at k = 1, 16, higher at k = 4, 64"), "{s}");
-        assert!(s.contains("from 64 dirty pages on, up to 64"), "{s}");
+        assert!(
+            s.contains("at 64 pages, the largest set measured, flushing the whole file is faster"),
+            "{s}"
+        );
         let tail = [(1, 10.0, 12.0), (4, 13.0, 12.0), (16, 14.0, 12.0)];
         assert!(per_page_against_whole(&tail).contains("from 4 dirty pages on, up to 16"));
         let never = [(1, 10.0, 12.0), (4, 13.0, 12.0), (16, 11.0, 12.0)];
