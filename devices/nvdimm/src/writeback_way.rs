@@ -330,6 +330,24 @@ mod tests {
         ways.iter().filter(|w| w.unmap == unmap).count()
     }
 
+    /// Writebacks enough to learn the unmap step and go on a little.
+    const PAST_LEARNING: usize = STEP_LEARNING_WRITEBACKS as usize + 8;
+
+    /// Costs by whether the way unmaps.
+    fn by_unmap(with: f64, without: f64) -> impl Fn(Way) -> f64 {
+        move |w| if w.unmap { with } else { without }
+    }
+
+    /// Repeatable factors within `spread` of 1 either way (xorshift from `seed`).
+    fn noise(mut seed: u64, spread: f64) -> impl FnMut() -> f64 {
+        move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            1.0 - spread + 2.0 * spread * (seed % 1000) as f64 / 1000.0
+        }
+    }
+
     #[test]
     fn tries_both_ways_then_takes_the_cheaper_and_retries_the_other_now_and_then() {
         let c = WayChooser::default();
@@ -420,13 +438,7 @@ mod tests {
     #[test]
     fn follows_the_host_when_the_cheaper_way_changes() {
         let c = WayChooser::default();
-        run(&c, 64, STEP_LEARNING_WRITEBACKS as usize + 8, |w: Way| {
-            if w.unmap {
-                5.0
-            } else {
-                6.0
-            }
-        });
+        run(&c, 64, PAST_LEARNING, by_unmap(5.0, 6.0));
         assert!(c.choose(64).unmap);
         // The unmap became dear: the retries without it find it cheaper and win it back.
         let ways = run(&c, 64, 400, |w: Way| if w.unmap { 9.0 } else { 6.0 });
@@ -442,26 +454,14 @@ mod tests {
     #[test]
     fn one_slow_writeback_or_a_near_tie_does_not_switch_the_way() {
         let c = WayChooser::default();
-        run(&c, 8, STEP_LEARNING_WRITEBACKS as usize + 8, |w: Way| {
-            if w.unmap {
-                9.0
-            } else {
-                10.0
-            }
-        });
+        run(&c, 8, PAST_LEARNING, by_unmap(9.0, 10.0));
         assert!(c.choose(8).unmap);
         // One unmapping writeback that waited 100 times longer behind other I/O.
         c.record(8, UNMAP, Duration::from_millis(7));
         assert!(c.choose(8).unmap);
         // Within the margin the plain sync stays.
         let tie = WayChooser::default();
-        run(&tie, 8, STEP_LEARNING_WRITEBACKS as usize + 8, |w: Way| {
-            if w.unmap {
-                9.9
-            } else {
-                10.0
-            }
-        });
+        run(&tie, 8, PAST_LEARNING, by_unmap(9.9, 10.0));
         assert!(!tie.choose(8).unmap);
     }
 
@@ -514,13 +514,7 @@ mod tests {
         // Each writeback off by up to 10% either way, and the first of each pair 15% dearer
         // (it meets a disk left idle). Learning from pairs that always put syncing first took
         // unmapping for 0.91 of syncing's cost when it was 5% dearer.
-        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut noise = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            0.9 + 0.2 * (seed % 1000) as f64 / 1000.0
-        };
+        let mut noise = noise(0x9e37_79b9_7f4a_7c15, 0.1);
         for (sync, unmap, want) in [(100.0, 105.0, false), (100.0, 90.0, true)] {
             let mut right = 0;
             for _ in 0..50 {
@@ -539,13 +533,7 @@ mod tests {
     fn a_slow_first_writeback_does_not_mislead_the_learning() {
         // Syncing alone is 5% cheaper; the first writeback (which allocates the file's blocks)
         // costs 30 times as much, and each is off by up to 2% either way.
-        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-        let mut noise = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            0.98 + 0.04 * (seed % 1000) as f64 / 1000.0
-        };
+        let mut noise = noise(0x2545_f491_4f6c_dd1d, 0.02);
         for trial in 0..50 {
             let c = WayChooser::default();
             run_in_time(&c, 256, STEP_LEARNING_WRITEBACKS as usize, |w, i| {
