@@ -351,8 +351,8 @@ mod tests {
     #[test]
     fn tries_both_ways_then_takes_the_cheaper_and_retries_the_other_now_and_then() {
         let c = WayChooser::default();
-        let cheap_unmap = |w: Way| if w.unmap { 80.0 } else { 100.0 };
-        let first = run(&c, 16, STEP_LEARNING_WRITEBACKS as usize, cheap_unmap);
+        let cheap_unmap = by_unmap(80.0, 100.0);
+        let first = run(&c, 16, STEP_LEARNING_WRITEBACKS as usize, &cheap_unmap);
         assert_eq!(
             share(&first, false),
             STEP_LEARNING_WRITEBACKS as usize / 2,
@@ -369,13 +369,7 @@ mod tests {
             "the slower is retried after 16, then 32, then 64 more"
         );
         // Another size is learnt on its own, from its own trials.
-        let dear_unmap = |w: Way| {
-            if w.unmap {
-                120.0
-            } else {
-                100.0
-            }
-        };
+        let dear_unmap = by_unmap(120.0, 100.0);
         run(&c, 300, STEP_LEARNING_WRITEBACKS as usize, dear_unmap);
         assert!(!c.choose(300).unmap);
         assert!(c.choose(31).unmap, "16 to 31 pages are one size");
@@ -441,7 +435,7 @@ mod tests {
         run(&c, 64, PAST_LEARNING, by_unmap(5.0, 6.0));
         assert!(c.choose(64).unmap);
         // The unmap became dear: the retries without it find it cheaper and win it back.
-        let ways = run(&c, 64, 400, |w: Way| if w.unmap { 9.0 } else { 6.0 });
+        let ways = run(&c, 64, 400, by_unmap(9.0, 6.0));
         assert!(
             ways[ways.len() - 50..]
                 .iter()
@@ -468,7 +462,7 @@ mod tests {
     #[test]
     fn retries_grow_rarer_while_they_confirm_the_choice() {
         let c = WayChooser::default();
-        let cheap_unmap = |w: Way| if w.unmap { 80.0 } else { 100.0 };
+        let cheap_unmap = by_unmap(80.0, 100.0);
         let ways = run(
             &c,
             64,
@@ -480,7 +474,7 @@ mod tests {
         assert_eq!(gaps[..5], [32, 64, 128, 256, 256], "{retries:?}");
         assert!(gaps.iter().all(|&g| g <= RETRY_MOST as usize), "{gaps:?}");
         // A retry that finds the other way cheaper makes them frequent again.
-        let ways = run(&c, 64, 700, |w: Way| if w.unmap { 100.0 } else { 80.0 });
+        let ways = run(&c, 64, 700, by_unmap(100.0, 80.0));
         let back = positions(&ways, false);
         assert!(back.len() > 300, "switched back to Sync: {back:?}");
         assert!(back[0] < RETRY_MOST as usize, "{back:?}");
