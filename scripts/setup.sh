@@ -23,6 +23,8 @@ have pkg-config || need_pkgs+=(pkgconf)
 { have pkg-config && pkg-config --exists fuse3; } || need_pkgs+=(libfuse3-dev)
 have fusermount3 || need_pkgs+=(fuse3)
 have fallocate || need_pkgs+=(util-linux)
+# ... and strace, which fails one sync_file_range of a writeback.
+have strace || need_pkgs+=(strace)
 
 apt_need setup "${need_pkgs[@]}"
 

@@ -6,7 +6,8 @@
 //! or hanging shutdown, and a second pmvm on a path whose file was replaced is refused by the
 //! path lock. Full file systems are small loop-mounted ext4 images and I/O errors come from
 //! `tests/faultfs` (a FUSE passthrough that fails on command); both need root, and every
-//! mount is undone when the test ends, also when it fails.
+//! mount is undone when the test ends, also when it fails. A failing `sync_file_range`, which
+//! no file system here returns on command, is injected by strace.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -14,7 +15,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pmvm_tests::types::{IoFault, VmInfo, VmState};
-use pmvm_tests::{in_ci, kvm_or_skip, probe_pmem_args, repo_root, wait_api, Client, Pmvm};
+use pmvm_tests::{
+    in_ci, kvm_or_skip, page_cache_or_skip, probe_pmem_args, read_direct, repo_root, wait_api,
+    Client, Pmvm,
+};
 
 const BOOT: Duration = Duration::from_secs(60);
 const MIB: u64 = 1 << 20;
@@ -721,4 +725,105 @@ fn a_lock_left_by_a_killed_pmvm_does_not_block_the_next() {
     assert!(console.contains("MARK NEXT"), "{console}");
     // An orderly exit removes it.
     assert!(!lock_file.exists());
+}
+
+/// Waits until every thread of process `pid` is traced by `tracer`.
+fn wait_traced(pid: u32, tracer: u32, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    let traced = || -> Option<bool> {
+        let mut all = true;
+        for task in fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+            let status = fs::read_to_string(task.ok()?.path().join("status")).ok()?;
+            let by = status.lines().find_map(|l| l.strip_prefix("TracerPid:"))?;
+            all &= by.trim() == tracer.to_string();
+        }
+        Some(all)
+    };
+    while traced() != Some(true) {
+        assert!(Instant::now() < deadline, "strace did not attach to pmvm");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether strace, which injects the failure, is installed; under CI it must be.
+fn strace_or_skip(test: &str) -> bool {
+    if Command::new("strace").arg("-V").output().is_ok() {
+        return true;
+    }
+    assert!(
+        !in_ci(),
+        "{test}: CI must have strace (scripts/setup.sh installs it)"
+    );
+    println!("SKIP: {test}: strace is not installed");
+    false
+}
+
+/// Rounds of `storm` (one page, one flush each): the device tries starting each run's I/O
+/// (`sync_file_range`) before the `fdatasync` only once it has learnt whether to unmap, from
+/// the 49th writeback of a size on, so the first failing call comes within these.
+const SUBMIT_ROUNDS: u64 = 3 * nvdimm::writeback_way::STEP_LEARNING_WRITEBACKS;
+
+/// EIO from the writeback's first step, `sync_file_range(WRITE)`, injected by strace into the
+/// first such call: a failure like the `fdatasync`'s, so the guest's flush must not complete.
+#[test]
+fn eio_on_starting_the_writeback_holds_the_guest_until_a_retry_succeeds() {
+    let test = "EIO sync_file_range";
+    let dir = tempfile::tempdir().unwrap();
+    if !kvm_or_skip(test) || !strace_or_skip(test) || !page_cache_or_skip(test, dir.path()) {
+        return;
+    }
+    let img = dir.path().join("s.img");
+    let sock = dir.path().join("api.sock");
+    let words = format!("readline storm 0 {SUBMIT_ROUNDS} mark STORMED wait");
+    let mut args = probe_pmem_args(
+        &words,
+        &format!("path={},size=2M", img.display()),
+        Some(&sock),
+    );
+    // strace injects by turning the call into the invalid system call -1, which the seccomp
+    // filter would answer by killing pmvm.
+    args.extend(["--seccomp".into(), "off".into()]);
+    let mut vm = Pmvm::spawn_with_input(&pmvm(), &args);
+    if let Err(e) = wait_api(&sock, BOOT) {
+        panic!("{e}\n{}", vm.transcript());
+    }
+    vm.wait_for("probe: reading", BOOT).unwrap();
+    let mut strace = Command::new("strace")
+        .args([
+            "-f",
+            "-qq",
+            "-o",
+            "/dev/null",
+            "-e",
+            "trace=sync_file_range",
+        ])
+        .args(["-e", "inject=sync_file_range:error=EIO:when=1", "-p"])
+        .arg(vm.pid().to_string())
+        .spawn()
+        .unwrap();
+    wait_traced(vm.pid(), strace.id(), BOOT);
+    vm.send(b"go\n").unwrap();
+    let fault = wait_io_error(&vm, &sock, BOOT);
+    assert_eq!(fault.errno_name, "EIO", "{fault:?}");
+    assert!(fault.what.contains("starting the writeback"), "{fault:?}");
+    assert_eq!(fault.pages_at_stake, 1, "{fault:?}");
+    assert_held(&vm, "MARK STORMED");
+    // The retry rewrites the page and syncs without the failing step; the storm goes on, and
+    // its later writebacks start their I/O first again (the strace failed only one call).
+    resume_and_complete(&vm, &sock, "MARK STORMED");
+    let stats = Client::new(&sock).pmem("pmem0").unwrap().stats;
+    assert!(stats.submitted_writebacks > 0, "{stats:?}");
+    assert_eq!(stats.errors, 1, "{stats:?}");
+    // From the disk, not the page cache: the last flush left every page clean.
+    let on_disk = read_direct(&img, 0, 16 * 4096).unwrap();
+    for page in 0..16 {
+        let last = (1..=SUBMIT_ROUNDS)
+            .filter(|i| i % 16 == page)
+            .max()
+            .unwrap();
+        assert_eq!(on_disk[page as usize * 4096], last as u8, "page {page}");
+    }
+    let _ = strace.kill();
+    let _ = strace.wait();
+    drop(vm);
 }
