@@ -182,7 +182,8 @@ pub(super) fn markdown(r: &Results) -> String {
          each of k pages of the device, {STRIDE_PAGES} pages apart (so each is a run of its \
          own, within the first {} MiB the guest maps), then writes 1 to the flush hint. The \
          store exits to the bench, which times `Nvdimm::mmio_write`: harvest of the dirty \
-         pages and one `fdatasync` (`persist=flush`: a `pwrite` per run from the private \
+         pages and one `fdatasync`, after unmapping the pages or starting each run's I/O \
+         where the device measured that it pays (`persist=flush`: a `pwrite` per run from the private \
          copy, one `fdatasync`, and every 16 MiB or 16 flushes the drop of the copies). Every {MARK_EVERY} pages \
          the loop also stores to a marker address that exits (not timed), so KVM enters the \
          guest as often as a real guest's timer interrupts make it: an emulating host checks \
