@@ -219,17 +219,20 @@ fn meaning(runs: &[Run], sec: &Section) -> String {
         .unwrap();
     }
     let pd: u64 = p.rows.iter().map(|r| r.dirty).max().unwrap_or(0);
-    writeln!(
-        w,
-        "- pmvm left at most {pd} host-dirty pages right after a guest sync{}",
-        if pd == 0 {
-            ": each flush had written back what the guest dirtied before the vCPU resumed."
-        } else {
-            ": dirtied after the flush the sync waited for, whose fdatasync writes back every \
-             dirty page of the file (the guest kernel's own writes, such as its journal, go on \
-             meanwhile)."
-        }
-    )
+    if pd == 0 {
+        writeln!(
+            w,
+            "- pmvm left no host-dirty page right after a guest sync: each flush had written \
+             back what the guest dirtied before the vCPU resumed."
+        )
+    } else {
+        writeln!(
+            w,
+            "- pmvm left at most {pd} host-dirty pages right after a guest sync: dirtied after \
+             the flush the sync waited for, whose fdatasync writes back every dirty page of the \
+             file (the guest kernel's own writes, such as its journal, go on meanwhile)."
+        )
+    }
     .unwrap();
     if let Some(v) = find(runs, Machine::QemuVirtioPmem) {
         let pairs: Vec<(u32, f64, f64)> = msync
