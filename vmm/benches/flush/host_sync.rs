@@ -111,10 +111,7 @@ impl HostFile {
     /// The error of `call` on the file. Formatted only on failure: the methods are timed, and
     /// formatting the message every call made the host's ways a microsecond slower.
     fn failed(&self, call: &'static str) -> impl FnOnce(std::io::Error) -> BenchError + '_ {
-        move |source| BenchError::Io {
-            what: format!("{call} of {}", self.path.display()),
-            source,
-        }
+        move |source| BenchError::io(format!("{call} of {}", self.path.display()))(source)
     }
 }
 
