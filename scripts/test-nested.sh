@@ -48,7 +48,8 @@ total_timeout=${PMVM_NESTED_TIMEOUT:-900}
 bin_timeout=${PMVM_NESTED_BIN_TIMEOUT:-300}
 tcg_thread=${PMVM_NESTED_TCG_THREAD:-single}
 l1_cpus=${PMVM_NESTED_L1_CPUS:-1}
-cache="${PMVM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/pmvm}/nested"
+cache_root="${PMVM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/pmvm}"
+cache="$cache_root/nested"
 work="$repo/target/nested"
 
 step() { echo "test-nested: $*" >&2; }
@@ -326,7 +327,7 @@ set +e
 timeout -k 10 "$total_timeout" qemu-system-x86_64 \
   -accel tcg,thread="$tcg_thread" -machine q35 -cpu EPYC,+svm,+npt -smp "$l1_cpus" -m 4096 \
   -kernel "$l1/vmlinuz" -initrd "$l1/initramfs.cpio" \
-  -append "console=ttyS0 panic=-1 loglevel=4 pmvm_plan=$plan pmvm_out=$out" \
+  -append "console=ttyS0 panic=-1 loglevel=4 pmvm_plan=$plan pmvm_out=$out pmvm_cache=$cache_root" \
   -nodefaults -display none -serial stdio -no-reboot \
   -fsdev local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap \
   -device virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot \
