@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerates docs/benchmarks.md and docs/bench/*.svg: builds the release pmvm and the probe
-# guest, then runs the flush benchmark on /dev/kvm (a few minutes on 2 cores). Arguments go to
+# guest, then runs the flush benchmark on /dev/kvm (about 40 minutes on 2 cores). Arguments go to
 # the benchmark: `scripts/bench.sh --quick` is a smoke run that prints results and writes no docs.
 # `--nested` (opt-in, not run by CI) also runs the guest-side benchmark on a hardware-like KVM
 # last: `scripts/test-nested.sh --bench` inside its L1 under QEMU TCG (a few minutes more).
