@@ -88,21 +88,21 @@ fn size_target(r: &Results) -> Target {
             fmt_us(a.pmvm_own()),
             fmt_size(small),
         ));
-    }
-    if let (false, Some(ba), Some(bb)) = (ok, r.bitmap_cell(small, 1), r.bitmap_cell(large, 1)) {
-        why.push(format!(
-            "With the slot bitmap instead (`--dirty-tracking bitmap`) the same flush costs {} \
-             µs on {} against {} µs on {}, {}: KVM keeps a {} KiB dirty bitmap for {} and a \
-             harvest reads all of it (KVM_GET_DIRTY_LOG alone takes {} µs there).",
-            fmt_us(bb.pmvm()),
-            fmt_size(large),
-            fmt_us(ba.pmvm()),
-            fmt_size(small),
-            fmt_ratio(bb.pmvm() / ba.pmvm()),
-            bitmap_kib(large),
-            fmt_size(large),
-            r.get_log_us(large).map_or("-".into(), fmt_us),
-        ));
+        if let (Some(ba), Some(bb)) = (r.bitmap_cell(small, 1), r.bitmap_cell(large, 1)) {
+            why.push(format!(
+                "With the slot bitmap instead (`--dirty-tracking bitmap`) the same flush costs {} \
+                 µs on {} against {} µs on {}, {}: KVM keeps a {} KiB dirty bitmap for {} and a \
+                 harvest reads all of it (KVM_GET_DIRTY_LOG alone takes {} µs there).",
+                fmt_us(bb.pmvm()),
+                fmt_size(large),
+                fmt_us(ba.pmvm()),
+                fmt_size(small),
+                fmt_ratio(bb.pmvm() / ba.pmvm()),
+                bitmap_kib(large),
+                fmt_size(large),
+                r.get_log_us(large).map_or("-".into(), fmt_us),
+            ));
+        }
     }
     Target {
         verdict: verdict(ok),
