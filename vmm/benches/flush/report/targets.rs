@@ -10,7 +10,7 @@ use crate::vmm_start::Memory;
 
 /// Largest device over smallest, for the flush of one dirty page, each over the fastest host
 /// method on a same-sized file in the same rounds: the two cells run minutes apart, and
-/// between them the host's own 1-page sync went from 1x to 0.38x and to 1.36x in two runs.
+/// between them the host's own 1-page sync changed by 0.38x in one run and 1.36x in another.
 pub const SIZE_LIMIT: f64 = 1.2;
 /// pmvm's flush over the fastest host-only way to make the same pages durable, for every k
 /// from `HOST_MIN_PAGES` on: `persist=adr`...
